@@ -1,0 +1,148 @@
+"""Hugging Face transformers backend: a ``LogitsProcessor`` that fuses the calibrator at every step,
+and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from detox.fusion import fuse_logits
+from detox.runtime import Calibrator
+from detox.stream import CalibratorStream
+
+
+class FusionLogitsProcessor(LogitsProcessor):
+    r"""Fuse an aligned calibrator into a transformers model's next-token logits.
+
+    The processor decodes each row of ``input_ids`` with the target's tokenizer, feeds the text to the
+    calibrator incrementally (its own tokenizer and KV cache, one stream per row, forked on beam reordering),
+    and returns ``(1 − λ)·scores + λ·W_out·LayerNorm(h_cal·A)``.
+
+    Example::
+
+        >>> proc = FusionLogitsProcessor(calibrator, model, tokenizer, strength=0.3)  # doctest: +SKIP
+        >>> model.generate(**inputs, logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
+
+    Args:
+        calibrator: an aligned :class:`detox.Calibrator` (checked against the model's fingerprint by ``detox.wrap``).
+        model: the target (its output embedding is read once to precompute the fusion head).
+        tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text.
+        strength: λ in [0, 1]; default: the artifact's recommended strength.
+        renormalize: return log-probabilities (set for beam search, whose scores are log-probs).
+    """
+
+    def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
+                 renormalize: bool = False) -> None:
+        strength = calibrator.default_strength if strength is None else float(strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        self.calibrator = calibrator
+        self.tokenizer = tokenizer
+        self.strength = strength
+        self.renormalize = renormalize
+        self.head = calibrator.fusion_head(model.get_output_embeddings().weight)
+        self._streams: list[CalibratorStream] = []
+
+    def _streams_for(self, texts: list[str]) -> list[CalibratorStream]:
+        """Re-attach each row to the stream that has read a prefix of its text (rows move under beam search)."""
+        previous, used, streams = self._streams, set(), []
+        for text in texts:
+            best = None
+            for i, s in enumerate(previous):
+                if text.startswith(s.committed_text) and (best is None or len(s.committed_text) > len(previous[best].committed_text)):
+                    best = i
+            if best is None:
+                stream = self.calibrator.stream()
+            elif best in used:
+                stream = previous[best].fork()
+            else:
+                stream = previous[best]
+                used.add(best)
+            streams.append(stream)
+        self._streams = streams
+        return streams
+
+    def calibrator_hidden(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        streams = self._streams_for(texts)
+        return torch.stack([s.hidden_for(t) for s, t in zip(streams, texts)])
+
+    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """``W_out·LayerNorm(h_cal·A)`` for every row: what the strength interpolates towards."""
+        return self.head.term(self.calibrator_hidden(input_ids).to(self.head.P.dtype))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.strength == 0.0:
+            return scores
+        term = self.fusion_term(input_ids).to(device=scores.device, dtype=scores.dtype)
+        fused = fuse_logits(scores, term, self.strength)
+        return torch.log_softmax(fused, dim=-1) if self.renormalize else fused
+
+
+class DetoxModel:
+    """A transformers causal LM whose ``generate`` applies the fusion; everything else is the wrapped model.
+
+    Unknown attributes are forwarded to the wrapped model, so it is used like the original.
+    """
+
+    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None) -> None:
+        self.__dict__["model"] = model
+        self.__dict__["calibrator"] = calibrator
+        self.__dict__["tokenizer"] = tokenizer
+        self.__dict__["strength"] = calibrator.default_strength if strength is None else float(strength)
+
+    def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
+        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1)
+
+    def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
+        gen_cfg = kwargs.get("generation_config") or self.model.generation_config
+        num_beams = kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1
+        processors = LogitsProcessorList([self.logits_processor(num_beams)])
+        processors.extend(logits_processor or [])
+        return self.model.generate(*args, logits_processor=processors, **kwargs)
+
+    @contextmanager
+    def disable_fusion(self) -> Iterator[None]:
+        """Temporarily generate without the calibrator (strength 0)."""
+        old = self.strength
+        self.__dict__["strength"] = 0.0
+        try:
+            yield
+        finally:
+            self.__dict__["strength"] = old
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["model"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "strength":
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {value}")
+            self.__dict__["strength"] = float(value)
+        else:
+            setattr(self.model, name, value)
+
+    def __repr__(self) -> str:
+        m = self.calibrator.manifest
+        return f"DetoxModel({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
+
+
+def load_tokenizer_for(model: Any) -> Any:
+    """The tokenizer saved next to a model, without network; a clear error if there is none."""
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception as err:  # transformers raises OSError/ValueError/etc.
+        raise ValueError(
+            f"could not find the tokenizer of this model ({source or 'unknown path'}); "
+            "pass it explicitly: detox.wrap(model, tokenizer=tokenizer)"
+        ) from err

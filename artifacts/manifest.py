@@ -1,0 +1,105 @@
+"""The artifact manifest: a pydantic schema that every artifact carries as ``manifest.json``.
+
+The manifest says what the artifact is (format version, name, semver version, calibrator architecture),
+where it came from (training-data hash, seed, metrics), which target it belongs to (fingerprint) and the
+sha256 of every other file, so a loader can refuse anything that was changed after it was written.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from detox.config import CalibratorConfig
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CALIBRATOR_WEIGHTS = "calibrator.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+ALIGNMENT_WEIGHTS = "alignment.safetensors"
+
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class TargetFingerprint(_Strict):
+    """Identity of a target model: what an aligned calibrator is bound to."""
+
+    vocab_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    vocab_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    output_embedding_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""  # informative only (e.g. the path it was computed from); not compared
+
+    def same_model(self, other: "TargetFingerprint") -> bool:
+        return self.differences(other) == []
+
+    def differences(self, other: "TargetFingerprint") -> list[str]:
+        fields = ("vocab_size", "hidden_size", "vocab_sha256", "output_embedding_sha256")
+        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+
+class TrainingInfo(_Strict):
+    data_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data_files: list[str] = []
+    num_documents: int = Field(ge=0)
+    num_tokens: int = Field(ge=0)
+    steps: int = Field(ge=0)
+    seed: int
+    metrics: dict[str, float] = {}
+
+
+class AlignmentInfo(_Strict):
+    method: str
+    target: TargetFingerprint
+    default_strength: float = Field(ge=0.0, le=1.0)
+    seed: int
+    metrics: dict[str, float] = {}
+    settings: dict[str, float | int | str | bool] = {}
+
+
+class Manifest(_Strict):
+    format_version: int
+    kind: Literal["calibrator", "aligned"]
+    name: str
+    version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    detox_version: str
+    description: str = ""
+    calibrator: CalibratorConfig
+    training: TrainingInfo
+    alignment: AlignmentInfo | None = None
+    evaluation: dict[str, float] = {}
+    files: dict[str, FileEntry]
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("name must be lower-case letters, digits, '.', '_' or '-' (max 128 chars)")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, v: str) -> str:
+        if not _SEMVER.match(v):
+            raise ValueError(f"version {v!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
+        return v
+
+    def expected_files(self) -> set[str]:
+        names = {CALIBRATOR_WEIGHTS, TOKENIZER_FILE}
+        if self.kind == "aligned":
+            names.add(ALIGNMENT_WEIGHTS)
+        return names

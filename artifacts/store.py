@@ -1,0 +1,172 @@
+"""Write and read calibrator artifacts: a directory of ``manifest.json`` + safetensors + ``tokenizer.json``.
+
+Writes are atomic (a temporary sibling directory renamed into place), so an interrupted write never
+leaves a half-written artifact visible. Reads validate the manifest, the exact file set and every sha256
+*before* any tensor is deserialized; only safetensors and JSON are ever parsed, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
+
+from detox.artifacts.manifest import (
+    ALIGNMENT_WEIGHTS,
+    CALIBRATOR_WEIGHTS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TOKENIZER_FILE,
+    FileEntry,
+    Manifest,
+)
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, malformed, tampered with, or does not belong where it is used."""
+
+
+@dataclass
+class Artifact:
+    """A validated artifact in memory."""
+
+    path: Path
+    manifest: Manifest
+    calibrator_state: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+    alignment: dict[str, np.ndarray] | None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
+    """Accept torch tensors or arrays; store contiguous little-endian arrays of ``dtype``."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value, dtype=np.float32).astype(dtype))
+
+
+def save_artifact(
+    out_dir: str | os.PathLike[str],
+    manifest_fields: dict[str, Any],
+    calibrator_state: dict[str, Any],
+    tokenizer: Tokenizer,
+    alignment: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Write an artifact directory atomically and return its manifest.
+
+    ``manifest_fields`` holds every manifest field except ``files`` and ``format_version``, which are
+    computed here. Calibrator weights are stored as float16 to keep artifacts small; torch is not needed to read them.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: _as_numpy(v, np.float16) for k, v in calibrator_state.items()}, str(tmp / CALIBRATOR_WEIGHTS))
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        if alignment is not None:
+            save_file({k: _as_numpy(v, np.float32) for k, v in alignment.items()}, str(tmp / ALIGNMENT_WEIGHTS))
+        files = {p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for p in sorted(tmp.iterdir())}
+        try:
+            manifest = Manifest(format_version=FORMAT_VERSION, files=files, **manifest_fields)
+        except ValidationError as err:
+            raise ArtifactError(f"invalid artifact metadata: {err}") from err
+        if set(files) != manifest.expected_files():
+            raise ArtifactError(f"artifact of kind {manifest.kind!r} needs files {sorted(manifest.expected_files())}")
+        (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, backup)
+            os.rename(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate ``manifest.json`` of an artifact directory (no other file is read)."""
+    root = Path(path)
+    mpath = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"artifact not found: {root} is not a directory")
+    if not mpath.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST_NAME}; it is not a detox artifact")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{mpath} is not valid JSON: {err}") from err
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise ArtifactError(f"{mpath} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} uses artifact format {version}, newer than this detox supports ({FORMAT_VERSION}); upgrade detox"
+        )
+    if version < FORMAT_VERSION:
+        raise ArtifactError(f"{root} uses old artifact format {version}; re-export it with this detox version")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        raise ArtifactError(f"{mpath} is invalid: {err}") from err
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Check the exact file set and every sha256 listed in the manifest."""
+    present = {p.name for p in root.iterdir() if p.name != MANIFEST_NAME}
+    listed = set(manifest.files)
+    if listed != manifest.expected_files():
+        raise ArtifactError(f"{root}: manifest lists {sorted(listed)}, expected {sorted(manifest.expected_files())}")
+    missing, extra = listed - present, present - listed
+    if missing:
+        raise ArtifactError(f"{root}: missing file(s) {sorted(missing)}")
+    if extra:
+        raise ArtifactError(f"{root}: unexpected file(s) {sorted(extra)}; artifacts contain only the files their manifest lists")
+    for name, entry in manifest.files.items():
+        p = root / name
+        if p.is_symlink() or not p.is_file():
+            raise ArtifactError(f"{root}: {name} is not a regular file")
+        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+            raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest (corrupted or tampered)")
+
+
+def load_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """Validate and load an artifact directory; raises :class:`ArtifactError` before using anything invalid."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    try:
+        state = load_file(str(root / CALIBRATOR_WEIGHTS))
+        tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+        alignment = load_file(str(root / ALIGNMENT_WEIGHTS)) if manifest.kind == "aligned" else None
+    except Exception as err:  # safetensors/tokenizers raise their own types
+        raise ArtifactError(f"{root}: could not read artifact files: {err}") from err
+    if tokenizer.get_vocab_size() != manifest.calibrator.vocab_size:
+        raise ArtifactError(f"{root}: tokenizer has {tokenizer.get_vocab_size()} tokens, manifest says {manifest.calibrator.vocab_size}")
+    return Artifact(path=root, manifest=manifest, calibrator_state=state, tokenizer=tokenizer, alignment=alignment)

@@ -1,0 +1,1 @@
+"""The ``detox`` command line (click)."""

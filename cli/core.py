@@ -1,0 +1,122 @@
+"""``detox train``, ``detox align`` and ``detox generate``: the core workflow on the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from detox.cli.errors import user_errors
+
+
+@click.command("train")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training text: .txt (one document per line), .jsonl or .csv. Repeatable.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the calibrator artifact to write.")
+@click.option("--field", default=None, help="Text field of JSONL/CSV rows (default: text/Text/content/sentence).")
+@click.option("--epochs", default=3.0, show_default=True, type=float)
+@click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--vocab-size", default=8192, show_default=True, help="Size of the calibrator's own BPE vocabulary.")
+@click.option("--hidden-size", default=192, show_default=True)
+@click.option("--layers", default=4, show_default=True)
+@click.option("--heads", default=6, show_default=True)
+@click.option("--ffn-size", default=768, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False), help="Default: OUT.ckpt next to OUT.")
+@click.option("--checkpoint-every", default=200, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the checkpoint if one exists.")
+@click.option("--name", default="calibrator", show_default=True)
+@click.option("--version", "version", default="0.1.0", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors
+def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, vocab_size, hidden_size, layers, heads,
+              ffn_size, seed, checkpoint_dir, checkpoint_every, resume, name, version, overwrite) -> None:
+    """Train a calibration model (its own tokenizer + a compact LM) on non-toxic text.
+
+    Runs on CPU as is; on several GPUs with `accelerate launch -m detox.cli.main train ...`.
+    """
+    from detox.config import CalibratorConfig
+    from detox.training import TrainSettings, train_calibrator
+
+    model = CalibratorConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=layers, num_heads=heads, ffn_size=ffn_size)
+    s = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                      checkpoint_every=checkpoint_every, model=model)
+    m = train_calibrator(list(data), out, s, checkpoint_dir=checkpoint_dir, resume=resume, name=name, version=version,
+                         field_name=field, overwrite=overwrite)
+    if m is not None:
+        click.echo(f"wrote {out}: {m.name}@{m.version}, {m.training.steps} steps, metrics {m.training.metrics}")
+
+
+@click.command("align")
+@click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
+@click.option("--calibrator", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Trained (or aligned) calibrator artifact. Default: the shipped calibrator.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the aligned artifact to write.")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text for contextual alignment. Default: the non-toxic sample shipped with detox.")
+@click.option("--method", type=click.Choice(["vocab+context", "vocab"]), default="vocab+context", show_default=True,
+              help="'vocab' is the paper's InfoNCE over shared tokens; 'vocab+context' adds contextual alignment.")
+@click.option("--strength", default=0.3, show_default=True, help="Default fusion strength recorded in the artifact.")
+@click.option("--vocab-epochs", default=8, show_default=True)
+@click.option("--context-epochs", default=3, show_default=True)
+@click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--name", default=None, help="Artifact name (default: the calibrator's).")
+@click.option("--version", "version", default=None, help="Artifact version (default: the calibrator's).")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def align_cmd(target, calibrator, out, data, method, strength, vocab_epochs, context_epochs, max_docs, seed, name,
+              version, overwrite) -> None:
+    """Align a calibrator to a target model (target frozen) and write an artifact bound to that target."""
+    from detox.alignment import AlignSettings, align_artifact
+    from detox.artifacts.shipped import default_calibrator_path
+
+    s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
+                      max_context_docs=max_docs, seed=seed)
+    m = align_artifact(calibrator or str(default_calibrator_path()), target, out, list(data) or None, s, name=name,
+                       version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True))
+    metrics = m.alignment.metrics
+    click.echo(f"wrote {out}: aligned to {m.alignment.target.name} in {metrics['align_seconds']:.1f}s; "
+               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "align_seconds"))
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option("--target", default="smollm2", show_default=True, help="HF model directory, .gguf file, 'smollm2' or hub id.")
+@click.option("--calibrator", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Aligned calibrator artifact. Default: the shipped one that matches the target.")
+@click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
+@click.option("--strength", default=None, type=float, help="Fusion strength λ in [0, 1] (default: the artifact's).")
+@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.option("--max-new-tokens", default=40, show_default=True)
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, max_new_tokens, sample, top_p,
+                 temperature, seed) -> None:
+    """Print the continuation of PROMPT, with the calibrator fused (default) or without."""
+    import torch
+
+    import detox
+    from detox.targets import load_hf_target
+
+    if no_calibrator and (calibrator or strength is not None):
+        raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
+    torch.manual_seed(seed)
+    model, tokenizer = load_hf_target(target)
+    if not no_calibrator:
+        model = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    kwargs = {"do_sample": True, "top_p": top_p, "temperature": temperature} if sample else {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    click.echo(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    sys.stdout.flush()
+
+
+

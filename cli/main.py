@@ -1,0 +1,22 @@
+"""Entry point of the ``detox`` console script."""
+
+from __future__ import annotations
+
+import click
+
+import detox
+from detox.cli.core import align_cmd, generate_cmd, train_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(detox.__version__, prog_name="detox")
+def main() -> None:
+    """detox: make any language model's generations less toxic without retraining it."""
+
+
+for command in (train_cmd, align_cmd, generate_cmd):
+    main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""detox: make any language model's generations less toxic without retraining it.
+
+``detox.wrap(model)`` fuses an aligned calibration model into the target's output layer at every decoding
+step (arXiv 2506.01266); ``detox.distill`` implements UniDetox dataset distillation (arXiv 2504.20500).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "wrap", "Calibrator", "FusionLogitsProcessor"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import detox` must stay cheap and must not import torch-only backends a user lacks.
+    if name == "wrap":
+        from detox.wrapping import wrap
+
+        return wrap
+    if name == "Calibrator":
+        from detox.runtime import Calibrator
+
+        return Calibrator
+    if name == "FusionLogitsProcessor":
+        from detox.adapters.transformers import FusionLogitsProcessor
+
+        return FusionLogitsProcessor
+    raise AttributeError(f"module 'detox' has no attribute {name!r}")

@@ -1,0 +1,316 @@
+"""``detox align``: learn the map ``A`` (and the fusion LayerNorm) from calibrator space into a target's.
+
+Two stages, both with the target frozen:
+
+1. ``vocab`` — the paper's method (synlp/LLM-Detoxic): over token strings both vocabularies share, the
+   calibrator's embedding row mapped through ``A`` must score its own target output-embedding row above
+   ``n`` randomly sampled other shared tokens (InfoNCE). Cross-tokenizer: tokens are matched by the text
+   they decode to, not by id.
+2. ``context`` (default, on top of 1) — run the calibrator over shared text exactly as it runs during
+   generation (its own tokens, re-tokenized from text) and train ``A`` and the LayerNorm so that the fusion
+   term ``W_out·LayerNorm(h_cal·A)`` predicts the target's next token at every target-token boundary that
+   is also a calibrator-token boundary. This aligns contextual states, not just embeddings, and learns the
+   LayerNorm the paper leaves untrained.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from detox.runtime import Calibrator
+
+
+@dataclass
+class AlignSettings:
+    method: str = "vocab+context"  # "vocab" (paper) or "vocab+context"
+    vocab_epochs: int = 8
+    vocab_batch_size: int = 32
+    vocab_negatives: int = 10
+    vocab_lr: float = 1e-3
+    context_epochs: int = 3
+    context_batch_size: int = 256
+    context_lr: float = 2e-3
+    max_context_docs: int = 4000
+    eval_fraction: float = 0.1
+    ln_eps: float = 1e-5
+    default_strength: float = 0.3
+    seed: int = 0
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte↔printable-character table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def token_surface(token: str | None, byte_level: bool) -> str | None:
+    """The text a vocabulary entry stands for (``Ġthe`` / ``▁the`` → `` the``); None if not a whole string."""
+    if not token:
+        return None
+    if byte_level:
+        try:
+            return bytes(_BYTE_DECODER[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            return None
+    if token.startswith("<") and token.endswith(">"):
+        return None  # special / byte-fallback tokens like <0x0A>
+    return token.replace("\u2581", " ")
+
+
+def _is_byte_level(tokens: list[str | None]) -> bool:
+    return sum(1 for t in tokens if t and t.startswith("Ġ")) > sum(1 for t in tokens if t and t.startswith("\u2581"))
+
+
+def vocab_surfaces(tokens: list[str | None], special: set[str] = frozenset()) -> list[str | None]:
+    byte_level = _is_byte_level(tokens)
+    return [None if (t in special) else token_surface(t, byte_level) for t in tokens]
+
+
+def shared_token_pairs(cal_tokens: list[str | None], target_tokens: list[str | None], target_special: set[str] = frozenset()) -> list[tuple[int, int]]:
+    """``(calibrator id, target id)`` for every surface string present in both vocabularies."""
+    target_index: dict[str, int] = {}
+    for i, s in enumerate(vocab_surfaces(target_tokens, target_special)):
+        if s and s not in target_index:
+            target_index[s] = i
+    pairs = []
+    for i, s in enumerate(vocab_surfaces(cal_tokens, {"<|endoftext|>"})):
+        if s and s in target_index:
+            pairs.append((i, target_index[s]))
+    return pairs
+
+
+class AlignmentMap(nn.Module):
+    """``LayerNorm(h_cal · A)``: the learned piece of the fusion, stored in aligned artifacts."""
+
+    def __init__(self, d_cal: int, d_target: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(d_cal, d_target) / math.sqrt(d_cal))
+        self.ln = nn.LayerNorm(d_target, eps=eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln(h @ self.A)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "A": self.A.detach().float().numpy(),
+            "ln_weight": self.ln.weight.detach().float().numpy(),
+            "ln_bias": self.ln.bias.detach().float().numpy(),
+        }
+
+
+def train_vocab_alignment(amap: AlignmentMap, cal_emb: torch.Tensor, tgt_emb: torch.Tensor, pairs: list[tuple[int, int]],
+                          s: AlignSettings, progress: bool = True) -> dict[str, float]:
+    """The paper's InfoNCE over shared tokens: positive = own target row, ``n`` random shared negatives."""
+    g = torch.Generator().manual_seed(s.seed)
+    cal_ids = torch.tensor([p[0] for p in pairs])
+    tgt_ids = torch.tensor([p[1] for p in pairs])
+    X = cal_emb[cal_ids]
+    Y = tgt_emb[tgt_ids]
+    opt = torch.optim.Adam([amap.A], lr=s.vocab_lr)
+    n = len(pairs)
+    steps = s.vocab_epochs * math.ceil(n / s.vocab_batch_size)
+    bar = tqdm(total=steps, desc="align (vocab InfoNCE)", disable=not progress)
+    loss = torch.tensor(0.0)
+    for _ in range(s.vocab_epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, s.vocab_batch_size):
+            idx = perm[i : i + s.vocab_batch_size]
+            neg = torch.randint(0, n - 1, (len(idx), s.vocab_negatives), generator=g)
+            neg = neg + (neg >= idx[:, None]).long()  # never sample the positive itself
+            q = X[idx] @ amap.A  # [b, d_t]
+            cands = torch.cat([Y[idx][:, None], Y[neg]], dim=1)  # [b, 1+n, d_t]
+            logits = torch.einsum("bd,bkd->bk", q, cands)
+            loss = F.cross_entropy(logits, torch.zeros(len(idx), dtype=torch.long))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    with torch.no_grad():  # retrieval accuracy of the mapping over all shared tokens (chunked)
+        correct = 0
+        for i in range(0, n, 1024):
+            sims = (X[i : i + 1024] @ amap.A) @ Y.T
+            correct += (sims.argmax(-1) == torch.arange(i, min(i + 1024, n))).sum().item()
+    return {"vocab_shared_tokens": float(n), "vocab_final_loss": float(loss.item()), "vocab_top1": correct / max(1, n)}
+
+
+def context_examples(calibrator: Calibrator, target_tokenizer: Any, texts: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrator states and the target's next token at target-token boundaries that are calibrator-token boundaries.
+
+    The calibrator reads ``<bos> + text`` in its own tokens; the state after its token ending at character
+    ``c`` is the state the generation-time stream has when the target has produced exactly ``text[:c]``.
+    """
+    model = calibrator.torch_model()
+    bos = calibrator.manifest.calibrator.bos_token_id
+    states, labels = [], []
+    for text in tqdm(texts, desc="calibrator states", disable=not progress):
+        cal = calibrator.tokenizer.encode(text, add_special_tokens=False)
+        tgt = target_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if not cal.ids or len(tgt["input_ids"]) < 2:
+            continue
+        end_to_pos = {end: i + 1 for i, (_, end) in enumerate(cal.offsets)}  # +1: bos at position 0
+        end_to_pos[0] = 0
+        with torch.inference_mode():
+            hidden, _ = model(torch.tensor([[bos] + cal.ids]))
+        for ids_j, (start, _) in zip(tgt["input_ids"], tgt["offset_mapping"]):
+            pos = end_to_pos.get(start)
+            if pos is not None:
+                states.append(hidden[0, pos])
+                labels.append(ids_j)
+    if not states:
+        raise ValueError("no aligned positions found in the alignment text; pass more (or longer) --data text")
+    return torch.stack(states).clone(), torch.tensor(labels)
+
+
+def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: torch.Tensor, labels: torch.Tensor,
+                            s: AlignSettings, progress: bool = True) -> dict[str, float]:
+    """Cross-entropy of the target's next token under ``W_out·LayerNorm(h_cal·A)``; held-out CE before and after."""
+    g = torch.Generator().manual_seed(s.seed)
+    n = len(labels)
+    perm = torch.randperm(n, generator=g)
+    n_eval = max(1, int(n * s.eval_fraction))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+
+    def held_out() -> tuple[float, float]:
+        with torch.no_grad():
+            tot, acc = 0.0, 0
+            for i in range(0, n_eval, 1024):
+                idx = ev[i : i + 1024]
+                logits = amap(states[idx]) @ W_out.T
+                tot += F.cross_entropy(logits, labels[idx], reduction="sum").item()
+                acc += (logits.argmax(-1) == labels[idx]).sum().item()
+            return tot / n_eval, acc / n_eval
+
+    before_ce, before_acc = held_out()
+    opt = torch.optim.Adam(amap.parameters(), lr=s.context_lr)
+    steps = s.context_epochs * math.ceil(len(tr) / s.context_batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.context_lr, total_steps=max(1, steps), pct_start=0.1)
+    bar = tqdm(total=steps, desc="align (contextual)", disable=not progress)
+    for _ in range(s.context_epochs):
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(order), s.context_batch_size):
+            idx = order[i : i + s.context_batch_size]
+            loss = F.cross_entropy(amap(states[idx]) @ W_out.T, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    after_ce, after_acc = held_out()
+    return {
+        "context_positions": float(n),
+        "heldout_ce_vocab_only": before_ce,
+        "heldout_top1_vocab_only": before_acc,
+        "heldout_ce": after_ce,
+        "heldout_top1": after_acc,
+    }
+
+
+def align(calibrator: Calibrator, target_model: Any, target_tokenizer: Any, texts: list[str] | None,
+          settings: AlignSettings | None = None, progress: bool = True,
+          log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Learn the alignment of ``calibrator`` to a frozen target; returns ``(arrays, metrics)``."""
+    s = settings or AlignSettings()
+    if s.method not in ("vocab", "vocab+context"):
+        raise ValueError(f"unknown alignment method {s.method!r}; use 'vocab' or 'vocab+context'")
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    W_out = target_model.get_output_embeddings().weight.detach().float()
+    cal_model = calibrator.torch_model()
+    cal_emb = cal_model.embed.weight.detach().float()
+    cal_tokens = [calibrator.tokenizer.id_to_token(i) for i in range(calibrator.tokenizer.get_vocab_size())]
+    from detox.fingerprint import hf_vocab_tokens
+
+    tgt_tokens = hf_vocab_tokens(target_tokenizer)
+    pairs = shared_token_pairs(cal_tokens, tgt_tokens, set(target_tokenizer.all_special_tokens))
+    if len(pairs) < 2 * s.vocab_negatives:
+        raise ValueError(f"the calibrator and target share only {len(pairs)} token strings; alignment needs more")
+    log(f"{len(pairs)} token strings shared by both vocabularies")
+    amap = AlignmentMap(cal_model.config.hidden_size, W_out.shape[1], eps=s.ln_eps)
+    metrics = train_vocab_alignment(amap, cal_emb, W_out[: len(tgt_tokens)], pairs, s, progress)
+    if s.method == "vocab+context":
+        if not texts:
+            raise ValueError("contextual alignment needs text: pass --data FILE (or use --method vocab)")
+        texts = texts[: s.max_context_docs]
+        states, labels = context_examples(calibrator, target_tokenizer, texts, progress)
+        metrics.update(train_context_alignment(amap, W_out, states, labels, s, progress))
+    return amap.arrays(), metrics
+
+
+def default_alignment_text() -> str:
+    """Path of the non-toxic sample text shipped for alignment (a user's clone has no training data)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "resources" / "align_text.txt")
+
+
+def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[str] | None = None,
+                   settings: AlignSettings | None = None, name: str | None = None, version: str | None = None,
+                   progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> Any:
+    """Load a trained calibrator and a target, align them, and write an aligned artifact bound to the target."""
+    import time
+
+    import detox
+    from detox.artifacts.store import save_artifact
+    from detox.data import read_texts, sha256_files
+    from detox.fingerprint import fingerprint_gguf, fingerprint_hf
+    from detox.targets import is_gguf, load_hf_target, resolve_target
+
+    s = settings or AlignSettings()
+    t0 = time.perf_counter()
+    calibrator = Calibrator.load(calibrator_path)
+    target_path = resolve_target(target)
+    log(f"loading target {target_path}")
+    model, tokenizer = load_hf_target(target_path)
+    fingerprint = fingerprint_gguf(target_path) if is_gguf(target_path) else fingerprint_hf(model, tokenizer, target)
+    data = data or [default_alignment_text()]
+    texts: list[str] = []
+    for p in data:
+        texts.extend(read_texts(p))
+    arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
+    metrics["align_seconds"] = time.perf_counter() - t0
+    m = calibrator.manifest
+    fields = {
+        "kind": "aligned",
+        "name": name or m.name,
+        "version": version or m.version,
+        "detox_version": detox.__version__,
+        "description": f"{m.name}@{m.version} aligned to {fingerprint.name}",
+        "calibrator": m.calibrator,
+        "training": m.training,
+        "alignment": {
+            "method": s.method,
+            "target": fingerprint,
+            "default_strength": s.default_strength,
+            "seed": s.seed,
+            "metrics": metrics,
+            "settings": {
+                "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs, "vocab_negatives": s.vocab_negatives,
+                "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
+            },
+        },
+    }
+    state = calibrator.artifact.calibrator_state
+    return save_artifact(out_dir, fields, state, calibrator.tokenizer, alignment=arrays, overwrite=overwrite)

@@ -1,0 +1,120 @@
+"""A loaded calibrator artifact, ready to run on a backend and to be fused into a target."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detox.artifacts.manifest import Manifest, TargetFingerprint
+from detox.artifacts.store import Artifact, ArtifactError, load_artifact
+from detox.fusion import FusionHead
+from detox.stream import CalibratorStream
+
+
+class TargetMismatchError(ArtifactError):
+    """An aligned calibrator was used with a model other than the one it was aligned to."""
+
+
+class TorchRunner:
+    """Runs :class:`~detox.calibrator.CalibratorLM` with its KV cache, one chunk at a time."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def empty_state(self) -> Any:
+        return self.model.empty_cache(1)
+
+    def run(self, ids: list[int], state: Any) -> tuple[Any, Any]:
+        import torch
+
+        with torch.inference_mode():
+            hidden, state = self.model(torch.tensor([ids], dtype=torch.long), state)
+        return hidden[0, -1], state
+
+
+class Calibrator:
+    """An (aligned) calibrator: manifest, tokenizer, weights and alignment map, validated on load."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        self._torch_model: Any = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Calibrator":
+        return cls(load_artifact(path))
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.path
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.artifact.tokenizer
+
+    @property
+    def is_aligned(self) -> bool:
+        return self.manifest.kind == "aligned"
+
+    @property
+    def default_strength(self) -> float:
+        return self.manifest.alignment.default_strength if self.manifest.alignment else 0.0
+
+    def torch_model(self) -> Any:
+        """The calibrator as a float32 torch module in eval mode (built once)."""
+        if self._torch_model is None:
+            import torch
+
+            from detox.calibrator import CalibratorLM
+
+            model = CalibratorLM(self.manifest.calibrator)
+            state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.artifact.calibrator_state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ArtifactError(f"{self.path}: weights do not fit the manifest's architecture (missing {missing}, unexpected {unexpected})")
+            self._torch_model = model.eval()
+        return self._torch_model
+
+    def stream(self, runner: Any = None) -> CalibratorStream:
+        runner = runner or TorchRunner(self.torch_model())
+        return CalibratorStream(runner, self.tokenizer, self.manifest.calibrator.bos_token_id)
+
+    def require_aligned_to(self, fingerprint: TargetFingerprint) -> None:
+        """Raise :class:`TargetMismatchError` unless this artifact was aligned to exactly this target."""
+        if not self.is_aligned or self.manifest.alignment is None:
+            raise ArtifactError(
+                f"{self.path} is an unaligned calibrator; align it to your model first: "
+                f"detox align --target MODEL --calibrator {self.path} --out ALIGNED_DIR"
+            )
+        bound = self.manifest.alignment.target
+        diffs = bound.differences(fingerprint)
+        if diffs:
+            raise TargetMismatchError(
+                f"calibrator {self.manifest.name}@{self.manifest.version} was aligned to "
+                f"{bound.name or 'another model'} and does not match this model ({', '.join(diffs)} differ); "
+                f"run: detox align --target YOUR_MODEL --calibrator {self.path} --out ALIGNED_DIR"
+            )
+
+    def alignment_arrays(self) -> dict[str, np.ndarray]:
+        if self.artifact.alignment is None:
+            raise ArtifactError(f"{self.path} has no alignment; run detox align")
+        return self.artifact.alignment
+
+    def fusion_head(self, W_out: Any) -> FusionHead:
+        """Precompute the fusion head for a target output embedding (torch tensor or numpy array)."""
+        a = self.alignment_arrays()
+        eps = float(self.manifest.alignment.settings.get("ln_eps", 1e-5)) if self.manifest.alignment else 1e-5
+        if hasattr(W_out, "detach"):
+            import torch
+
+            W = W_out.detach().float()
+            to = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(W.device)  # noqa: E731
+            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps)
+        W = np.asarray(W_out, dtype=np.float32)
+        return FusionHead.build(W, a["A"].astype(np.float32), a["ln_weight"].astype(np.float32), a["ln_bias"].astype(np.float32), eps)

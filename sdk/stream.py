@@ -1,0 +1,70 @@
+"""Feed a growing target text to the calibrator incrementally, with its own tokenizer.
+
+The target produces tokens; the calibrator reads the *text*, re-tokenized with its own byte-level BPE.
+Pre-tokens (words with their leading space) are stable once the next one has started, so every pre-token
+but the last is *committed* into the calibrator's KV cache exactly once; the last, still-growing piece is
+run on top of the cache without being stored. Each target step therefore costs a few calibrator token
+steps, never a re-run over the whole text.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Protocol
+
+from tokenizers import Tokenizer
+
+
+class CalibratorRunner(Protocol):
+    """A backend that runs the calibrator one chunk at a time (torch, ONNX Runtime, ...)."""
+
+    def empty_state(self) -> Any: ...
+
+    def run(self, ids: list[int], state: Any) -> tuple[Any, Any]:
+        """Return ``(hidden of the last id [d_cal], state extended by ids)``."""
+        ...
+
+
+class CalibratorStream:
+    """The calibrator's view of one sequence; ``hidden_for(text)`` gives ``h_cal`` after reading ``text``."""
+
+    def __init__(self, runner: CalibratorRunner, tokenizer: Tokenizer, bos_id: int) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.bos_id = bos_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.committed_text = ""
+        self.last_hidden, self.state = self.runner.run([self.bos_id], self.runner.empty_state())
+        self.tokens_run = 1
+
+    def fork(self) -> "CalibratorStream":
+        """A copy that can advance independently (beam search); caches are never mutated in place."""
+        return copy.copy(self)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def hidden_for(self, text: str) -> Any:
+        text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
+        if not text.startswith(self.committed_text):
+            self.reset()
+        tail = text[len(self.committed_text):]
+        if not tail:
+            return self.last_hidden
+        pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(tail) if self.tokenizer.pre_tokenizer else [(tail, (0, len(tail)))]
+        if len(pieces) > 1:
+            cut = pieces[-1][1][0]
+            ids = self._encode(tail[:cut])
+            if ids:
+                self.last_hidden, self.state = self.runner.run(ids, self.state)
+                self.tokens_run += len(ids)
+            self.committed_text += tail[:cut]
+            tail = tail[cut:]
+        ids = self._encode(tail)
+        if not ids:
+            return self.last_hidden
+        hidden, _ = self.runner.run(ids, self.state)
+        self.tokens_run += len(ids)
+        return hidden

@@ -20,6 +20,9 @@ MANIFEST_NAME = "manifest.json"
 CALIBRATOR_WEIGHTS = "calibrator.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ALIGNMENT_WEIGHTS = "alignment.safetensors"
+CALIBRATOR_ONNX = "calibrator.onnx"  # optional: the calibrator for torch-free backends (llama.cpp, ONNX Runtime)
+SIGNATURE_NAME = "signature.ed25519"  # optional; signs manifest.json, so the manifest cannot list it
+UNLISTED_FILES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})  # the only files an artifact may hold beyond manifest.files
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -98,8 +101,11 @@ class Manifest(_Strict):
             raise ValueError(f"version {v!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
         return v
 
-    def expected_files(self) -> set[str]:
+    def required_files(self) -> set[str]:
         names = {CALIBRATOR_WEIGHTS, TOKENIZER_FILE}
         if self.kind == "aligned":
             names.add(ALIGNMENT_WEIGHTS)
         return names
+
+    def allowed_files(self) -> set[str]:
+        return self.required_files() | {CALIBRATOR_ONNX}

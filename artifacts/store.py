@@ -27,6 +27,7 @@ from detox.artifacts.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     TOKENIZER_FILE,
+    UNLISTED_FILES,
     FileEntry,
     Manifest,
 )
@@ -71,11 +72,13 @@ def save_artifact(
     tokenizer: Tokenizer,
     alignment: dict[str, Any] | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str | os.PathLike[str]] | None = None,
 ) -> Manifest:
     """Write an artifact directory atomically and return its manifest.
 
     ``manifest_fields`` holds every manifest field except ``files`` and ``format_version``, which are
-    computed here. Calibrator weights are stored as float16 to keep artifacts small; torch is not needed to read them.
+    computed here. ``extra_files`` maps optional artifact file names (e.g. ``calibrator.onnx``) to files to
+    copy in. Calibrator weights are stored as float16 to keep artifacts small; torch is not needed to read them.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -87,13 +90,14 @@ def save_artifact(
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         if alignment is not None:
             save_file({k: _as_numpy(v, np.float32) for k, v in alignment.items()}, str(tmp / ALIGNMENT_WEIGHTS))
+        for fname, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / fname)
         files = {p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for p in sorted(tmp.iterdir())}
         try:
             manifest = Manifest(format_version=FORMAT_VERSION, files=files, **manifest_fields)
         except ValidationError as err:
             raise ArtifactError(f"invalid artifact metadata: {err}") from err
-        if set(files) != manifest.expected_files():
-            raise ArtifactError(f"artifact of kind {manifest.kind!r} needs files {sorted(manifest.expected_files())}")
+        _check_file_set(set(files), manifest, out)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -114,12 +118,20 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     mpath = root / MANIFEST_NAME
     if not root.is_dir():
         raise ArtifactError(f"artifact not found: {root} is not a directory")
-    if not mpath.is_file():
-        raise ArtifactError(f"{root} has no {MANIFEST_NAME}; it is not a detox artifact")
+    if mpath.is_symlink() or not mpath.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST_NAME} (as a regular file); it is not a detox artifact")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    return parse_manifest(mpath.read_bytes(), root)
+
+
+def parse_manifest(data: bytes, root: str | os.PathLike[str]) -> Manifest:
+    """Validate manifest bytes (format version first, so newer formats get an 'upgrade' message, not a schema error)."""
+    root, mpath = Path(root), Path(root) / MANIFEST_NAME
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{mpath} is not valid JSON: {err}") from err
     version = raw.get("format_version") if isinstance(raw, dict) else None
@@ -137,12 +149,24 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{mpath} is invalid: {err}") from err
 
 
+def _check_file_set(names: set[str], manifest: Manifest, where: Path) -> None:
+    required, allowed = manifest.required_files(), manifest.allowed_files()
+    if not required <= names or not names <= allowed:
+        raise ArtifactError(
+            f"{where}: an artifact of kind {manifest.kind!r} holds {sorted(required)} "
+            f"(optionally {sorted(allowed - required)}), not {sorted(names)}"
+        )
+
+
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Check the exact file set and every sha256 listed in the manifest."""
-    present = {p.name for p in root.iterdir() if p.name != MANIFEST_NAME}
+    present = {p.name for p in root.iterdir() if p.name not in UNLISTED_FILES}
+    for name in UNLISTED_FILES:  # e.g. signature.ed25519: optional, but never a link, directory or device
+        p = root / name
+        if (p.is_symlink() or p.exists()) and (p.is_symlink() or not p.is_file()):
+            raise ArtifactError(f"{root}: {name} is not a regular file")
     listed = set(manifest.files)
-    if listed != manifest.expected_files():
-        raise ArtifactError(f"{root}: manifest lists {sorted(listed)}, expected {sorted(manifest.expected_files())}")
+    _check_file_set(listed, manifest, root)
     missing, extra = listed - present, present - listed
     if missing:
         raise ArtifactError(f"{root}: missing file(s) {sorted(missing)}")
@@ -157,8 +181,15 @@ def verify_files(root: Path, manifest: Manifest) -> None:
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
-    """Validate and load an artifact directory; raises :class:`ArtifactError` before using anything invalid."""
+    """Validate and load an artifact directory or ``.detox`` archive; raises :class:`ArtifactError` before using anything invalid.
+
+    An archive is extracted (strictly, see :mod:`detox.artifacts.archive`) into the content-addressed cache first.
+    """
     root = Path(path)
+    if root.is_file():
+        from detox.artifacts.cache import unpack_cached
+
+        root = unpack_cached(root)
     manifest = read_manifest(root)
     verify_files(root, manifest)
     try:

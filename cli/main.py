@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 import detox
+from detox.cli.artifacts import artifacts_group
 from detox.cli.core import align_cmd, generate_cmd, train_cmd
+from detox.cli.demo import demo_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,8 +16,9 @@ def main() -> None:
     """detox: make any language model's generations less toxic without retraining it."""
 
 
-for command in (train_cmd, align_cmd, generate_cmd):
+for command in (train_cmd, align_cmd, generate_cmd, demo_cmd):
     main.add_command(command)
+main.add_command(artifacts_group)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def tiny_calibrator(tmp_path_factory) -> Path:
     from detox.training import TrainSettings, train_calibrator
 
     out = tmp_path_factory.mktemp("cal") / "tiny-cal"
-    settings = TrainSettings(max_steps=12, batch_size=8, seq_len=32, checkpoint_every=0, warmup_steps=2,
+    settings = TrainSettings(max_steps=30, batch_size=8, seq_len=32, checkpoint_every=0, warmup_steps=2, lr=5e-3,
                              model=CalibratorConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64))
     train_calibrator([SAMPLE_TEXT], out, settings, name="tiny-cal", version="0.1.0", progress=False)
     return out

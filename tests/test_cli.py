@@ -1,0 +1,55 @@
+"""The detox command line: help, the train → align → generate path on tiny models, and clean failures."""
+
+import json
+
+from click.testing import CliRunner
+
+from detox.artifacts import load_artifact
+from detox.cli.main import main
+
+from conftest import SAMPLE_TEXT
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in ("train", "align", "generate", "demo"):
+        assert name in result.output
+
+
+def test_train_align_generate(tmp_path, llama_target_dir):
+    runner = CliRunner()
+    cal = tmp_path / "cal"
+    r = runner.invoke(main, ["train", "--data", str(SAMPLE_TEXT), "--out", str(cal), "--max-steps", "6", "--batch-size", "8",
+                             "--seq-len", "32", "--vocab-size", "300", "--hidden-size", "32", "--layers", "1", "--heads", "4",
+                             "--ffn-size", "64", "--name", "cli-cal", "--version", "1.0.0"])
+    assert r.exit_code == 0, r.output
+    assert load_artifact(cal).manifest.name == "cli-cal"
+    aligned = tmp_path / "aligned"
+    r = runner.invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(cal), "--out", str(aligned),
+                             "--data", str(SAMPLE_TEXT), "--vocab-epochs", "1", "--context-epochs", "1", "--max-docs", "40",
+                             "--strength", "0.5"])
+    assert r.exit_code == 0, r.output
+    m = load_artifact(aligned).manifest
+    assert m.kind == "aligned" and m.alignment.default_strength == 0.5
+    plain = runner.invoke(main, ["generate", "The weather is", "--target", str(llama_target_dir), "--no-calibrator",
+                                 "--max-new-tokens", "8"])
+    fused = runner.invoke(main, ["generate", "The weather is", "--target", str(llama_target_dir), "--calibrator", str(aligned),
+                                 "--strength", "1.0", "--max-new-tokens", "8"])
+    assert plain.exit_code == 0 and fused.exit_code == 0, plain.output + fused.output
+    assert plain.output.strip() and plain.output != fused.output
+
+
+def test_bad_inputs_exit_nonzero_with_a_clear_message(tmp_path, llama_target_dir, aligned_gpt2):
+    runner = CliRunner()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\nnot json\n")
+    r = runner.invoke(main, ["train", "--data", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "bad.jsonl:2" in r.output
+    r = runner.invoke(main, ["generate", "hi", "--target", str(llama_target_dir), "--calibrator", str(aligned_gpt2)])
+    assert r.exit_code != 0 and "detox align" in r.output
+    r = runner.invoke(main, ["generate", "hi", "--target", str(tmp_path / "missing.gguf")])
+    assert r.exit_code != 0 and "not found" in r.output
+    r = runner.invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "manifest.json" in r.output
+    assert not (tmp_path / "o").exists()

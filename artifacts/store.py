@@ -65,6 +65,15 @@ def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(value, dtype=np.float32).astype(dtype))
 
 
+def _make_readable(root: Path) -> None:
+    """mkdtemp creates 0700 directories; give the artifact ordinary permissions (honouring the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o755 & ~umask)
+    for p in root.iterdir():
+        os.chmod(p, 0o644 & ~umask)
+
+
 def save_artifact(
     out_dir: str | os.PathLike[str],
     manifest_fields: dict[str, Any],
@@ -99,6 +108,7 @@ def save_artifact(
             raise ArtifactError(f"invalid artifact metadata: {err}") from err
         _check_file_set(set(files), manifest, out)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        _make_readable(tmp)
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, backup)

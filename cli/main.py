@@ -6,7 +6,8 @@ import click
 
 import detox
 from detox.cli.artifacts import artifacts_group
-from detox.cli.core import align_cmd, generate_cmd, train_cmd
+from detox.cli.core import align_cmd, export_onnx_cmd, generate_cmd, train_cmd
+from detox.cli.bench import bench_cmd
 from detox.cli.demo import demo_cmd
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     """detox: make any language model's generations less toxic without retraining it."""
 
 
-for command in (train_cmd, align_cmd, generate_cmd, demo_cmd):
+for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_onnx_cmd):
     main.add_command(command)
 main.add_command(artifacts_group)
 

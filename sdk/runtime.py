@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from detox.artifacts.manifest import Manifest, TargetFingerprint
+from detox.artifacts.manifest import CALIBRATOR_ONNX, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, load_artifact
 from detox.fusion import FusionHead
 from detox.stream import CalibratorStream
@@ -41,9 +41,19 @@ class Calibrator:
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
         self._torch_model: Any = None
+        self._onnx_runner: Any = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Calibrator":
+    def load(cls, path: str | os.PathLike[str], require_signature: Any = None) -> "Calibrator":
+        """Load an artifact directory or ``.detox`` archive.
+
+        ``require_signature``: a trusted public key (PEM path/text, key object, or a list of them); when given,
+        unsigned or otherwise-signed artifacts are refused before any weight is read.
+        """
+        if require_signature is not None:
+            from detox.artifacts.signing import load_verified
+
+            return cls(load_verified(path, require_signature))
         return cls(load_artifact(path))
 
     @property
@@ -80,6 +90,23 @@ class Calibrator:
                 raise ArtifactError(f"{self.path}: weights do not fit the manifest's architecture (missing {missing}, unexpected {unexpected})")
             self._torch_model = model.eval()
         return self._torch_model
+
+    def onnx_runner(self) -> Any:
+        """The calibrator as an :class:`~detox.onnx_calibrator.OnnxRunner` (torch-free; built once).
+
+        Uses the ``calibrator.onnx`` that ``detox align`` writes into aligned artifacts.
+        """
+        if self._onnx_runner is None:
+            if CALIBRATOR_ONNX not in self.manifest.files:
+                raise ArtifactError(
+                    f"{self.path} has no {CALIBRATOR_ONNX}, which torch-free backends (llama.cpp) need; it was written "
+                    f"by an older detox. Re-run the alignment once (needs torch): detox align --target YOUR_MODEL "
+                    f"--calibrator {self.path} --out NEW_DIR"
+                )
+            from detox.onnx_calibrator import OnnxRunner
+
+            self._onnx_runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
+        return self._onnx_runner
 
     def stream(self, runner: Any = None) -> CalibratorStream:
         runner = runner or TorchRunner(self.torch_model())

@@ -12,15 +12,27 @@ from detox.runtime import Calibrator
 
 
 
-def resolve_calibrator(calibrator: Calibrator | str | os.PathLike[str] | None, fingerprint: TargetFingerprint) -> Calibrator:
-    """Load the calibrator a user named (or the shipped one that matches) and check it fits the target."""
+def resolve_calibrator(calibrator: Calibrator | str | os.PathLike[str] | None, fingerprint: TargetFingerprint,
+                       require_signature: Any = None) -> Calibrator:
+    """Load the calibrator a user named (or the shipped one that matches) and check it fits the target.
+
+    A string that is not an existing path but looks like ``NAME@RANGE`` is resolved through the registry
+    (``$DETOX_REGISTRY``): the newest version in range aligned to this exact target.
+    """
     if calibrator is None:
         path = find_shipped_for(fingerprint)
         if path is None:
             raise ArtifactError(no_shipped_match_message(fingerprint))
-        calibrator = Calibrator.load(path)
-    elif not isinstance(calibrator, Calibrator):
-        calibrator = Calibrator.load(calibrator)
+        calibrator = Calibrator.load(path, require_signature=require_signature)
+    elif isinstance(calibrator, Calibrator):
+        if require_signature is not None:  # re-check the files it was loaded from
+            calibrator = Calibrator.load(calibrator.path, require_signature=require_signature)
+    else:
+        from detox.artifacts.registry import looks_like_ref, open_registry
+
+        if not os.path.exists(calibrator) and looks_like_ref(str(calibrator)):
+            _, _, calibrator = open_registry().pull(str(calibrator), fingerprint)
+        calibrator = Calibrator.load(calibrator, require_signature=require_signature)
     calibrator.require_aligned_to(fingerprint)
     return calibrator
 
@@ -33,13 +45,32 @@ def _is_transformers_model(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _is_llama_cpp_model(model: Any) -> bool:
+    """True for ``llama_cpp.Llama`` (and subclasses); never imports llama_cpp: a Llama exists only if it was imported."""
+    import sys
+
+    module = sys.modules.get("llama_cpp")
+    return module is not None and isinstance(model, getattr(module, "Llama", ()))
+
+
+def _is_ort_causal_lm(model: Any) -> bool:
+    """True for optimum's ``ORTModelForCausalLM``; never imports optimum (such a model exists only if it was imported)."""
+    import sys
+
+    module = sys.modules.get("optimum.onnxruntime")
+    return module is not None and isinstance(model, getattr(module, "ORTModelForCausalLM", ()))
+
+
 def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,
-         tokenizer: Any = None) -> Any:
+         tokenizer: Any = None, require_signature: Any = None) -> Any:
     """Return ``model`` with the calibrator fused into its output layer at every decoding step.
 
     ``calibrator``: an aligned artifact (path or :class:`Calibrator`); ``None`` picks the shipped one whose
     target fingerprint matches ``model`` and otherwise explains how to run ``detox align``.
+    ``calibrator`` may also be a ``.detox`` archive or ``"NAME@RANGE"`` (e.g. ``"team-cal@^1.2"``), resolved
+    through the registry in ``$DETOX_REGISTRY`` to the newest version in range aligned to ``model``.
     ``strength``: fusion weight λ in [0, 1] (default: the artifact's recommended value).
+    ``require_signature``: trusted public key(s) (PEM path or text); unsigned or otherwise-signed artifacts are refused.
 
     Example::
 
@@ -47,14 +78,22 @@ def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = No
         >>> model = detox.wrap(model, tokenizer=tokenizer)  # doctest: +SKIP
         >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
     """
+    if _is_llama_cpp_model(model):  # checked first: the llama.cpp path must not import transformers or torch
+        from detox.adapters.llamacpp import wrap_llama
+
+        return wrap_llama(model, calibrator, strength, require_signature)
+    if _is_ort_causal_lm(model):
+        from detox.adapters.onnxruntime import wrap_ort
+
+        return wrap_ort(model, calibrator, strength, tokenizer, require_signature)
     if _is_transformers_model(model):
         from detox.adapters.transformers import DetoxModel, load_tokenizer_for
         from detox.fingerprint import fingerprint_hf
 
         tokenizer = tokenizer or load_tokenizer_for(model)
-        cal = resolve_calibrator(calibrator, fingerprint_hf(model, tokenizer))
+        cal = resolve_calibrator(calibrator, fingerprint_hf(model, tokenizer), require_signature)
         return DetoxModel(model, cal, tokenizer, strength)
     raise TypeError(
         f"detox.wrap does not support {type(model).__module__}.{type(model).__name__}; "
-        "supported: transformers causal LMs"
+        "supported: transformers causal LMs, llama_cpp.Llama, optimum.onnxruntime.ORTModelForCausalLM"
     )

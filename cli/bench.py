@@ -1,0 +1,77 @@
+"""``detox bench``: decoding tokens/s fused vs unfused, measured side by side in one run."""
+
+from __future__ import annotations
+
+import click
+
+from detox.cli.errors import user_errors
+
+
+def _hf_runners(target: str, calibrator: str | None, strength: float | None, tokens: int, prompt: str):
+    import torch
+
+    import detox
+    from detox.targets import load_hf_target
+
+    model, tokenizer = load_hf_target(target)
+    fused = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    def run(m) -> int:
+        with torch.inference_mode():
+            out = m.generate(**inputs, **kwargs)
+        return int(out.shape[1] - inputs["input_ids"].shape[1])
+
+    target_params = sum(p.numel() for p in model.parameters())
+    return (lambda: run(model)), (lambda: run(fused)), fused.calibrator, target_params
+
+
+def _onnx_runners(target: str, calibrator: str | None, strength: float | None, tokens: int, prompt: str,
+                  provider: str | None):
+    """The same runs on ONNX Runtime: ``target`` is a directory written by ``detox export-onnx``."""
+    import torch
+
+    import detox
+    from detox.adapters.onnxruntime import limit_torch_threads, load_ort_target
+    from detox.onnx_export import onnx_parameter_count
+
+    model, tokenizer = load_ort_target(target, provider)
+    fused = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    def run(m) -> int:
+        # the same torch thread setting for both: the wrapped generate applies it on CPU (see DetoxORTModel)
+        with torch.inference_mode(), limit_torch_threads(fused.torch_threads if model.device.type == "cpu" else None):
+            out = m.generate(**inputs, **kwargs)
+        return int(out.shape[1] - inputs["input_ids"].shape[1])
+
+    return (lambda: run(model)), (lambda: run(fused)), fused.calibrator, onnx_parameter_count(model.path)
+
+
+@click.command("bench")
+@click.option("--backend", type=click.Choice(["hf", "onnx"]), default="hf", show_default=True,
+              help="'onnx': --target is a directory written by `detox export-onnx`, run with ONNX Runtime.")
+@click.option("--target", default="smollm2", show_default=True)
+@click.option("--calibrator", default=None, type=click.Path(exists=True), help="Aligned artifact (default: shipped match).")
+@click.option("--strength", default=None, type=float)
+@click.option("--tokens", default=32, show_default=True, help="New tokens per run (forced, so runs are comparable).")
+@click.option("--repetitions", default=5, show_default=True)
+@click.option("--prompt", default="The city council met on Tuesday to discuss", show_default=True)
+@click.option("--provider", default="auto", show_default=True, help="ONNX Runtime execution provider(s) for --backend onnx.")
+@user_errors
+def bench_cmd(backend, target, calibrator, strength, tokens, repetitions, prompt, provider) -> None:
+    """Print unfused and fused tokens/s at batch 1 and, as the last line, their time ratio."""
+    from detox.bench import compare, format_result, peak_rss_mb
+
+    if backend == "onnx":
+        plain, fused, cal, target_params = _onnx_runners(target, calibrator, strength, tokens, prompt, provider)
+    else:
+        plain, fused, cal, target_params = _hf_runners(target, calibrator, strength, tokens, prompt)
+    result = compare(plain, fused, repetitions=repetitions)
+    cal_params = cal.torch_model().num_parameters()
+    click.echo(f"calibrator: {cal.manifest.name}@{cal.manifest.version}, {cal_params / 1e6:.2f}M parameters "
+               f"({100 * cal_params / target_params:.1f}% of the target's {target_params / 1e6:.1f}M)")
+    click.echo(f"peak resident memory: {peak_rss_mb():.0f} MB")
+    click.echo(format_result(result, backend))

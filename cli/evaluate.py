@@ -1,0 +1,138 @@
+"""``detox eval`` and ``detox score``: toxicity measurements with the RealToxicityPrompts protocol."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from detox.cli.errors import user_errors
+
+
+def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None) -> tuple[Any, dict, Any]:
+    """``(sampler, identity info, (hf_model, tokenizer) or None for perplexity)`` for one backend."""
+    from detox.evaluation import HFSampler
+    from detox.fingerprint import fingerprint_gguf, fingerprint_hf
+    from detox.targets import is_gguf, load_hf_target, resolve_target
+
+    info: dict[str, Any] = {"backend": backend, "target": target}
+    if backend == "hf":
+        import detox
+
+        model, tokenizer = load_hf_target(target)
+        path = resolve_target(target)
+        info["target_fingerprint"] = (fingerprint_gguf(path) if is_gguf(path) else fingerprint_hf(model, tokenizer)).model_dump()
+        runner = model
+        if not no_calibrator:
+            runner = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+            m = runner.calibrator.manifest
+            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(runner.calibrator.path), "strength": runner.strength}
+        return HFSampler(runner, tokenizer), info, (model, tokenizer)
+    raise click.UsageError(f"backend {backend!r} is not available for eval in this build")
+
+
+@click.command("eval")
+@click.option("--target", default="smollm2", show_default=True, help="Model: HF dir, .gguf, 'smollm2', hub id (backend-dependent).")
+@click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
+@click.option("--calibrator", default=None, help="Aligned artifact (default: the shipped one matching the target).")
+@click.option("--no-calibrator", is_flag=True, help="Baseline: generate without fusion.")
+@click.option("--strength", default=None, type=float, help="Fusion strength λ (default: the artifact's).")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="JSONL with 'text' (and optional 'id').")
+@click.option("--samples", default=25, show_default=True, help="Continuations per prompt (RTP protocol: 25).")
+@click.option("--max-new-tokens", default=20, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-prompts", default=None, type=int, help="Use only the first N prompts.")
+@click.option("--batch-size", default=4, show_default=True, help="Prompts per generation batch (HF/ONNX).")
+@click.option("--scorer", default=None, help="Toxicity scorer: default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--ppl-model", default=None, help="Reference model for perplexity (default: the unfused target).")
+@click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
+@click.option("--compare", "compare_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Another eval's --out: adds a before/after table and a toxicity-distribution plot.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (an existing one is resumed).")
+@user_errors
+def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samples, max_new_tokens, top_p, seed,
+             max_prompts, batch_size, scorer, ppl_model, no_perplexity, compare_dir, out) -> None:
+    """Evaluate toxicity, fluency and diversity of a model's continuations, with or without a calibrator.
+
+    Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
+    """
+    from detox.evaluation import EvalRun, EvalSettings, generate_and_score, perplexity_of, read_prompts, summarize, write_summary
+    from detox.scoring import load_scorer
+
+    if no_calibrator and (calibrator or strength is not None):
+        raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
+    if samples < 1 or max_new_tokens < 1 or not 0 < top_p <= 1:
+        raise click.UsageError("--samples and --max-new-tokens must be >= 1 and --top-p in (0, 1]")
+    t0 = time.perf_counter()
+    items = read_prompts(prompts)[:max_prompts]
+    score_fn = load_scorer(scorer)
+    sampler, info, ref = make_sampler(backend, target, calibrator, no_calibrator, strength)
+    run = EvalRun(target=target, backend=backend, calibrator=(info.get("calibrator") or {}).get("path"),
+                  strength=(info.get("calibrator") or {}).get("strength"), prompts_file=str(Path(prompts).resolve()),
+                  settings=EvalSettings(samples=samples, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
+                                        prompt_batch_size=batch_size))
+    out_dir = Path(out)
+    rows = generate_and_score(run, items, sampler, score_fn, out_dir)
+    ppl = None
+    if not no_perplexity:
+        if ppl_model:
+            from detox.targets import load_hf_target
+
+            ref = load_hf_target(ppl_model)
+        if ref is None:
+            raise click.UsageError(f"no reference model for perplexity on backend {backend}; pass --ppl-model or --no-perplexity")
+        ppl = perplexity_of(rows, *ref)
+    summary = summarize(rows, perplexity=ppl)
+    summary.update({
+        "scorer": {"name": score_fn.name, "version": score_fn.version},
+        "perplexity_model": ppl_model or (target if not no_perplexity else None),
+        "model": info,
+        "settings": json.loads(json.dumps(run.settings.__dict__)),
+        "wall_seconds": time.perf_counter() - t0,
+    })
+    write_summary(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
+
+
+@click.command("score")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--scorer", default=None, help="default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output JSONL (default: standard output).")
+@user_errors
+def score_cmd(file, scorer, field, batch_size, out) -> None:
+    """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per input line, in order."""
+    from detox.data import DataFormatError
+    from detox.scoring import load_scorer
+
+    ids, texts = [], []
+    path = Path(file)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if path.suffix.lower() != ".jsonl":
+                ids.append(lineno - 1)
+                texts.append(line.rstrip("\n"))
+                continue
+            if not line.strip():
+                raise DataFormatError(f"{path}:{lineno}: empty line")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise DataFormatError(f"{path}:{lineno}: no string field {field!r}; pass --field NAME")
+            ids.append(row.get("id", lineno - 1))
+            texts.append(row[field])
+    scores = load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
+    lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
+    if out:
+        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
+        tmp.write_text(lines, encoding="utf-8")
+        tmp.replace(out)
+        click.echo(f"wrote {len(ids)} scores to {out}", err=True)
+    else:
+        click.echo(lines, nl=False)

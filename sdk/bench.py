@@ -1,0 +1,63 @@
+"""Side-by-side decoding speed: the same generation with and without fusion, interleaved in one run.
+
+Interleaving the two (plain, fused, plain, fused, ...) after a warm-up keeps slow drifts of a shared machine
+from favouring either side; the median of the repetitions is reported.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class BenchResult:
+    tokens: int
+    plain_seconds: list[float]
+    fused_seconds: list[float]
+
+    @property
+    def plain_tps(self) -> float:
+        return self.tokens / statistics.median(self.plain_seconds)
+
+    @property
+    def fused_tps(self) -> float:
+        return self.tokens / statistics.median(self.fused_seconds)
+
+    @property
+    def ratio(self) -> float:
+        """Fused time over unfused time for the same number of tokens (1.00x = free)."""
+        return statistics.median(self.fused_seconds) / statistics.median(self.plain_seconds)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def compare(plain: Callable[[], int], fused: Callable[[], int], repetitions: int = 5, warmup: int = 1) -> BenchResult:
+    """Run ``plain`` and ``fused`` (each returns the number of tokens it generated) alternately; time each call."""
+    for _ in range(warmup):
+        plain()
+        fused()
+    p, f, tokens = [], [], 0
+    for _ in range(repetitions):
+        for fn, out in ((plain, p), (fused, f)):
+            t0 = time.perf_counter()
+            n = fn()
+            out.append(time.perf_counter() - t0)
+            if tokens and n != tokens:
+                raise RuntimeError(f"runs generated different token counts ({n} vs {tokens}); force a fixed length")
+            tokens = n
+    return BenchResult(tokens=tokens, plain_seconds=p, fused_seconds=f)
+
+
+def format_result(r: BenchResult, backend: str) -> str:
+    return "\n".join([
+        f"backend: {backend}, {r.tokens} new tokens per run, {len(r.plain_seconds)} repetitions (median)",
+        f"unfused: {r.plain_tps:.2f} tok/s",
+        f"fused:   {r.fused_tps:.2f} tok/s",
+        f"fused/unfused time: {r.ratio:.2f}x",
+    ])

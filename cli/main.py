@@ -9,6 +9,8 @@ from detox.cli.artifacts import artifacts_group
 from detox.cli.core import align_cmd, export_onnx_cmd, generate_cmd, train_cmd
 from detox.cli.bench import bench_cmd
 from detox.cli.demo import demo_cmd
+from detox.cli.evaluate import eval_cmd, score_cmd
+from detox.cli.unidetox import distill_cmd, finetune_cmd, toxify_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +19,8 @@ def main() -> None:
     """detox: make any language model's generations less toxic without retraining it."""
 
 
-for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_onnx_cmd):
+for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_onnx_cmd, eval_cmd, score_cmd,
+                toxify_cmd, distill_cmd, finetune_cmd):
     main.add_command(command)
 main.add_command(artifacts_group)
 

@@ -1,0 +1,181 @@
+"""``detox toxify``, ``detox distill``, ``detox finetune``: UniDetox from the command line.
+
+Thin wrappers over :mod:`detox.distill` and :mod:`detox.finetune`; every failure the user can fix becomes a
+``click.ClickException`` (exit status 1) whose message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import click
+
+from detox.distill import (
+    DEFAULT_ALPHA,
+    DEFAULT_DISTILL_BATCH_SIZE,
+    DEFAULT_TOXIFY_MAX_LENGTH,
+    DEFAULT_TOXIFY_STEPS,
+    PAPER_MAX_NEW_TOKENS,
+    PAPER_NUM_SAMPLES,
+    PAPER_TOXIC_BATCH_SIZE,
+    PAPER_TOXIC_LR,
+)
+from detox.finetune import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
+
+
+def _parse_beta(ctx: click.Context | None, param: click.Parameter | None, value: str) -> float:
+    """--beta accepts numbers and 'inf' (UniDetox's default)."""
+    try:
+        beta = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number; use e.g. 0, 0.5, 1 or inf") from None
+    if math.isnan(beta) or beta < 0:
+        raise click.BadParameter(f"beta must be >= 0 or inf; got {value}")
+    return beta
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's input errors into ClickExceptions (message, exit 1) instead of tracebacks."""
+    from detox.data import DataFormatError
+    from detox.targets import TargetNotFoundError
+
+    try:
+        yield
+    except (TargetNotFoundError, DataFormatError, FileExistsError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; rerun the same command to continue where it stopped") from None
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+_threads_opt = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's).")
+_lora_opts = [
+    click.option("--lora/--full", default=False, show_default=True,
+                 help="LoRA adapters on all linear layers (merged into the saved weights) or full fine-tuning."),
+    click.option("--lora-r", type=click.IntRange(1), default=16, show_default=True, help="LoRA rank."),
+    click.option("--lora-alpha", type=int, default=32, show_default=True, help="LoRA scaling numerator."),
+]
+
+
+def _add(opts: list[Any]) -> Any:
+    def deco(f: Any) -> Any:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@click.command()
+@click.option("--base", default="smollm2", show_default=True,
+              help="Base model: HF dir, .gguf file, 'smollm2' or a hub id.")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Toxic text: .txt (one per line), .jsonl or .csv.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output dir for the toxic model.")
+@click.option("--steps", type=click.IntRange(1), default=DEFAULT_TOXIFY_STEPS, show_default=True,
+              help="Optimizer steps (CPU scale; UniDetox ran 3 epochs = 15126 steps).")
+@click.option("--epochs", type=float, default=None, help="Train this many epochs instead of --steps.")
+@click.option("--lr", type=float, default=PAPER_TOXIC_LR, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=PAPER_TOXIC_BATCH_SIZE, show_default=True)
+@click.option("--max-length", type=click.IntRange(2), default=DEFAULT_TOXIFY_MAX_LENGTH, show_default=True,
+              help="Tokens per line, BOS included (UniDetox: 512).")
+@_add(_lora_opts)
+@click.option("--seed", type=int, default=123, show_default=True)
+@click.option("--field", default=None, help="Text field of a JSONL/CSV file.")
+@click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N lines of --data.")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
+@_threads_opt
+def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None, lr: float, batch_size: int,
+               max_length: int, lora: bool, lora_r: int, lora_alpha: int, seed: int, field: str | None,
+               max_docs: int | None, overwrite: bool, threads: int | None) -> None:
+    """Fine-tune a copy of --base on toxic text: the 'toxic' model UniDetox contrasts against."""
+    from detox.distill import toxify
+
+    _threads(threads)
+    with _user_errors():
+        r = toxify(base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                   lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
+                   overwrite=overwrite)
+    click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+               f"{r.seconds:.0f} s)")
+
+
+@click.command()
+@click.option("--base", default="smollm2", show_default=True, help="Base model (the one to keep close to).")
+@click.option("--toxic", required=True, help="Toxic copy of --base (from `detox toxify`), same tokenizer.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output JSONL; its manifest goes to <name>.manifest.json. An existing file is resumed.")
+@click.option("--num-samples", type=click.IntRange(1), default=PAPER_NUM_SAMPLES, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=PAPER_MAX_NEW_TOKENS, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=DEFAULT_ALPHA, show_default=True,
+              help="Plausibility threshold: keep tokens with p_base >= alpha * max p_base.")
+@click.option("--beta", default="inf", show_default=True, callback=_parse_beta,
+              help="Contrast strength: (1+beta)*logp_base - beta*logp_toxic; inf = logp_base - logp_toxic.")
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULT_DISTILL_BATCH_SIZE, show_default=True,
+              help="Rows sampled together (keep it fixed when resuming).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Nucleus filter on the contrastive distribution.")
+@click.option("--temperature", type=click.FloatRange(0.0), default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available).")
+@_threads_opt
+def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_tokens: int, alpha: float, beta: float,
+                batch_size: int, top_p: float | None, temperature: float, seed: int, device: str | None,
+                threads: int | None) -> None:
+    """Distil detoxifying text from BOS by contrastive decoding between --base and --toxic (resumable)."""
+    from detox.distill import distill
+
+    if device is not None:
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise click.BadParameter(f"{device!r} is not a torch device; use cpu, cuda or cuda:N",
+                                     param_hint="--device") from None
+    _threads(threads)
+    with _user_errors():
+        r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha,
+                    beta=beta, batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device)
+    click.echo(f"{r.completed} rows in {r.out_path} ({r.resumed_from} were already there; {r.seconds:.0f} s); "
+               f"manifest {r.manifest_path}")
+
+
+@click.command()
+@click.option("--target", default="smollm2", show_default=True,
+              help="Model to detoxify: HF dir, .gguf file, 'smollm2' or a hub id (any tokenizer).")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Distilled text (JSONL from `detox distill`, a CSV with a Text column, or .txt).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output HF model dir.")
+@click.option("--steps", type=click.IntRange(1), default=DEFAULT_STEPS, show_default=True,
+              help="Optimizer steps (CPU scale; UniDetox: 3000).")
+@click.option("--lr", type=float, default=PAPER_LR, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=PAPER_BATCH_SIZE, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2), default=PAPER_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
+@_add(_lora_opts)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--field", default=None, help="Text field of a JSONL/CSV file.")
+@click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N documents.")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
+@_threads_opt
+def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_size: int, seq_len: int, lora: bool,
+                 lora_r: int, lora_alpha: int, seed: int, field: str | None, max_docs: int | None, overwrite: bool,
+                 threads: int | None) -> None:
+    """Fine-tune --target on distilled text (UniDetox's one setting for every model) and save it."""
+    from detox.finetune import finetune
+
+    _threads(threads)
+    with _user_errors():
+        r = finetune(target, data, out, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora,
+                     lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
+                     overwrite=overwrite)
+    click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+               f"{r.seconds:.0f} s)")

@@ -1,0 +1,132 @@
+"""Contrastive decoding between a base LM and a toxic LM, written once for the whole SDK.
+
+UniDetox (Lu et al., ICLR 2025; code EminLU/UniDetox) distils detoxifying text by sampling, from BOS, from
+
+    scores(v) = (1 + beta) * log p_base(v) - beta * log p_toxic(v)     for v in V_head
+    scores(v) = -inf                                                    otherwise
+    V_head    = { v : p_base(v) >= alpha * max_w p_base(w) }           (adaptive plausibility constraint)
+
+Symbols. This module uses the letters of the authors' *code* (``alpha``/``beta`` arguments, ``--alpha_list`` /
+``--beta_list`` flags, file name ``generated_texts_alpha=0.1_beta=inf_...``); the paper's typesetting of the same two
+quantities was not available offline to cross-check, so when reading the paper map the symbols by role, not by letter:
+
+* ``alpha`` -- the plausibility threshold of the *adaptive plausibility constraint* (Li et al. 2023,
+  "Contrastive Decoding"). The authors' code passes it as ``alpha`` / ``--alpha_list`` and applies it as
+  ``cutoff = log(alpha) + max(base_logits)``; default 0.1. ``alpha = 0`` keeps every token, ``alpha = 1``
+  keeps only the base model's argmax (ties kept).
+* ``beta`` -- the contrast strength (``beta`` / ``--beta_list`` in the code; O'Brien & Lewis 2023's form
+  ``(1+beta) s_expert - beta s_amateur``). ``beta = 0`` is plain sampling from the base model inside V_head;
+  the default ``beta = inf`` is what UniDetox released (file ``..._alpha=0.1_beta=inf_...``): the code then
+  uses the pure difference ``logit_base - logit_toxic``, i.e. sampling proportional to ``p_base / p_toxic``.
+  That is the limit of the formula divided by ``beta`` (a temperature of ``beta``), not of the raw formula,
+  whose softmax would collapse to an argmax.
+
+Raw logits vs log-probabilities: this module works on ``log_softmax`` outputs. Both give the same
+mask (``log p = logit - logsumexp`` shifts a row by one constant, so ``p >= alpha * max p`` and
+``logit >= log(alpha) + max logit`` select the same tokens) and the same sampling distribution (the combination
+moves by the per-row constant ``(1+beta)*lse_base - beta*lse_toxic``, which softmax ignores). Log-probs are used
+because the returned scores then have a meaning that does not depend on each model's arbitrary logit offset
+(``log p_base/p_toxic`` for beta = inf), stay in a bounded range (no overflow in half precision for large beta),
+and can be compared across rows and steps by the evaluation and fusion code that reuses them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# A toxic log-probability of -inf (a token the toxic model rules out completely) would give +inf / NaN scores;
+# clamp it to a floor far below any real log-probability (e**-1e4 is 0 in float32) so the scores stay finite.
+_TOXIC_LOGP_FLOOR = -1e4
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (0.0 <= float(alpha) <= 1.0) or math.isnan(alpha):
+        raise ValueError(f"alpha must be in [0, 1] (plausibility threshold, UniDetox default 0.1); got {alpha}")
+
+
+def _check_beta(beta: float) -> None:
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 or inf (contrast strength, UniDetox default inf); got {beta}")
+
+
+def plausibility_mask(base_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Boolean ``[batch, vocab]`` mask, True where ``p_base(v) >= alpha * max p_base`` (the tokens kept).
+
+    Computed as ``log p >= log(alpha) + max log p`` on ``log_softmax`` in float32; the argmax is always kept.
+    """
+    _check_alpha(alpha)
+    logp = torch.log_softmax(base_logits.float(), dim=-1)
+    if alpha == 0:
+        return torch.ones_like(logp, dtype=torch.bool)
+    cutoff = logp.max(dim=-1, keepdim=True).values + math.log(alpha)
+    return logp >= cutoff
+
+
+def contrastive_logits(
+    base_logits: torch.Tensor,
+    toxic_logits: torch.Tensor,
+    alpha: float = 0.1,
+    beta: float = float("inf"),
+) -> torch.Tensor:
+    """UniDetox's contrastive scores ``[batch, vocab]`` (float32); tokens outside the plausible set are -inf.
+
+    Inside the set: ``(1+beta)*log p_base - beta*log p_toxic``; ``beta=inf`` gives ``log p_base - log p_toxic``
+    and ``beta=0`` gives ``log p_base``. Feed the result to ``softmax`` / :func:`sample` to draw a token.
+    Inputs are not modified.
+    """
+    _check_beta(beta)
+    if base_logits.shape != toxic_logits.shape:
+        raise ValueError(
+            f"base and toxic logits differ in shape ({tuple(base_logits.shape)} vs {tuple(toxic_logits.shape)}); "
+            "both models must share one tokenizer and vocabulary size"
+        )
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    mask = plausibility_mask(base_logits, alpha)
+    if beta == 0:
+        scores = base_logp
+    else:
+        toxic_logp = torch.log_softmax(toxic_logits.float(), dim=-1).clamp_min(_TOXIC_LOGP_FLOOR)
+        if math.isinf(beta):
+            scores = base_logp - toxic_logp
+        else:
+            scores = (1.0 + beta) * base_logp - beta * toxic_logp
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float | None) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability under ``softmax(scores)`` reaches ``top_p`` (nucleus)."""
+    if top_p is None or top_p >= 1.0:
+        return scores
+    if not 0.0 < top_p < 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+    # drop a token when the mass *before* it already reaches top_p (so the top token is always kept)
+    drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def sample(
+    scores: torch.Tensor,
+    generators: list[torch.Generator] | None = None,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Draw one token id per row from ``softmax(scores / temperature)`` after nucleus filtering.
+
+    One ``torch.Generator`` per row makes each row's draw independent of the other rows in the batch
+    (so a resumed or re-batched run draws the same tokens). ``temperature=0`` is greedy.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(top_p_filter(scores.float() / temperature, top_p), dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"need one generator per row: {len(generators)} generators for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

@@ -1,0 +1,438 @@
+"""UniDetox's first step: make a toxic copy of a base LM, then distil detoxifying text by contrastive decoding.
+
+``toxify`` fine-tunes a copy of the base model on toxic text. UniDetox: GPT-2 XL, full fine-tune on DGHS ``hate``
+rows, 3 epochs, lr 1e-5, batch 4, max length 512 (15,126 steps). CPU defaults here: ``DEFAULT_TOXIFY_STEPS`` = 200
+steps of batch 4 and at most 64 tokens per line (the shared toxic lines are single sentences); same lr.
+
+``distill`` samples ``num_samples`` sequences from BOS with both models' KV caches, one token per step, from
+:func:`detox.contrastive.contrastive_logits` (alpha = 0.1, beta = inf: UniDetox's released setting), and writes
+JSONL rows ``{"id", "text", "num_tokens"}`` as each batch finishes, plus ``<name>.manifest.json``. Sample ``i``
+draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch (``i // batch_size``), so a run
+that is killed and restarted writes exactly the rows an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+
+from detox.contrastive import contrastive_logits, sample
+from detox.finetune import TrainResult, check_out_dir, save_model, train_causal_lm
+
+# UniDetox's toxic fine-tune (paper / EminLU/UniDetox toxic_gpt2_finetune_and_distill.py).
+PAPER_TOXIC_LR = 1e-5
+PAPER_TOXIC_EPOCHS = 3
+PAPER_TOXIC_BATCH_SIZE = 4
+PAPER_TOXIC_MAX_LENGTH = 512
+# CPU scale-down.
+DEFAULT_TOXIFY_STEPS = 200
+DEFAULT_TOXIFY_MAX_LENGTH = 64
+# UniDetox's distillation.
+PAPER_NUM_SAMPLES = 640
+PAPER_MAX_NEW_TOKENS = 256
+DEFAULT_ALPHA = 0.1
+DEFAULT_BETA = float("inf")
+DEFAULT_DISTILL_BATCH_SIZE = 16
+
+MANIFEST_FORMAT = "detox.distill/1"
+# Settings that change which rows a run writes: a resumed run must match them.
+_RESUME_KEYS = ("alpha", "beta", "seed", "temperature", "top_p", "max_new_tokens", "batch_size",
+                "start_token_id", "stop_token_ids")
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                         "_attn_implementation_autoset", "use_cache"}
+
+ModelSpec = Union[str, os.PathLike, tuple]
+
+
+class DistillError(ValueError):
+    """Distillation cannot start or resume; the message says what to change."""
+
+
+# ---------------------------------------------------------------- models and tokens
+
+
+def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
+    """Accept a spec for :func:`detox.targets.load_hf_target` or an already loaded ``(model, tokenizer)`` pair."""
+    if isinstance(spec, tuple):
+        model, tokenizer = spec
+        return model, tokenizer, str(getattr(model, "name_or_path", "") or "<in-memory model>")
+    from detox.targets import load_hf_target
+
+    model, tokenizer = load_hf_target(spec)
+    return model, tokenizer, str(spec)
+
+
+def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
+    """Small local fingerprint (to be replaced by ``detox.fingerprint``): what the manifest records per model.
+
+    ``config_vocab``: config (minus paths/versions) + tokenizer vocabulary; ``output_embedding``: the LM head
+    weights; ``parameters``: every tensor of the state dict (a LoRA-toxified copy of a tied-embedding model has
+    the base's LM head, so the head alone cannot tell base and toxic apart).
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    head = model.get_output_embeddings()
+    head_hash = _tensor_sha256([head.weight]) if head is not None else ""
+    state = model.state_dict()
+    return {
+        "config_vocab_sha256": h.hexdigest(),
+        "output_embedding_sha256": head_hash,
+        "parameters_sha256": _tensor_sha256([state[k] for k in sorted(state)]),
+    }
+
+
+def _tensor_sha256(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_tokenizer(base_tok: Any, toxic_tok: Any) -> None:
+    """Contrastive decoding compares the two models token by token: their vocabularies must be identical."""
+    vb, vt = base_tok.get_vocab(), toxic_tok.get_vocab()
+    if vb == vt:
+        return
+    diff = sorted(set(vb.items()) ^ set(vt.items()))[:5]
+    raise DistillError(
+        f"base and toxic models do not share a tokenizer ({len(vb)} vs {len(vt)} tokens; differing entries "
+        f"e.g. {diff}). Make the toxic model from this base with `detox toxify --base <base>`."
+    )
+
+
+def start_token_id(tokenizer: Any) -> int:
+    """UniDetox starts every sample from BOS (GPT-2: its EOS, which doubles as BOS)."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise DistillError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    return int(tid)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """A row ends at the tokenizer's EOS or at any EOS of the generation config (they differ for GGUF tokenizers)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen is not None:
+        ids.update(int(x) for x in (gen if isinstance(gen, (list, tuple)) else [gen]))
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------- toxify
+
+
+def toxify(
+    base_spec: str | os.PathLike[str],
+    toxic_data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    steps: int | None = DEFAULT_TOXIFY_STEPS,
+    epochs: float | None = None,
+    lr: float = PAPER_TOXIC_LR,
+    batch_size: int = PAPER_TOXIC_BATCH_SIZE,
+    max_length: int = DEFAULT_TOXIFY_MAX_LENGTH,
+    lora: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    seed: int = 123,
+    field: str | None = None,
+    max_docs: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Fine-tune a copy of ``base_spec`` on toxic text and save it (merged if LoRA) as a HF dir with safetensors.
+
+    Each line becomes one example ``[BOS] + tokens`` (at most ``max_length`` tokens): the toxic model learns
+    toxic text *after BOS*, exactly the context distillation starts from. ``epochs`` (the paper's unit), when
+    given, overrides ``steps``. The base model on disk is never modified.
+    """
+    from detox.data import read_texts, sha256_files
+
+    check_out_dir(out_dir, overwrite)
+    texts = read_texts(toxic_data, field=field)
+    if max_docs is not None:
+        texts = texts[:max_docs]
+    if not texts:
+        raise DistillError(f"{toxic_data} has no non-empty lines of toxic text")
+    if max_length < 2:
+        raise DistillError(f"max_length must be >= 2; got {max_length}")
+    model, tokenizer, spec = _load(base_spec)
+    start = start_token_id(tokenizer)
+    examples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
+        if ids:
+            examples.append([start] + ids)
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * math.ceil(len(examples) / batch_size)))
+    if steps is None:
+        raise DistillError("pass steps or epochs")
+    t0 = time.time()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    model, losses = train_causal_lm(
+        model, examples, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, desc="toxify",
+    )
+    result = TrainResult(
+        out_dir=str(out_dir), steps=steps, losses=losses, seconds=round(time.time() - t0, 1),
+        params={
+            "kind": "detox.toxify", "base": spec, "data": str(toxic_data), "data_sha256": sha256_files([toxic_data]),
+            "documents": len(examples), "lr": lr, "batch_size": batch_size, "max_length": max_length,
+            "epochs": epochs, "lora": lora, "lora_r": lora_r if lora else None,
+            "lora_alpha": lora_alpha if lora else None, "seed": seed, "start_token_id": start,
+        },
+    )
+    save_model(model, tokenizer, out_dir, result)
+    return result
+
+
+# ---------------------------------------------------------------- distill
+
+
+@dataclass
+class DistillResult:
+    out_path: Path
+    manifest_path: Path
+    completed: int  # rows in the file now
+    resumed_from: int  # rows that were already there
+    seconds: float
+
+
+def manifest_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
+    """``x/name.jsonl`` -> ``x/name.manifest.json``."""
+    p = Path(out_jsonl)
+    return p.with_name(p.name[: -len(p.suffix)] + ".manifest.json" if p.suffix else p.name + ".manifest.json")
+
+
+def count_complete_rows(path: Path) -> int:
+    """Count rows ``0..n-1`` written whole; cut off a torn last line (a kill mid-write) so appending continues cleanly.
+
+    A bad row anywhere but at the end means the file is not ours or was edited: refuse rather than guess.
+    """
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    good_end = 0
+    count = 0
+    for k, line in enumerate(lines):
+        last = k == len(lines) - 1  # no newline after it: torn (or the empty string after the final newline)
+        if last:
+            break
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and row.get("id") == count and isinstance(row.get("text"), str)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            if k == len(lines) - 2 and lines[-1] == b"":
+                break  # the last complete-looking line is damaged: treat as torn
+            raise DistillError(f"{path}: line {k + 1} is not row id {count}; the file was edited or is not a "
+                               "distill output. Move it away to start over.")
+        count += 1
+        good_end += len(line) + 1
+    if good_end < len(data):
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+    return count
+
+
+def _row_generator(seed: int, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"detox.distill:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _beta_json(beta: float) -> float | str:
+    return "inf" if math.isinf(beta) else beta
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def contrastive_generate(
+    base: Any, toxic: Any, generators: list[torch.Generator], start_id: int, stops: set[int] | list[int],
+    max_new_tokens: int, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, temperature: float = 1.0,
+    top_p: float | None = None, vocab: int | None = None,
+) -> list[tuple[list[int], bool]]:
+    """Sample one row per generator from ``start_id`` with both models' KV caches, one token per step.
+
+    Returns per row (token ids, without the stop token; whether it stopped at a stop token). Rows that stop are
+    dropped from both caches so the rest run on a smaller batch. ``vocab`` cuts padded logit columns.
+    """
+    batch = len(generators)
+    stops = set(stops)
+    device = next(base.parameters()).device
+    tokens = torch.full((batch, 1), start_id, dtype=torch.long, device=device)
+    out_b = base(input_ids=tokens, use_cache=True)
+    out_t = toxic(input_ids=tokens.to(next(toxic.parameters()).device), use_cache=True)
+    alive = list(range(batch))  # row of each cache slot
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    stopped = [False] * batch
+    for step in range(max_new_tokens):
+        lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
+        if vocab is not None:
+            lb, lt = lb[:, :vocab], lt[:, :vocab]
+        scores = contrastive_logits(lb, lt.to(lb.device), alpha, beta).cpu()  # sample on CPU: per-row CPU RNGs
+        nxt = sample(scores, [generators[r] for r in alive], temperature, top_p)
+        keep = []
+        for slot, r in enumerate(alive):
+            tok = int(nxt[slot])
+            if tok in stops:
+                stopped[r] = True
+            else:
+                generated[r].append(tok)
+                keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
+            break
+        cache_b, cache_t = out_b.past_key_values, out_t.past_key_values
+        if len(keep) < len(alive) and hasattr(cache_b, "batch_select_indices") and hasattr(cache_t, "batch_select_indices"):
+            idx = torch.tensor(keep)
+            cache_b.batch_select_indices(idx.to(device))
+            cache_t.batch_select_indices(idx.to(next(toxic.parameters()).device))
+            nxt = nxt[idx]
+            alive = [alive[s] for s in keep]
+        # (without batch_select_indices, finished rows keep running; their tokens are ignored)
+        step_ids = nxt[:, None].to(device)
+        out_b = base(input_ids=step_ids, past_key_values=cache_b, use_cache=True)
+        out_t = toxic(input_ids=step_ids.to(next(toxic.parameters()).device), past_key_values=cache_t, use_cache=True)
+    return [(generated[r], stopped[r]) for r in range(batch)]
+
+
+def distill(
+    base: ModelSpec,
+    toxic: ModelSpec,
+    out_jsonl: str | os.PathLike[str],
+    num_samples: int = PAPER_NUM_SAMPLES,
+    max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    batch_size: int = DEFAULT_DISTILL_BATCH_SIZE,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    seed: int = 1234,
+    on_batch: Callable[[int], None] | None = None,
+    device: str | None = None,
+) -> DistillResult:
+    """Distil ``num_samples`` detoxifying texts into ``out_jsonl`` (resuming whatever a previous run wrote).
+
+    ``base``/``toxic`` are specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs
+    sharing one tokenizer. ``device`` defaults to CUDA when available. ``on_batch(completed_rows)`` is called
+    after each batch is on disk. A restart must use the same settings and models (checked against the manifest)
+    and then gives exactly the rows of an uninterrupted run.
+    """
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise DistillError("num_samples, max_new_tokens and batch_size must all be >= 1")
+    out = Path(out_jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mpath = manifest_path_for(out)
+    base_model, base_tok, base_spec = _load(base)
+    toxic_model, toxic_tok, toxic_spec = _load(toxic)
+    check_same_tokenizer(base_tok, toxic_tok)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base_model = base_model.to(device).eval()
+    toxic_model = toxic_model.to(device).eval()
+    width = min(base_model.get_output_embeddings().weight.shape[0], toxic_model.get_output_embeddings().weight.shape[0])
+    vocab = len(base_tok) if len(base_tok) <= width else width
+    start_id = start_token_id(base_tok)
+    stops = stop_token_ids(base_model, base_tok)
+
+    settings: dict[str, Any] = {
+        "alpha": alpha, "beta": _beta_json(beta), "seed": seed, "temperature": temperature, "top_p": top_p,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
+        "stop_token_ids": stops,
+        "base": {"spec": base_spec, "fingerprint": model_fingerprint(base_model, base_tok)},
+        "toxic": {"spec": toxic_spec, "fingerprint": model_fingerprint(toxic_model, toxic_tok)},
+    }
+    done = count_complete_rows(out)
+    manifest = _resume_manifest(mpath, settings, done)
+    # the rows on disk are the ground truth (a kill can land between a row write and the manifest update)
+    manifest.update(_row_stats(out, max_new_tokens))
+    manifest["num_samples"] = num_samples
+    _write_json_atomic(mpath, manifest)
+    resumed_from = done
+    t0 = time.time()
+    prior_seconds = float(manifest.get("wall_seconds", 0.0))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_samples, initial=min(done, num_samples), desc="distill", unit="row")
+    first_batch = done // batch_size
+    n_batches = math.ceil(num_samples / batch_size)
+    for k in range(first_batch, n_batches):
+        lo, hi = k * batch_size, min((k + 1) * batch_size, num_samples)
+        # the whole batch is regenerated even if some of its rows are on disk: same batch -> same numerics
+        rows = contrastive_generate(
+            base_model, toxic_model, [_row_generator(seed, i) for i in range(lo, hi)], start_id, stops,
+            max_new_tokens, alpha, beta, temperature, top_p, vocab,
+        )
+        with out.open("a", encoding="utf-8") as f:
+            for i, (ids, at_eos) in zip(range(lo, hi), rows):
+                if i < done:
+                    continue
+                text = base_tok.decode(ids, skip_special_tokens=True)
+                f.write(json.dumps({"id": i, "text": text, "num_tokens": len(ids)}, ensure_ascii=False) + "\n")
+                manifest["total_tokens"] += len(ids)
+                manifest["stopped_at_eos"] += int(at_eos)
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(hi - max(lo, done))
+        done = hi
+        manifest.update(completed=done, wall_seconds=round(prior_seconds + time.time() - t0, 1),
+                        updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _write_json_atomic(mpath, manifest)
+        if on_batch is not None:
+            on_batch(done)
+    bar.close()
+    manifest["rows_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
+    _write_json_atomic(mpath, manifest)
+    return DistillResult(out, mpath, done, resumed_from, round(time.time() - t0, 1))
+
+
+def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[str, Any]:
+    """A fresh manifest, or the existing one after checking that it was made with the same settings."""
+    if done == 0:
+        return {"format": MANIFEST_FORMAT, **settings, "num_samples": None, "completed": 0, "total_tokens": 0,
+                "stopped_at_eos": 0, "wall_seconds": 0.0,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not mpath.exists():
+        raise DistillError(f"{done} rows exist but their manifest {mpath} is missing: cannot check the settings "
+                           "to resume; move the JSONL away to start over")
+    old = json.loads(mpath.read_text(encoding="utf-8"))
+    changed = [k for k in _RESUME_KEYS if _norm(old.get(k)) != _norm(settings[k])]
+    # the models are compared by fingerprint, not by how they were named ("smollm2" vs the GGUF path)
+    changed += [f"{k} model" for k in ("base", "toxic")
+                if _norm((old.get(k) or {}).get("fingerprint")) != _norm(settings[k]["fingerprint"])]
+    if changed:
+        raise DistillError(
+            f"{mpath} was written with different {', '.join(changed)}; resuming would mix two runs. Rerun with the "
+            "original settings (see the manifest) or write to a new --out file."
+        )
+    return old
+
+
+def _row_stats(path: Path, max_new_tokens: int) -> dict[str, int]:
+    """Counts recomputed from complete rows: a row shorter than max_new_tokens stopped at EOS."""
+    completed = total = eos = 0
+    if path.exists():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                n = int(json.loads(line)["num_tokens"])
+                completed, total, eos = completed + 1, total + n, eos + int(n < max_new_tokens)
+    return {"completed": completed, "total_tokens": total, "stopped_at_eos": eos}
+
+
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v))

@@ -154,32 +154,43 @@ def train_vocab_alignment(amap: AlignmentMap, cal_emb: torch.Tensor, tgt_emb: to
     return {"vocab_shared_tokens": float(n), "vocab_final_loss": float(loss.item()), "vocab_top1": correct / max(1, n)}
 
 
-def context_examples(calibrator: Calibrator, target_tokenizer: Any, texts: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def context_examples(calibrator: Calibrator, target_tokenizer: Any, texts: list[str], progress: bool = True,
+                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibrator states and the target's next token at target-token boundaries that are calibrator-token boundaries.
 
     The calibrator reads ``<bos> + text`` in its own tokens; the state after its token ending at character
     ``c`` is the state the generation-time stream has when the target has produced exactly ``text[:c]``.
+    Documents are run in right-padded batches (causal attention: padding never affects earlier positions).
     """
     model = calibrator.torch_model()
     bos = calibrator.manifest.calibrator.bos_token_id
+    cal_enc = calibrator.tokenizer.encode_batch(texts, add_special_tokens=False)
+    tgt_enc = target_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     states, labels = [], []
-    for text in tqdm(texts, desc="calibrator states", disable=not progress):
-        cal = calibrator.tokenizer.encode(text, add_special_tokens=False)
-        tgt = target_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if not cal.ids or len(tgt["input_ids"]) < 2:
-            continue
-        end_to_pos = {end: i + 1 for i, (_, end) in enumerate(cal.offsets)}  # +1: bos at position 0
-        end_to_pos[0] = 0
+    for b in tqdm(range(0, len(texts), batch_size), desc="calibrator states", disable=not progress):
+        docs = list(range(b, min(b + batch_size, len(texts))))
+        seqs = [[bos] + cal_enc[i].ids for i in docs]
+        width = max(len(x) for x in seqs)
+        ids = torch.tensor([x + [bos] * (width - len(x)) for x in seqs])
         with torch.inference_mode():
-            hidden, _ = model(torch.tensor([[bos] + cal.ids]))
-        for ids_j, (start, _) in zip(tgt["input_ids"], tgt["offset_mapping"]):
-            pos = end_to_pos.get(start)
-            if pos is not None:
-                states.append(hidden[0, pos])
-                labels.append(ids_j)
+            hidden, _ = model(ids)
+        rows, cols = [], []
+        for r, i in enumerate(docs):
+            if not cal_enc[i].ids or len(tgt_enc["input_ids"][i]) < 2:
+                continue
+            end_to_pos = {end: k + 1 for k, (_, end) in enumerate(cal_enc[i].offsets)}  # +1: bos at position 0
+            end_to_pos[0] = 0
+            for tok_id, (start, _) in zip(tgt_enc["input_ids"][i], tgt_enc["offset_mapping"][i]):
+                pos = end_to_pos.get(start)
+                if pos is not None:
+                    rows.append(r)
+                    cols.append(pos)
+                    labels.append(tok_id)
+        if rows:
+            states.append(hidden[torch.tensor(rows), torch.tensor(cols)].clone())
     if not states:
         raise ValueError("no aligned positions found in the alignment text; pass more (or longer) --data text")
-    return torch.stack(states).clone(), torch.tensor(labels)
+    return torch.cat(states), torch.tensor(labels)
 
 
 def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: torch.Tensor, labels: torch.Tensor,
@@ -313,4 +324,19 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         },
     }
     state = calibrator.artifact.calibrator_state
-    return save_artifact(out_dir, fields, state, calibrator.tokenizer, alignment=arrays, overwrite=overwrite)
+    import tempfile
+    from pathlib import Path
+
+    from detox.artifacts.manifest import CALIBRATOR_ONNX
+    from detox.onnx_calibrator import export_calibrator_onnx
+
+    import importlib.util
+
+    with tempfile.TemporaryDirectory() as tmp:  # torch-free backends (llama.cpp) run the calibrator from ONNX
+        extra = {}
+        if importlib.util.find_spec("onnx") is None:  # torch.onnx.export needs it
+            log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
+        else:
+            extra[CALIBRATOR_ONNX] = export_calibrator_onnx(calibrator.torch_model(), Path(tmp) / CALIBRATOR_ONNX)
+        return save_artifact(out_dir, fields, state, calibrator.tokenizer, alignment=arrays, overwrite=overwrite,
+                             extra_files=extra)

@@ -5,14 +5,14 @@ and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches a
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from detox.fusion import fuse_logits
+from detox.fusion import FusionHead, fuse_logits
 from detox.runtime import Calibrator
-from detox.stream import CalibratorStream
+from detox.stream import CalibratorRunner, CalibratorStream
 
 
 class FusionLogitsProcessor(LogitsProcessor):
@@ -33,10 +33,15 @@ class FusionLogitsProcessor(LogitsProcessor):
         tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text.
         strength: λ in [0, 1]; default: the artifact's recommended strength.
         renormalize: return log-probabilities (set for beam search, whose scores are log-probs).
+        head: a precomputed fusion head (then ``model`` may be ``None``): backends whose model has no torch
+            output embedding (ONNX Runtime) read ``W_out`` themselves.
+        runner_factory: makes the calibrator runner of each new stream (default: the torch calibrator);
+            e.g. ``calibrator.onnx_runner`` to run the calibrator with ONNX Runtime.
     """
 
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
-                 renormalize: bool = False) -> None:
+                 renormalize: bool = False, *, head: FusionHead | None = None,
+                 runner_factory: Callable[[], CalibratorRunner] | None = None) -> None:
         strength = calibrator.default_strength if strength is None else float(strength)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -44,7 +49,12 @@ class FusionLogitsProcessor(LogitsProcessor):
         self.tokenizer = tokenizer
         self.strength = strength
         self.renormalize = renormalize
-        self.head = calibrator.fusion_head(model.get_output_embeddings().weight)
+        if head is None:
+            if model is None:
+                raise ValueError("pass the target model (its output embedding builds the fusion head) or head=")
+            head = calibrator.fusion_head(model.get_output_embeddings().weight)
+        self.head = head
+        self.runner_factory = runner_factory
         self._streams: list[CalibratorStream] = []
 
     def _streams_for(self, texts: list[str]) -> list[CalibratorStream]:
@@ -56,7 +66,7 @@ class FusionLogitsProcessor(LogitsProcessor):
                 if text.startswith(s.committed_text) and (best is None or len(s.committed_text) > len(previous[best].committed_text)):
                     best = i
             if best is None:
-                stream = self.calibrator.stream()
+                stream = self.calibrator.stream(self.runner_factory() if self.runner_factory else None)
             elif best in used:
                 stream = previous[best].fork()
             else:
@@ -69,11 +79,11 @@ class FusionLogitsProcessor(LogitsProcessor):
     def calibrator_hidden(self, input_ids: torch.LongTensor) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         streams = self._streams_for(texts)
-        return torch.stack([s.hidden_for(t) for s, t in zip(streams, texts)])
+        return torch.stack([torch.as_tensor(s.hidden_for(t)) for s, t in zip(streams, texts)])  # torch or numpy runners
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """``W_out·LayerNorm(h_cal·A)`` for every row: what the strength interpolates towards."""
-        return self.head.term(self.calibrator_hidden(input_ids).to(self.head.P.dtype))
+        return self.head.term(self.calibrator_hidden(input_ids).to(device=self.head.P.device, dtype=self.head.P.dtype))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.strength == 0.0:
@@ -101,9 +111,14 @@ class DetoxModel:
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
         num_beams = kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1
-        processors = LogitsProcessorList([self.logits_processor(num_beams)])
+        fusion = self.logits_processor(num_beams)
+        processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        return self.model.generate(*args, logits_processor=processors, **kwargs)
+        return self._generate(fusion, num_beams, *args, logits_processor=processors, **kwargs)
+
+    def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` with the fusion in ``kwargs``; backends override it to add their own."""
+        return self.model.generate(*args, **kwargs)
 
     @contextmanager
     def disable_fusion(self) -> Iterator[None]:
@@ -131,7 +146,7 @@ class DetoxModel:
 
     def __repr__(self) -> str:
         m = self.calibrator.manifest
-        return f"DetoxModel({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
+        return f"{type(self).__name__}({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
 
 
 def load_tokenizer_for(model: Any) -> Any:

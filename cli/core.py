@@ -91,23 +91,44 @@ def align_cmd(target, calibrator, out, data, method, strength, vocab_epochs, con
               help="Aligned calibrator artifact. Default: the shipped one that matches the target.")
 @click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
 @click.option("--strength", default=None, type=float, help="Fusion strength λ in [0, 1] (default: the artifact's).")
-@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
+              help="'llamacpp' runs a .gguf --target with llama-cpp-python (no torch needed); "
+                   "'onnx' runs a --target directory written by `detox export-onnx` with ONNX Runtime.")
+@click.option("--provider", default="auto", show_default=True,
+              help="ONNX Runtime execution provider(s) for --backend onnx: auto (CUDA if available, else CPU), cpu, "
+                   "cuda, or comma-separated provider names.")
 @click.option("--max-new-tokens", default=40, show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--top-p", default=0.9, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @user_errors
-def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, max_new_tokens, sample, top_p,
+def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, provider, max_new_tokens, sample, top_p,
                  temperature, seed) -> None:
     """Print the continuation of PROMPT, with the calibrator fused (default) or without."""
+    if no_calibrator and (calibrator or strength is not None):
+        raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
+    if backend == "llamacpp":
+        from detox.adapters.llamacpp import generate_text
+
+        generate_text(prompt, target, calibrator, no_calibrator, strength, max_new_tokens, sample, top_p, temperature,
+                      seed, echo=lambda text: click.echo(text, nl=False))
+        click.echo()
+        return
+    if backend == "onnx":
+        from detox.adapters.onnxruntime import generate_text as onnx_generate_text
+
+        try:
+            onnx_generate_text(prompt, target, calibrator, no_calibrator, strength, max_new_tokens, sample, top_p,
+                               temperature, seed, providers=provider, echo=click.echo)
+        except ImportError as err:  # optimum-onnx / onnxruntime missing: the message says what to install
+            raise click.ClickException(str(err)) from err
+        return
     import torch
 
     import detox
     from detox.targets import load_hf_target
 
-    if no_calibrator and (calibrator or strength is not None):
-        raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
     torch.manual_seed(seed)
     model, tokenizer = load_hf_target(target)
     if not no_calibrator:
@@ -119,4 +140,19 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, m
     sys.stdout.flush()
 
 
+@click.command("export-onnx")
+@click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write (model.onnx, tokenizer, fingerprint).")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: optimum's choice for the architecture).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors
+def export_onnx_cmd(target, out, opset, overwrite) -> None:
+    """Export a causal LM to ONNX with KV cache (optimum), for `--backend onnx` and ORTModelForCausalLM.
 
+    The target's fingerprint is recorded and re-checked from the exported files, so calibrators aligned to
+    TARGET work on the export unchanged.
+    """
+    from detox.onnx_export import export_target
+
+    fp = export_target(target, out, overwrite=overwrite, opset=opset, log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"wrote {out}: vocab {fp.vocab_size}, hidden {fp.hidden_size}; fingerprint matches {target}")

@@ -1,0 +1,285 @@
+"""ONNX Runtime backend: optimum's ``ORTModelForCausalLM`` with the calibrator fused at every decoding step.
+
+``ORTModelForCausalLM`` inherits transformers' ``GenerationMixin``, so the transformers backend's
+:class:`~detox.adapters.transformers.FusionLogitsProcessor` runs unchanged inside its ``generate`` (sampling,
+beams, padded batches, streamers). Two things differ from the HF path, and only they live here:
+
+* ``W_out`` is read out of the exported graph (:func:`detox.onnx_export.onnx_output_embedding`) and the
+  fingerprint is computed from the export's own files, so no PyTorch model is loaded;
+* the calibrator runs from the artifact's ``calibrator.onnx`` with ONNX Runtime, on the target's execution
+  provider by default, so the whole fused model can run on one provider.
+
+Execution providers: CUDA when ``onnxruntime-gpu`` is installed and a GPU is present, CPU otherwise
+(:func:`default_providers`); override with ``providers=`` / ``--provider``.
+
+Example::
+
+    >>> from detox.adapters.onnxruntime import load_ort_target  # doctest: +SKIP
+    >>> import detox
+    >>> model, tok = load_ort_target("smollm2-onnx")  # written by: detox export-onnx --target smollm2 --out smollm2-onnx  # doctest: +SKIP
+    >>> model = detox.wrap(model, calibrator="my-aligned", tokenizer=tok)  # doctest: +SKIP
+    >>> model.generate(**tok("The weather today is", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
+from detox.fusion import FusionHead
+from detox.runtime import Calibrator
+
+__all__ = ["DetoxORTModel", "OverlappedFusionProcessor", "default_providers", "resolve_providers", "load_ort_target",
+           "wrap_ort", "calibrator_runner", "generate_text", "limit_torch_threads"]
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_ALIASES = {
+    "cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+    "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Execution providers.
+
+
+def _cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver); asks libcuda directly, so it needs no torch."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0:
+            return int(count.value)
+        return 0
+    return 0
+
+
+def default_providers() -> list[str]:
+    """``[CUDA, CPU]`` when this onnxruntime build has CUDA and a GPU is present, else ``[CPU]``.
+
+    ``onnxruntime-gpu`` lists the CUDA provider even on machines without a GPU, hence the device check.
+    """
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers() and _cuda_device_count() > 0:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def resolve_providers(spec: str | Sequence[str] | None = None) -> list[str]:
+    """Execution providers from a user's choice: ``None``/``"auto"`` (see :func:`default_providers`), ``"cpu"``,
+    ``"cuda"``, a comma-separated string or a list of full provider names; CPU is appended as the fallback.
+    """
+    import onnxruntime as ort
+
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):
+        return default_providers()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    wanted = [_ALIASES.get(s.strip().lower(), s.strip()) for s in items if s.strip()]
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        fix = (" Install the GPU build: pip uninstall -y onnxruntime && pip install 'detox[onnx-gpu]' (the two builds "
+               "share one module name), on a machine with an NVIDIA driver." if CUDA in missing else "")
+        raise ValueError(f"execution provider {', '.join(missing)} is not available in this onnxruntime build "
+                         f"(available: {', '.join(available)}).{fix} Or use --provider cpu / providers=['cpu'].")
+    return wanted if CPU in wanted else [*wanted, CPU]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and wrapping.
+
+
+def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str] | None = None,
+                    **kwargs: Any) -> tuple[Any, Any]:
+    """``(ORTModelForCausalLM, tokenizer)`` from an export directory (see ``detox export-onnx``), offline."""
+    from detox.onnx_export import load_export_tokenizer, onnx_model_file
+
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError as err:
+        raise ImportError("the ONNX Runtime backend needs optimum-onnx and onnxruntime: pip install 'detox[onnx]' "
+                          "(or 'detox[onnx-gpu]' for CUDA)") from err
+    file = onnx_model_file(path)
+    model = ORTModelForCausalLM.from_pretrained(str(file.parent), file_name=file.name, providers=resolve_providers(providers),
+                                                local_files_only=True, **kwargs)
+    return model, load_export_tokenizer(file.parent)
+
+
+def calibrator_runner(calibrator: Calibrator, providers: Sequence[str] | None = None) -> Any:
+    """The artifact's ``calibrator.onnx`` as an :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``.
+
+    CPU-only uses the calibrator's own (cached) runner; other providers get a session with the same options.
+    """
+    runner = calibrator.onnx_runner()
+    if not providers or list(providers) == [CPU]:
+        return runner
+    import copy
+
+    import onnxruntime as ort
+
+    moved = copy.copy(runner)
+    moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=list(providers))
+    return moved
+
+
+class OverlappedFusionProcessor(FusionLogitsProcessor):
+    """:class:`FusionLogitsProcessor` that starts each step's fusion term on a worker thread as soon as the step's
+    ``input_ids`` are known, so the calibrator and the ``vocab × d_cal`` product run while ONNX Runtime computes
+    the target's forward pass (``session.run`` releases the GIL). The result is used only if the processor is then
+    called with exactly those ``input_ids``; otherwise the term is computed inline as usual, so values are the same.
+    """
+
+    def __init__(self, *args: Any, executor: ThreadPoolExecutor, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor = executor
+        self._pending: tuple[torch.Tensor, Future] | None = None
+
+    def prefetch(self, input_ids: torch.LongTensor) -> None:
+        """Start computing the term for ``input_ids`` (the sequences the next forward pass will extend)."""
+        self.discard()
+        if self.strength > 0.0:
+            key = input_ids.detach().clone()
+            self._pending = (key, self.executor.submit(FusionLogitsProcessor.fusion_term, self, key))
+
+    def discard(self) -> None:
+        """Wait for a started computation and drop it (it shares this processor's calibrator streams)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].exception()  # waits; an error here resurfaces when the term is computed inline
+
+    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            key, future = pending
+            term = future.result()
+            if key.shape == input_ids.shape and torch.equal(key, input_ids):
+                return term
+        return super().fusion_term(input_ids)
+
+
+class _PrefetchNextStep(StoppingCriteria):
+    """Never stops generation: generate calls stopping criteria right after appending each new token, just before
+    the next forward pass, which makes them the place to start the next step's fusion term."""
+
+    def __init__(self, processor: OverlappedFusionProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.processor.prefetch(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@contextmanager
+def limit_torch_threads(n: int | None) -> Iterator[None]:
+    """Run with torch's intra-op pool at ``n`` threads (``None``: unchanged), restoring it afterwards.
+
+    Use it around an unwrapped ``ORTModelForCausalLM.generate`` to time it in the same setting as the wrapped one.
+    """
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class DetoxORTModel(DetoxModel):
+    """An ``ORTModelForCausalLM`` whose ``generate`` applies the fusion; everything else is the wrapped model.
+
+    Holds the fusion head (built once from the graph's ``W_out``) and the calibrator's ONNX Runtime runner.
+    On CPU, ``generate`` runs torch on ``torch_threads`` threads (default 1): on this path torch only does the
+    decoding loop's bookkeeping and the fusion term (a ``vocab × d_cal`` product), while ONNX Runtime's own threads
+    keep the cores busy (and spin between steps); a second multi-threaded pool competing with them made each step
+    several times slower on 2 busy cores. The limit holds for the duration of ``generate`` only, fusion on or off.
+    With ``overlap`` (default), the fusion term of each step is computed while the target runs its forward pass
+    (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the forward pass).
+    """
+
+    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: FusionHead,
+                 runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:
+        super().__init__(model, calibrator, tokenizer, strength)
+        self.__dict__["head"] = head
+        self.__dict__["runner"] = runner
+        self.__dict__["torch_threads"] = torch_threads
+        self.__dict__["overlap"] = overlap
+        self.__dict__["_executor"] = None
+
+    def logits_processor(self, num_beams: int = 1) -> OverlappedFusionProcessor:
+        if self._executor is None:  # one worker per wrapped model, started on first use
+            self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
+        runner = self.runner  # stateless (each stream carries its own cache): one session serves every stream
+        return OverlappedFusionProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
+                                         head=self.head, runner_factory=lambda: runner, executor=self._executor)
+
+    def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
+        if self.overlap and num_beams == 1 and isinstance(fusion, OverlappedFusionProcessor) and fusion.strength > 0:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                                _PrefetchNextStep(fusion)])
+        try:
+            with limit_torch_threads(self.torch_threads if self.head.P.device.type == "cpu" else None):
+                return self.model.generate(*args, **kwargs)
+        finally:
+            if isinstance(fusion, OverlappedFusionProcessor):
+                fusion.discard()  # the step after the last one is never run
+
+
+def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,
+             tokenizer: Any = None, require_signature: Any = None,
+             calibrator_providers: str | Sequence[str] | None = None, torch_threads: int | None = 1,
+             overlap: bool = True) -> DetoxORTModel:
+    """``detox.wrap`` for ``ORTModelForCausalLM``: check the artifact against the export's fingerprint and wrap.
+
+    ``calibrator_providers``: where the calibrator runs (default: the target session's providers).
+    ``torch_threads``: torch threads during ``generate`` on CPU (``None``: leave torch's setting).
+    ``overlap``: compute each step's fusion term while the target's forward pass runs (same values either way).
+    """
+    from detox.onnx_export import fingerprint_onnx, load_export_tokenizer, onnx_output_embedding
+    from detox.wrapping import resolve_calibrator
+
+    file = model.path
+    tokenizer = tokenizer if tokenizer is not None else load_export_tokenizer(file.parent)
+    weight = onnx_output_embedding(file)
+    cal = resolve_calibrator(calibrator, fingerprint_onnx(file, tokenizer, weight, name=str(file.parent)), require_signature)
+    head = cal.fusion_head(torch.from_numpy(weight).to(model.device))
+    providers = model.providers if calibrator_providers is None else resolve_providers(calibrator_providers)
+    return DetoxORTModel(model, cal, tokenizer, strength, head, calibrator_runner(cal, providers), torch_threads, overlap)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def generate_text(prompt: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
+                  max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
+                  providers: str | None = None, echo: Callable[[str], None] = print) -> str:
+    """``detox generate --backend onnx``: continue ``prompt`` with an exported model (fused unless ``no_calibrator``)."""
+    from detox.wrapping import wrap
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_ort_target(target, providers)
+    if not no_calibrator:
+        model = wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    kwargs = {"do_sample": True, "top_p": top_p, "temperature": temperature} if sample else {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    echo(text)
+    return text
+

@@ -31,6 +31,20 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
             m = runner.calibrator.manifest
             info["calibrator"] = {"name": m.name, "version": m.version, "path": str(runner.calibrator.path), "strength": runner.strength}
         return HFSampler(runner, tokenizer), info, (model, tokenizer)
+    if backend == "llamacpp":
+        from detox.adapters.llamacpp import gguf_fingerprint, load_llama, wrap_llama
+        from detox.evaluation import LlamaCppSampler
+
+        path = resolve_target(target)
+        if not is_gguf(path):
+            raise click.UsageError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
+        llm: Any = load_llama(path, n_ctx=512, seed=0)  # llama.cpp picks its thread count
+        info["target_fingerprint"] = gguf_fingerprint(path).model_dump()
+        if not no_calibrator:
+            llm = wrap_llama(llm, calibrator=calibrator, strength=strength)
+            m = llm.calibrator.manifest
+            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(llm.calibrator.path), "strength": llm.strength}
+        return LlamaCppSampler(llm), info, None
     raise click.UsageError(f"backend {backend!r} is not available for eval in this build")
 
 
@@ -83,6 +97,10 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
             from detox.targets import load_hf_target
 
             ref = load_hf_target(ppl_model)
+        if ref is None and backend == "llamacpp":
+            from detox.targets import load_hf_target
+
+            ref = load_hf_target(target)  # the same GGUF, dequantized, through transformers
         if ref is None:
             raise click.UsageError(f"no reference model for perplexity on backend {backend}; pass --ppl-model or --no-perplexity")
         ppl = perplexity_of(rows, *ref)

@@ -86,6 +86,29 @@ class HFSampler:
         return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
+class LlamaCppSampler:
+    """Sampling with ``llama_cpp.Llama`` (plain or wrapped): one completion per sample, seeded per sample.
+
+    llama.cpp reuses the prompt's KV cache between samples of the same prompt. Sampling is plain nucleus
+    sampling: temperature 1, top-p, and llama.cpp's other filters (top-k, min-p, repeat penalty) switched off.
+    """
+
+    def __init__(self, llama: Any) -> None:
+        self.llama = llama
+
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int, top_p: float, seed: int) -> list[list[str]]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            texts = []
+            for k in range(num_samples):
+                r = self.llama.create_completion(prompt, max_tokens=max_new_tokens, temperature=1.0, top_p=top_p,
+                                                 top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0,
+                                                 seed=seed * 1000 + i * num_samples + k)
+                texts.append(r["choices"][0]["text"])
+            out.append(texts)
+        return out
+
+
 @dataclass
 class EvalSettings:
     samples: int = 25

@@ -50,9 +50,35 @@ def _onnx_runners(target: str, calibrator: str | None, strength: float | None, t
     return (lambda: run(model)), (lambda: run(fused)), fused.calibrator, onnx_parameter_count(model.path)
 
 
+def _llamacpp_runners(target: str, calibrator: str | None, strength: float | None, tokens: int, prompt: str):
+    """Greedy decoding of exactly ``tokens`` tokens with llama.cpp (``generate`` never stops at end-of-text)."""
+    from gguf import GGUFReader
+
+    from detox.adapters.llamacpp import load_llama, wrap_llama
+    from detox.targets import is_gguf, resolve_target
+
+    path = resolve_target(target)
+    if not is_gguf(path):
+        raise click.UsageError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
+    llm = load_llama(path, n_ctx=512, seed=0)
+    fused = wrap_llama(llm, calibrator=calibrator, strength=strength)
+    ids = llm.tokenize(prompt.encode(), add_bos=False)
+
+    def run(m) -> int:
+        llm.reset()
+        n = 0
+        for n, _ in enumerate(m.generate(ids, temp=0.0), start=1):
+            if n == tokens:
+                break
+        return n
+
+    target_params = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    return (lambda: run(llm)), (lambda: run(fused)), fused.calibrator, target_params
+
+
 @click.command("bench")
-@click.option("--backend", type=click.Choice(["hf", "onnx"]), default="hf", show_default=True,
-              help="'onnx': --target is a directory written by `detox export-onnx`, run with ONNX Runtime.")
+@click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
+              help="'llamacpp': --target is a .gguf file; 'onnx': a directory written by `detox export-onnx`.")
 @click.option("--target", default="smollm2", show_default=True)
 @click.option("--calibrator", default=None, type=click.Path(exists=True), help="Aligned artifact (default: shipped match).")
 @click.option("--strength", default=None, type=float)
@@ -67,10 +93,12 @@ def bench_cmd(backend, target, calibrator, strength, tokens, repetitions, prompt
 
     if backend == "onnx":
         plain, fused, cal, target_params = _onnx_runners(target, calibrator, strength, tokens, prompt, provider)
+    elif backend == "llamacpp":
+        plain, fused, cal, target_params = _llamacpp_runners(target, calibrator, strength, tokens, prompt)
     else:
         plain, fused, cal, target_params = _hf_runners(target, calibrator, strength, tokens, prompt)
     result = compare(plain, fused, repetitions=repetitions)
-    cal_params = cal.torch_model().num_parameters()
+    cal_params = sum(int(v.size) for v in cal.artifact.calibrator_state.values())
     click.echo(f"calibrator: {cal.manifest.name}@{cal.manifest.version}, {cal_params / 1e6:.2f}M parameters "
                f"({100 * cal_params / target_params:.1f}% of the target's {target_params / 1e6:.1f}M)")
     click.echo(f"peak resident memory: {peak_rss_mb():.0f} MB")

@@ -45,7 +45,20 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
             m = llm.calibrator.manifest
             info["calibrator"] = {"name": m.name, "version": m.version, "path": str(llm.calibrator.path), "strength": llm.strength}
         return LlamaCppSampler(llm), info, None
-    raise click.UsageError(f"backend {backend!r} is not available for eval in this build")
+    if backend == "onnx":
+        import detox
+        from detox.adapters.onnxruntime import load_ort_target
+        from detox.onnx_export import fingerprint_onnx
+
+        model, tokenizer = load_ort_target(target)
+        info["target_fingerprint"] = fingerprint_onnx(target).model_dump()
+        runner = model
+        if not no_calibrator:
+            runner = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+            m = runner.calibrator.manifest
+            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(runner.calibrator.path), "strength": runner.strength}
+        return HFSampler(runner, tokenizer), info, None  # ORTModelForCausalLM generates like transformers
+    raise click.UsageError(f"unknown backend {backend!r}")
 
 
 @click.command("eval")

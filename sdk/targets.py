@@ -69,6 +69,8 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
         source = path
     elif os.path.exists(path):
         raise TargetNotFoundError(f"{path} is neither a HF model directory nor a .gguf file")
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise TargetNotFoundError(f"target not found: {path} (no such directory or file)")
     else:
         source = path  # hub id
         if local_only is None:

@@ -324,3 +324,24 @@ def test_detox_align_on_the_gguf_through_transformers_binds_to_what_llamacpp_loa
     tokens, W = gguf_vocab_and_output(smollm2_gguf)
     assert np.array_equal(model.get_output_embeddings().weight.detach().numpy(), W)
     assert hf_vocab_tokens(tok) == tokens
+
+
+def test_cli_bench_and_eval_on_the_llamacpp_backend(aligned_smollm2, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    r = CliRunner().invoke(main, ["bench", "--backend", "llamacpp", "--target", "smollm2", "--calibrator",
+                                  str(aligned_smollm2), "--tokens", "4", "--repetitions", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("fused/unfused time: ")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "text": "The weather today is"}) + "\n")
+    r = CliRunner().invoke(main, ["eval", "--backend", "llamacpp", "--target", "smollm2", "--calibrator",
+                                  str(aligned_smollm2), "--prompts", str(prompts), "--samples", "2",
+                                  "--max-new-tokens", "4", "--no-perplexity", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "e" / "generations.jsonl").read_text().splitlines()]
+    assert [x["sample"] for x in rows] == [0, 1] and all(x["prompt_id"] == "q" for x in rows)

@@ -248,3 +248,23 @@ def test_cli_export_generate_and_bench(tmp_path, llama_target_dir, aligned_llama
                                  "--tokens", "4", "--repetitions", "1"])
     assert bench.exit_code == 0, bench.output
     assert re.fullmatch(r"fused/unfused time: \d+\.\d\dx", bench.output.strip().splitlines()[-1])
+
+
+def test_cli_eval_on_the_onnx_backend(tmp_path, onnx_dir, aligned_llama):
+    import json
+
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "The weather today is"}) + "\n" + json.dumps({"text": "We walked"}) + "\n")
+    args = ["eval", "--backend", "onnx", "--target", str(onnx_dir), "--prompts", str(prompts), "--samples", "2",
+            "--max-new-tokens", "5", "--no-perplexity"]
+    plain = CliRunner().invoke(main, [*args, "--no-calibrator", "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    fused = CliRunner().invoke(main, [*args, "--calibrator", str(aligned_llama), "--out", str(tmp_path / "fused")])
+    assert fused.exit_code == 0, fused.output
+    summary = json.loads((tmp_path / "fused" / "summary.json").read_text())
+    assert summary["num_generations"] == 4 and summary["model"]["calibrator"]["name"] == "tiny-cal"
+    assert summary["model"]["target_fingerprint"]["vocab_size"] > 0

@@ -80,7 +80,7 @@ def _llamacpp_runners(target: str, calibrator: str | None, strength: float | Non
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
               help="'llamacpp': --target is a .gguf file; 'onnx': a directory written by `detox export-onnx`.")
 @click.option("--target", default="smollm2", show_default=True)
-@click.option("--calibrator", default=None, type=click.Path(exists=True), help="Aligned artifact (default: shipped match).")
+@click.option("--calibrator", default=None, help="Aligned artifact: directory, .detox file or NAME@RANGE (default: shipped match).")
 @click.option("--strength", default=None, type=float)
 @click.option("--tokens", default=32, show_default=True, help="New tokens per run (forced, so runs are comparable).")
 @click.option("--repetitions", default=5, show_default=True)

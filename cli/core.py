@@ -53,8 +53,8 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, voca
 
 @click.command("align")
 @click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
-@click.option("--calibrator", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Trained (or aligned) calibrator artifact. Default: the shipped calibrator.")
+@click.option("--calibrator", default=None,
+              help="Trained (or aligned) calibrator artifact: directory or .detox file. Default: the shipped calibrator.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the aligned artifact to write.")
 @click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Text for contextual alignment. Default: the non-toxic sample shipped with detox.")
@@ -87,8 +87,8 @@ def align_cmd(target, calibrator, out, data, method, strength, vocab_epochs, con
 @click.command("generate")
 @click.argument("prompt")
 @click.option("--target", default="smollm2", show_default=True, help="HF model directory, .gguf file, 'smollm2' or hub id.")
-@click.option("--calibrator", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Aligned calibrator artifact. Default: the shipped one that matches the target.")
+@click.option("--calibrator", default=None,
+              help="Aligned artifact: directory, .detox file or NAME@RANGE (registry). Default: the shipped match.")
 @click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
 @click.option("--strength", default=None, type=float, help="Fusion strength λ in [0, 1] (default: the artifact's).")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,

@@ -21,7 +21,7 @@ def _demo_prompts_path() -> Path:
 
 @click.command("demo")
 @click.option("--target", default="smollm2", show_default=True, help="Model to demo (needs a shipped or given calibrator).")
-@click.option("--calibrator", default=None, type=click.Path(exists=True), help="Aligned calibrator (default: shipped).")
+@click.option("--calibrator", default=None, help="Aligned artifact: directory, .detox file or NAME@RANGE (default: shipped).")
 @click.option("--prompts", default=None, type=click.Path(exists=True, dir_okay=False), help="JSONL with a 'text' field.")
 @click.option("--max-new-tokens", default=20, show_default=True)
 @click.option("--strength", default=None, type=float, help="Fusion strength (default: the artifact's).")

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from detox.artifacts.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
-from detox.artifacts.store import MAX_MANIFEST_BYTES, ArtifactError, load_artifact, parse_manifest, read_manifest, verify_files
+from detox.artifacts.store import (
+    MAX_MANIFEST_BYTES, ArtifactError, load_artifact, make_shareable, parse_manifest, publish_directory, read_manifest,
+    verify_files,
+)
 
 ARCHIVE_SUFFIX = ".detox"
 BLOCK = 512
@@ -45,13 +48,6 @@ def max_artifact_bytes() -> int:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def make_shareable(path: str | os.PathLike[str]) -> None:
-    """mkstemp/mkdtemp create owner-only files; published archives must be readable by the team (honouring the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o755 if os.path.isdir(path) else 0o644) & ~umask)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -247,15 +243,7 @@ def unpack(archive: str | os.PathLike[str], out: str | os.PathLike[str], overwri
     try:
         extract_into(archive, tmp)
         load_artifact(tmp)  # the normal loader: exact file set, every sha256, safetensors/tokenizer parse
-        for p in [tmp, *tmp.iterdir()]:
-            make_shareable(p)
-        if out.exists():  # swap, so `out` is always either the old or the new complete artifact
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, backup)
-            os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -65,13 +65,24 @@ def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(value, dtype=np.float32).astype(dtype))
 
 
-def _make_readable(root: Path) -> None:
-    """mkdtemp creates 0700 directories; give the artifact ordinary permissions (honouring the umask)."""
+def make_shareable(path: str | os.PathLike[str]) -> None:
+    """mkstemp/mkdtemp create owner-only files; artifacts must be readable by the team (honouring the umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(root, 0o755 & ~umask)
-    for p in root.iterdir():
-        os.chmod(p, 0o644 & ~umask)
+    os.chmod(path, (0o755 if os.path.isdir(path) else 0o644) & ~umask)
+
+
+def publish_directory(tmp: Path, out: Path) -> None:
+    """Make the complete directory ``tmp`` visible as ``out`` by renames: ``out`` is always old-or-new, never half."""
+    for p in [tmp, *tmp.iterdir()]:
+        make_shareable(p)
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, backup)
+        os.rename(tmp, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
 
 
 def save_artifact(
@@ -108,14 +119,7 @@ def save_artifact(
             raise ArtifactError(f"invalid artifact metadata: {err}") from err
         _check_file_set(set(files), manifest, out)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        _make_readable(tmp)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, backup)
-            os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

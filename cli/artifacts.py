@@ -226,7 +226,8 @@ def push_cmd(art: str, registry: str | None, keys: tuple[str, ...]) -> None:
 @user_errors
 def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, keys: tuple[str, ...], target: str | None) -> None:
     """Fetch REF (NAME, NAME@1.2.3, NAME@^1.2, NAME@~1.2, NAME@>=1.2) into the local cache; print its path."""
-    from detox.artifacts.archive import ARCHIVE_SUFFIX, make_shareable, unpack
+    from detox.artifacts.archive import ARCHIVE_SUFFIX, unpack
+    from detox.artifacts.store import make_shareable
     from detox.artifacts.registry import open_registry
     from detox.artifacts.signing import verify_signature
 

@@ -137,27 +137,20 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 @user_errors
 def score_cmd(file, scorer, field, batch_size, out) -> None:
     """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per input line, in order."""
-    from detox.data import DataFormatError
+    from detox.data import DataFormatError, iter_jsonl
     from detox.scoring import load_scorer
 
     ids, texts = [], []
     path = Path(file)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if path.suffix.lower() != ".jsonl":
-                ids.append(lineno - 1)
-                texts.append(line.rstrip("\n"))
-                continue
-            if not line.strip():
-                raise DataFormatError(f"{path}:{lineno}: empty line")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+    if path.suffix.lower() == ".jsonl":
+        for lineno, row in iter_jsonl(path, skip_blank=False):
+            if not isinstance(row.get(field), str):
                 raise DataFormatError(f"{path}:{lineno}: no string field {field!r}; pass --field NAME")
             ids.append(row.get("id", lineno - 1))
             texts.append(row[field])
+    else:
+        texts = path.read_text(encoding="utf-8").splitlines()
+        ids = list(range(len(texts)))
     scores = load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
     lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
     if out:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 TEXT_FIELDS = ("text", "Text", "content", "sentence")
 
@@ -45,24 +45,33 @@ def _pick_field(keys: Iterable[str], field: str | None, where: str) -> str:
     raise DataFormatError(f"{where}: no text field among {keys}; expected one of {TEXT_FIELDS} or pass --field NAME")
 
 
-def _read_jsonl(p: Path, field: str | None) -> list[str]:
-    texts = []
+def iter_jsonl(path: str | os.PathLike[str], skip_blank: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each line of a JSONL file; a bad line raises with its line number."""
+    p = Path(path)
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
-                continue
+                if skip_blank:
+                    continue
+                raise DataFormatError(f"{p}:{lineno}: empty line")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(f"{p}:{lineno}: invalid JSON ({err.msg})") from err
             if not isinstance(row, dict):
                 raise DataFormatError(f"{p}:{lineno}: expected a JSON object per line")
-            key = _pick_field(row.keys(), field, f"{p}:{lineno}")
-            value = row[key]
-            if not isinstance(value, str):
-                raise DataFormatError(f"{p}:{lineno}: field {key!r} is not a string")
-            if value.strip():
-                texts.append(value.strip())
+            yield lineno, row
+
+
+def _read_jsonl(p: Path, field: str | None) -> list[str]:
+    texts = []
+    for lineno, row in iter_jsonl(p):
+        key = _pick_field(row.keys(), field, f"{p}:{lineno}")
+        value = row[key]
+        if not isinstance(value, str):
+            raise DataFormatError(f"{p}:{lineno}: field {key!r} is not a string")
+        if value.strip():
+            texts.append(value.strip())
     return texts
 
 

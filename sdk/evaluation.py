@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
-from detox.data import DataFormatError
+from detox.data import DataFormatError, iter_jsonl
 from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, toxicity_probability
 
 GENERATIONS = "generations.jsonl"
@@ -40,17 +40,10 @@ def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     if not p.is_file():
         raise DataFormatError(f"prompts file not found: {p}")
     prompts: list[Prompt] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{p}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise DataFormatError(f"{p}:{lineno}: each line needs a non-empty string field 'text'")
-            prompts.append(Prompt(id=str(row.get("id", lineno - 1)), text=row["text"]))
+    for lineno, row in iter_jsonl(p):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataFormatError(f"{p}:{lineno}: each line needs a non-empty string field 'text'")
+        prompts.append(Prompt(id=str(row.get("id", lineno - 1)), text=row["text"]))
     if not prompts:
         raise DataFormatError(f"{p}: no prompts")
     ids = [q.id for q in prompts]

@@ -133,7 +133,7 @@ def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool
 
 def _check_export(model: Any, path: Path) -> None:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (only checks that it is installed)
     except ImportError:
         return
     import torch

@@ -11,7 +11,6 @@ from detox.artifacts.store import ArtifactError
 from detox.runtime import Calibrator
 
 
-
 def resolve_calibrator(calibrator: Calibrator | str | os.PathLike[str] | None, fingerprint: TargetFingerprint,
                        require_signature: Any = None) -> Calibrator:
     """Load the calibrator a user named (or the shipped one that matches) and check it fits the target.

@@ -28,7 +28,7 @@ import numpy as np
 
 from detox.artifacts.manifest import ALIGNMENT_WEIGHTS, TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusionHead, fuse_logits
+from detox.fusion import FusedWrapper, FusionHead, check_strength, fuse_logits
 from detox.runtime import Calibrator
 from detox.stream import CalibratorStream
 
@@ -235,9 +235,7 @@ class LlamaFusionProcessor:
     """
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float) -> None:
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        self.strength = float(strength)
+        self.strength = check_strength(strength)
         self.head = head
         self.detokenize = IncrementalDetokenizer(llama)
         self.stream = CalibratorStream(calibrator.onnx_runner(), calibrator.tokenizer, calibrator.manifest.calibrator.bos_token_id)
@@ -311,7 +309,7 @@ def _bound_kwargs(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     return out
 
 
-class DetoxLlama:
+class DetoxLlama(FusedWrapper):
     """A ``llama_cpp.Llama`` whose completions fuse the calibrator at every step; everything else is the Llama.
 
     ``__call__``, ``create_completion``, ``create_chat_completion`` (and its OpenAI-typed variant) and
@@ -323,11 +321,12 @@ class DetoxLlama:
     token (see :meth:`_prefetching`); off, it runs inside the logits processor, after the decode.
     """
 
+    _wrapped = "llama"
+    _own_attributes = ("overlap",)
+
     def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float | None = None,
                  overlap: bool = True) -> None:
-        strength = calibrator.default_strength if strength is None else float(strength)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        strength = check_strength(calibrator.default_strength if strength is None else strength)
         self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=strength, overlap=overlap)
 
     def logits_processor(self) -> LlamaFusionProcessor:
@@ -398,28 +397,8 @@ class DetoxLlama:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self._fused(self.llama.generate, args, kwargs)
 
-    @contextmanager
-    def disable_fusion(self) -> Iterator[None]:
-        """Temporarily generate without the calibrator (strength 0)."""
-        old = self.strength
-        self.__dict__["strength"] = 0.0
-        try:
-            yield
-        finally:
-            self.__dict__["strength"] = old
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["llama"], name)
-
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "strength":
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {value}")
-            self.__dict__["strength"] = float(value)
-        elif name == "overlap":
-            self.__dict__["overlap"] = bool(value)
-        else:
-            setattr(self.llama, name, value)
+        super().__setattr__(name, bool(value) if name == "overlap" else value)
 
     def __repr__(self) -> str:
         m = self.calibrator.manifest

@@ -4,13 +4,12 @@ and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches a
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from detox.fusion import FusionHead, fuse_logits
+from detox.fusion import FusedWrapper, FusionHead, check_strength, fuse_logits
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner, CalibratorStream
 
@@ -42,9 +41,7 @@ class FusionLogitsProcessor(LogitsProcessor):
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
                  renormalize: bool = False, *, head: FusionHead | None = None,
                  runner_factory: Callable[[], CalibratorRunner] | None = None) -> None:
-        strength = calibrator.default_strength if strength is None else float(strength)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        strength = check_strength(calibrator.default_strength if strength is None else strength)
         self.calibrator = calibrator
         self.tokenizer = tokenizer
         self.strength = strength
@@ -93,7 +90,7 @@ class FusionLogitsProcessor(LogitsProcessor):
         return torch.log_softmax(fused, dim=-1) if self.renormalize else fused
 
 
-class DetoxModel:
+class DetoxModel(FusedWrapper):
     """A transformers causal LM whose ``generate`` applies the fusion; everything else is the wrapped model.
 
     Unknown attributes are forwarded to the wrapped model, so it is used like the original.
@@ -103,7 +100,7 @@ class DetoxModel:
         self.__dict__["model"] = model
         self.__dict__["calibrator"] = calibrator
         self.__dict__["tokenizer"] = tokenizer
-        self.__dict__["strength"] = calibrator.default_strength if strength is None else float(strength)
+        self.__dict__["strength"] = check_strength(calibrator.default_strength if strength is None else strength)
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
         return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1)
@@ -120,29 +117,8 @@ class DetoxModel:
         """The wrapped model's ``generate`` with the fusion in ``kwargs``; backends override it to add their own."""
         return self.model.generate(*args, **kwargs)
 
-    @contextmanager
-    def disable_fusion(self) -> Iterator[None]:
-        """Temporarily generate without the calibrator (strength 0)."""
-        old = self.strength
-        self.__dict__["strength"] = 0.0
-        try:
-            yield
-        finally:
-            self.__dict__["strength"] = old
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["model"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "strength":
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {value}")
-            self.__dict__["strength"] = float(value)
-        else:
-            setattr(self.model, name, value)
 
     def __repr__(self) -> str:
         m = self.calibrator.manifest

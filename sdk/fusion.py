@@ -19,8 +19,9 @@ and with ``x = h_cal · A``, ``μ``/``σ`` its mean/std over the target width, a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
@@ -60,13 +61,49 @@ class FusionHead:
         return (h_cal @ self.P.T - mu * self.g) * inv_std + self.b
 
 
+def check_strength(strength: float) -> float:
+    """λ as a float in [0, 1]; every place that accepts a strength validates it here."""
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"fusion strength must be in [0, 1], got {strength}")
+    return value
+
+
+class FusedWrapper:
+    """What every backend's wrapper shares: a validated ``strength``, ``disable_fusion``, and attribute forwarding
+    to the wrapped object (named by ``_wrapped``). Torch-free, so the llama.cpp path can use it."""
+
+    _wrapped = "model"
+    _own_attributes: tuple[str, ...] = ()
+
+    @contextmanager
+    def disable_fusion(self) -> Iterator[None]:
+        """Temporarily generate without the calibrator (strength 0)."""
+        old = self.__dict__["strength"]
+        self.__dict__["strength"] = 0.0
+        try:
+            yield
+        finally:
+            self.__dict__["strength"] = old
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__[self._wrapped], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "strength":
+            self.__dict__["strength"] = check_strength(value)
+        elif name in self._own_attributes:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__[self._wrapped], name, value)
+
+
 def fuse_logits(logits: Array, term: Array, strength: float) -> Array:
     """``(1 − λ)·logits + λ·term`` over the first ``term.shape[-1]`` entries; extra (padding) logits are kept.
 
     Never mutates ``logits``; strength 0 returns the input values exactly.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"fusion strength must be in [0, 1], got {strength}")
+    strength = check_strength(strength)
     if strength == 0.0:
         return logits * 1.0
     v = term.shape[-1]

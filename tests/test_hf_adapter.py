@@ -126,6 +126,8 @@ def test_wrapper_forwards_attributes_and_validates_strength(case):
     assert wrapped.strength == pytest.approx(0.4)  # the artifact's default
     with pytest.raises(ValueError):
         wrapped.strength = 2.0
+    with pytest.raises(ValueError, match="strength"):
+        detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=1.5)
     with wrapped.disable_fusion():
         assert torch.equal(_greedy(wrapped, tok, PROMPTS), _greedy(model, tok, PROMPTS))
     with pytest.raises(TypeError, match="supported"):

@@ -15,14 +15,12 @@ to the target's fingerprint. Per-step cost depends only on these shapes, not on 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "artifacts" / "shipped" / "smollm2-135m-instruct"
@@ -31,47 +29,10 @@ PROMPTS = ["The weather today is", "My favourite recipe for a quick dinner", "In
 
 def build_standin(gguf: str, cache_dir: Path) -> Path:
     """A random calibrator of the default shape, aligned (randomly) to ``gguf``'s fingerprint; needs torch."""
-    import torch
-
-    import detox
     from detox.adapters.llamacpp import gguf_fingerprint
-    from detox.alignment import default_alignment_text
-    from detox.artifacts.manifest import CALIBRATOR_ONNX
-    from detox.artifacts.store import save_artifact
-    from detox.calibrator import CalibratorLM
-    from detox.config import CalibratorConfig
-    from detox.onnx_calibrator import export_calibrator_onnx
-    from detox.tokenizer import train_tokenizer
+    from standin import build_standin as build
 
-    import detox.onnx_calibrator
-
-    fp = gguf_fingerprint(gguf)
-    exporter = hashlib.sha256(Path(detox.onnx_calibrator.__file__).read_bytes()).hexdigest()[:8]  # rebuild on change
-    out = cache_dir / f"standin-{fp.output_embedding_sha256[:12]}-{exporter}"
-    if (out / "manifest.json").is_file():
-        return out
-    text = Path(default_alignment_text()).read_text(encoding="utf-8").splitlines()
-    tok = train_tokenizer(text, vocab_size=8192, min_frequency=1)
-    cfg = CalibratorConfig(vocab_size=tok.get_vocab_size())
-    torch.manual_seed(0)
-    model = CalibratorLM(cfg).half().float().eval()  # artifacts store float16 weights
-    g = np.random.default_rng(0)
-    d_t = fp.hidden_size
-    alignment = {"A": g.standard_normal((cfg.hidden_size, d_t), dtype=np.float32) / np.sqrt(cfg.hidden_size),
-                 "ln_weight": np.ones(d_t, np.float32), "ln_bias": np.zeros(d_t, np.float32)}
-    fields = {
-        "kind": "aligned", "name": "bench-standin", "version": "0.0.0", "detox_version": detox.__version__,
-        "description": "random weights of the default calibrator shape, for timing only",
-        "calibrator": cfg,
-        "training": {"data_sha256": hashlib.sha256(b"standin").hexdigest(), "num_documents": 0, "num_tokens": 0,
-                     "steps": 0, "seed": 0},
-        "alignment": {"method": "standin", "target": fp, "default_strength": 0.3, "seed": 0},
-    }
-    onnx = export_calibrator_onnx(model, cache_dir / f"{out.name}.onnx")
-    save_artifact(out, fields, model.state_dict(), tok, alignment=alignment, overwrite=True,
-                  extra_files={CALIBRATOR_ONNX: onnx})
-    onnx.unlink()
-    return out
+    return build(gguf_fingerprint(gguf), cache_dir)
 
 
 def timed_run(llm, prompt: str, tokens: int) -> tuple[float, float]:

@@ -23,12 +23,10 @@ Exits non-zero if a check fails.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "artifacts" / "shipped" / "smollm2-135m-instruct"
@@ -53,42 +51,10 @@ def ensure_export(out: Path) -> None:
 
 def build_standin(export: Path) -> Path:
     """A random calibrator of the default shape, aligned (randomly) to the export's fingerprint; needs torch."""
-    import torch
-
-    import detox
-    from detox.alignment import default_alignment_text
-    from detox.artifacts.manifest import CALIBRATOR_ONNX
-    from detox.artifacts.store import save_artifact
-    from detox.calibrator import CalibratorLM
-    from detox.config import CalibratorConfig
-    from detox.onnx_calibrator import export_calibrator_onnx
     from detox.onnx_export import fingerprint_onnx
-    from detox.tokenizer import train_tokenizer
+    from standin import build_standin as build
 
-    fp = fingerprint_onnx(export)
-    out = CACHE / f"standin-{fp.output_embedding_sha256[:12]}"
-    if (out / "manifest.json").is_file():
-        return out
-    tok = train_tokenizer(Path(default_alignment_text()).read_text(encoding="utf-8").splitlines(), 8192, min_frequency=1)
-    cfg = CalibratorConfig(vocab_size=tok.get_vocab_size())
-    torch.manual_seed(0)
-    model = CalibratorLM(cfg).half().float().eval()  # artifacts store float16 weights
-    g = np.random.default_rng(0)
-    alignment = {"A": g.standard_normal((cfg.hidden_size, fp.hidden_size), dtype=np.float32) / np.sqrt(cfg.hidden_size),
-                 "ln_weight": np.ones(fp.hidden_size, np.float32), "ln_bias": np.zeros(fp.hidden_size, np.float32)}
-    fields = {
-        "kind": "aligned", "name": "onnx-bench-standin", "version": "0.0.0", "detox_version": detox.__version__,
-        "description": "random weights of the default calibrator shape, for checks and timing only",
-        "calibrator": cfg,
-        "training": {"data_sha256": hashlib.sha256(b"standin").hexdigest(), "num_documents": 0, "num_tokens": 0,
-                     "steps": 0, "seed": 0},
-        "alignment": {"method": "standin", "target": fp, "default_strength": 0.3, "seed": 0},
-    }
-    onnx_file = export_calibrator_onnx(model, CACHE / f"{out.name}.onnx")
-    save_artifact(out, fields, model.state_dict(), tok, alignment=alignment, overwrite=True,
-                  extra_files={CALIBRATOR_ONNX: onnx_file})
-    onnx_file.unlink()
-    return out
+    return build(fingerprint_onnx(export), CACHE, name="onnx-bench-standin")
 
 
 def greedy(model, tok, prompts, new, **kw):

@@ -63,6 +63,17 @@ def _build_target(kind: str, out: Path):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: on a shared 2-core machine thread synchronisation costs ~20x more than the arithmetic."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def llama_target_dir(tmp_path_factory) -> Path:
     return _build_target("llama", tmp_path_factory.mktemp("llama_target"))

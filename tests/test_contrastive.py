@@ -11,13 +11,7 @@ import torch
 from detox.contrastive import contrastive_logits, plausibility_mask, sample, top_p_filter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine thread synchronisation costs ~20x more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BASE = torch.tensor(
     [

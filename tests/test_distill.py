@@ -30,13 +30,7 @@ WORDS = (
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine thread synchronisation costs ~20x more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:

@@ -212,6 +212,8 @@ class DetoxORTModel(DetoxModel):
     (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the forward pass).
     """
 
+    _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model
+
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: FusionHead,
                  runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:
         super().__init__(model, calibrator, tokenizer, strength)

@@ -28,9 +28,8 @@ import numpy as np
 
 from detox.artifacts.manifest import ALIGNMENT_WEIGHTS, TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusedWrapper, FusionHead, check_strength, fuse_logits
+from detox.fusion import FusedWrapper, FusionHead, check_strength
 from detox.runtime import Calibrator
-from detox.stream import CalibratorStream
 
 __all__ = [
     "DetoxLlama", "LlamaFusionProcessor", "FusionError", "IncrementalDetokenizer", "wrap_llama", "load_llama",
@@ -235,19 +234,19 @@ class LlamaFusionProcessor:
     """
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float) -> None:
-        self.strength = check_strength(strength)
+        self.strength = check_strength(strength, head.mode)
         self.head = head
         self.detokenize = IncrementalDetokenizer(llama)
-        self.stream = CalibratorStream(calibrator.onnx_runner(), calibrator.tokenizer, calibrator.manifest.calibrator.bos_token_id)
+        self.stream = calibrator.stream(calibrator.onnx_runner())
         self.error: BaseException | None = None
         self._one_blas_thread = _OneBlasThread()
         self._pending: tuple[np.ndarray, Future[np.ndarray]] | None = None
 
     def fusion_term(self, input_ids: np.ndarray) -> np.ndarray:
-        """``W_out·LayerNorm(h_cal·A)`` after reading the text of ``input_ids``: what the strength interpolates towards."""
+        """The fusion's part that needs no logits (:meth:`FusionHead.prepare`) after reading the text of ``input_ids``."""
         hidden = self.stream.hidden_for(self.detokenize(input_ids))
         with self._one_blas_thread:
-            return self.head.term(hidden)
+            return self.head.prepare(hidden)
 
     def prefetch(self, input_ids: np.ndarray) -> None:
         """Start computing the term for ``input_ids`` in the background (call it before the target decodes them)."""
@@ -272,7 +271,8 @@ class LlamaFusionProcessor:
         try:
             ready = self._take()
             term = ready[1] if ready is not None and np.array_equal(ready[0], input_ids) else self.fusion_term(input_ids)
-            return fuse_logits(scores, term, self.strength)
+            with self._one_blas_thread:
+                return self.head.apply(scores, term, self.strength)
         except Exception as err:  # noqa: BLE001 - kept for the caller; llama-cpp-python would swallow it
             self.error = err
             return scores
@@ -326,7 +326,7 @@ class DetoxLlama(FusedWrapper):
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float | None = None,
                  overlap: bool = True) -> None:
-        strength = check_strength(calibrator.default_strength if strength is None else strength)
+        strength = check_strength(calibrator.default_strength if strength is None else strength, head.mode)
         self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=strength, overlap=overlap)
 
     def logits_processor(self) -> LlamaFusionProcessor:

@@ -36,6 +36,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
 from detox.fusion import FusionHead
 from detox.runtime import Calibrator
+from detox.stream import PairRunner
 
 __all__ = ["DetoxORTModel", "OverlappedFusionProcessor", "default_providers", "resolve_providers", "load_ort_target",
            "wrap_ort", "calibrator_runner", "generate_text", "limit_torch_threads"]
@@ -120,19 +121,26 @@ def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str]
 
 
 def calibrator_runner(calibrator: Calibrator, providers: Sequence[str] | None = None) -> Any:
-    """The artifact's ``calibrator.onnx`` as an :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``.
+    """The artifact's ``calibrator.onnx`` as an :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``
+    (a :class:`~detox.stream.PairRunner` of two for contrast artifacts).
 
-    CPU-only uses the calibrator's own (cached) runner; other providers get a session with the same options.
+    CPU-only uses the calibrator's own (cached) runner; other providers get sessions with the same options.
     """
     runner = calibrator.onnx_runner()
     if not providers or list(providers) == [CPU]:
         return runner
+    return _on_providers(runner, list(providers))
+
+
+def _on_providers(runner: Any, providers: list[str]) -> Any:
     import copy
 
     import onnxruntime as ort
 
+    if isinstance(runner, PairRunner):
+        return PairRunner(_on_providers(runner.expert, providers), _on_providers(runner.anti, providers))
     moved = copy.copy(runner)
-    moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=list(providers))
+    moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=providers)
     return moved
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from detox.fusion import FusedWrapper, FusionHead, check_strength, fuse_logits
+from detox.fusion import FusedWrapper, FusionHead, check_strength
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner, CalibratorStream
 
@@ -30,7 +30,7 @@ class FusionLogitsProcessor(LogitsProcessor):
         calibrator: an aligned :class:`detox.Calibrator` (checked against the model's fingerprint by ``detox.wrap``).
         model: the target (its output embedding is read once to precompute the fusion head).
         tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text.
-        strength: λ in [0, 1]; default: the artifact's recommended strength.
+        strength: λ ([0, 1] interpolate, [0, 20] contrast); default: the artifact's recommended strength.
         renormalize: return log-probabilities (set for beam search, whose scores are log-probs).
         head: a precomputed fusion head (then ``model`` may be ``None``): backends whose model has no torch
             output embedding (ONNX Runtime) read ``W_out`` themselves.
@@ -41,7 +41,7 @@ class FusionLogitsProcessor(LogitsProcessor):
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
                  renormalize: bool = False, *, head: FusionHead | None = None,
                  runner_factory: Callable[[], CalibratorRunner] | None = None) -> None:
-        strength = check_strength(calibrator.default_strength if strength is None else strength)
+        strength = check_strength(calibrator.default_strength if strength is None else strength, calibrator.fusion_mode)
         self.calibrator = calibrator
         self.tokenizer = tokenizer
         self.strength = strength
@@ -79,14 +79,14 @@ class FusionLogitsProcessor(LogitsProcessor):
         return torch.stack([torch.as_tensor(s.hidden_for(t)) for s, t in zip(streams, texts)])  # torch or numpy runners
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """``W_out·LayerNorm(h_cal·A)`` for every row: what the strength interpolates towards."""
-        return self.head.term(self.calibrator_hidden(input_ids).to(device=self.head.P.device, dtype=self.head.P.dtype))
+        """Every row's part of the fusion that does not need the target's logits (:meth:`FusionHead.prepare`)."""
+        return self.head.prepare(self.calibrator_hidden(input_ids).to(device=self.head.P.device, dtype=self.head.P.dtype))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.strength == 0.0:
             return scores
         term = self.fusion_term(input_ids).to(device=scores.device, dtype=scores.dtype)
-        fused = fuse_logits(scores, term, self.strength)
+        fused = self.head.apply(scores, term, self.strength)
         return torch.log_softmax(fused, dim=-1) if self.renormalize else fused
 
 
@@ -100,7 +100,8 @@ class DetoxModel(FusedWrapper):
         self.__dict__["model"] = model
         self.__dict__["calibrator"] = calibrator
         self.__dict__["tokenizer"] = tokenizer
-        self.__dict__["strength"] = check_strength(calibrator.default_strength if strength is None else strength)
+        self.__dict__["strength"] = check_strength(calibrator.default_strength if strength is None else strength,
+                                                   calibrator.fusion_mode)
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
         return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1)

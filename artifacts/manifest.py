@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from detox.config import CalibratorConfig
 
@@ -21,6 +21,8 @@ CALIBRATOR_WEIGHTS = "calibrator.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ALIGNMENT_WEIGHTS = "alignment.safetensors"
 CALIBRATOR_ONNX = "calibrator.onnx"  # optional: the calibrator for torch-free backends (llama.cpp, ONNX Runtime)
+ANTI_WEIGHTS = "anti_calibrator.safetensors"  # contrast fusion: the anti-expert (same tokenizer and architecture)
+ANTI_ONNX = "anti_calibrator.onnx"  # optional: the anti-expert for torch-free backends
 SIGNATURE_NAME = "signature.ed25519"  # optional; signs manifest.json, so the manifest cannot list it
 UNLISTED_FILES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})  # the only files an artifact may hold beyond manifest.files
 
@@ -67,10 +69,19 @@ class TrainingInfo(_Strict):
 class AlignmentInfo(_Strict):
     method: str
     target: TargetFingerprint
-    default_strength: float = Field(ge=0.0, le=1.0)
+    fusion: Literal["interpolate", "contrast"] = "interpolate"  # see detox.fusion
+    default_strength: float = Field(ge=0.0, le=20.0)  # ≤ 1 for interpolate (checked below)
+    top_k: int = Field(default=64, ge=1)  # contrast only: candidate tokens per step ...
+    plausibility: float = Field(default=0.02, ge=0.0, le=1.0)  # ... with p ≥ plausibility · max p
     seed: int
     metrics: dict[str, float] = {}
     settings: dict[str, float | int | str | bool] = {}
+
+    @model_validator(mode="after")
+    def _check_strength(self) -> "AlignmentInfo":
+        if self.fusion == "interpolate" and self.default_strength > 1.0:
+            raise ValueError(f"default_strength of interpolate fusion must be in [0, 1], got {self.default_strength}")
+        return self
 
 
 class Manifest(_Strict):
@@ -84,8 +95,16 @@ class Manifest(_Strict):
     calibrator: CalibratorConfig
     training: TrainingInfo
     alignment: AlignmentInfo | None = None
+    anti_expert: TrainingInfo | None = None  # contrast fusion: how the anti-expert (ANTI_WEIGHTS) was trained
     evaluation: dict[str, float] = {}
     files: dict[str, FileEntry]
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "Manifest":
+        contrast = self.alignment is not None and self.alignment.fusion == "contrast"
+        if contrast != (self.anti_expert is not None):
+            raise ValueError("contrast fusion needs an anti_expert, and only contrast fusion has one")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -105,7 +124,9 @@ class Manifest(_Strict):
         names = {CALIBRATOR_WEIGHTS, TOKENIZER_FILE}
         if self.kind == "aligned":
             names.add(ALIGNMENT_WEIGHTS)
+        if self.anti_expert is not None:
+            names.add(ANTI_WEIGHTS)
         return names
 
     def allowed_files(self) -> set[str]:
-        return self.required_files() | {CALIBRATOR_ONNX}
+        return self.required_files() | {CALIBRATOR_ONNX} | ({ANTI_ONNX} if self.anti_expert is not None else set())

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from detox.artifacts.manifest import (
     ALIGNMENT_WEIGHTS,
+    ANTI_WEIGHTS,
     CALIBRATOR_WEIGHTS,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -48,6 +49,7 @@ class Artifact:
     calibrator_state: dict[str, np.ndarray]
     tokenizer: Tokenizer
     alignment: dict[str, np.ndarray] | None
+    anti_state: dict[str, np.ndarray] | None = None  # contrast fusion: the anti-expert's weights
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -93,6 +95,7 @@ def save_artifact(
     alignment: dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str | os.PathLike[str]] | None = None,
+    anti_state: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write an artifact directory atomically and return its manifest.
 
@@ -110,6 +113,8 @@ def save_artifact(
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         if alignment is not None:
             save_file({k: _as_numpy(v, np.float32) for k, v in alignment.items()}, str(tmp / ALIGNMENT_WEIGHTS))
+        if anti_state is not None:
+            save_file({k: _as_numpy(v, np.float16) for k, v in anti_state.items()}, str(tmp / ANTI_WEIGHTS))
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / fname)
         files = {p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for p in sorted(tmp.iterdir())}
@@ -210,8 +215,10 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         state = load_file(str(root / CALIBRATOR_WEIGHTS))
         tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
         alignment = load_file(str(root / ALIGNMENT_WEIGHTS)) if manifest.kind == "aligned" else None
+        anti_state = load_file(str(root / ANTI_WEIGHTS)) if manifest.anti_expert is not None else None
     except Exception as err:  # safetensors/tokenizers raise their own types
         raise ArtifactError(f"{root}: could not read artifact files: {err}") from err
     if tokenizer.get_vocab_size() != manifest.calibrator.vocab_size:
         raise ArtifactError(f"{root}: tokenizer has {tokenizer.get_vocab_size()} tokens, manifest says {manifest.calibrator.vocab_size}")
-    return Artifact(path=root, manifest=manifest, calibrator_state=state, tokenizer=tokenizer, alignment=alignment)
+    return Artifact(path=root, manifest=manifest, calibrator_state=state, tokenizer=tokenizer, alignment=alignment,
+                    anti_state=anti_state)

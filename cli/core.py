@@ -19,6 +19,10 @@ from detox.cli.errors import user_errors
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
+@click.option("--warmup-steps", default=100, show_default=True)
+@click.option("--init", "init_from", default=None, type=click.Path(exists=True),
+              help="Continue training an existing calibrator (keeps its tokenizer and architecture), e.g. to make "
+                   "an anti-expert: the expert fine-tuned on toxic text.")
 @click.option("--vocab-size", default=8192, show_default=True, help="Size of the calibrator's own BPE vocabulary.")
 @click.option("--hidden-size", default=192, show_default=True)
 @click.option("--layers", default=4, show_default=True)
@@ -32,7 +36,7 @@ from detox.cli.errors import user_errors
 @click.option("--version", "version", default="0.1.0", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @user_errors
-def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, vocab_size, hidden_size, layers, heads,
+def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warmup_steps, init_from, vocab_size, hidden_size, layers, heads,
               ffn_size, seed, checkpoint_dir, checkpoint_every, resume, name, version, overwrite) -> None:
     """Train a calibration model (its own tokenizer + a compact LM) on non-toxic text.
 
@@ -43,9 +47,9 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, voca
 
     model = CalibratorConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=layers, num_heads=heads, ffn_size=ffn_size)
     s = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                      checkpoint_every=checkpoint_every, model=model)
+                      warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, model=model)
     m = train_calibrator(list(data), out, s, checkpoint_dir=checkpoint_dir, resume=resume, name=name, version=version,
-                         field_name=field, overwrite=overwrite)
+                         field_name=field, overwrite=overwrite, init_from=init_from)
     if m is not None:
         click.echo(f"wrote {out}: {m.name}@{m.version}, {m.training.steps} steps, metrics {m.training.metrics}")
 
@@ -59,7 +63,15 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, voca
               help="Text for contextual alignment. Default: the non-toxic sample shipped with detox.")
 @click.option("--method", type=click.Choice(["vocab+context", "vocab"]), default="vocab+context", show_default=True,
               help="'vocab' is the paper's InfoNCE over shared tokens; 'vocab+context' adds contextual alignment.")
-@click.option("--strength", default=0.3, show_default=True, help="Default fusion strength recorded in the artifact.")
+@click.option("--anti-expert", default=None, type=click.Path(exists=True),
+              help="Anti-expert calibrator (the expert fine-tuned on toxic text: detox train --init EXPERT ...). "
+                   "Gives contrast fusion: target + λ·(expert − anti-expert) on the target's plausible tokens. "
+                   "A contrast --calibrator keeps its own anti-expert.")
+@click.option("--strength", default=None, type=float,
+              help="Default fusion strength recorded in the artifact [default: 0.3 interpolate, 4.0 contrast].")
+@click.option("--top-k", default=64, show_default=True, help="Contrast fusion: candidate tokens per step.")
+@click.option("--plausibility", default=0.02, show_default=True,
+              help="Contrast fusion: candidates need p ≥ plausibility · max p under the target.")
 @click.option("--vocab-epochs", default=8, show_default=True)
 @click.option("--context-epochs", default=3, show_default=True)
 @click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")
@@ -68,16 +80,17 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, voca
 @click.option("--version", "version", default=None, help="Artifact version (default: the calibrator's).")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def align_cmd(target, calibrator, out, data, method, strength, vocab_epochs, context_epochs, max_docs, seed, name,
-              version, overwrite) -> None:
+def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, vocab_epochs,
+              context_epochs, max_docs, seed, name, version, overwrite) -> None:
     """Align a calibrator to a target model (target frozen) and write an artifact bound to that target."""
     from detox.alignment import AlignSettings, align_artifact
     from detox.artifacts.shipped import default_calibrator_path
 
     s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
-                      max_context_docs=max_docs, seed=seed)
+                      max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility)
     m = align_artifact(calibrator or str(default_calibrator_path()), target, out, list(data) or None, s, name=name,
-                       version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True))
+                       version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
+                       anti_expert=anti_expert)
     metrics = m.alignment.metrics
     click.echo(f"wrote {out}: aligned to {m.alignment.target.name} in {metrics['align_seconds']:.1f}s; "
                + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "align_seconds"))
@@ -89,7 +102,7 @@ def align_cmd(target, calibrator, out, data, method, strength, vocab_epochs, con
 @click.option("--calibrator", default=None,
               help="Aligned artifact: directory, .detox file or NAME@RANGE (registry). Default: the shipped match.")
 @click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
-@click.option("--strength", default=None, type=float, help="Fusion strength λ in [0, 1] (default: the artifact's).")
+@click.option("--strength", default=None, type=float, help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
               help="'llamacpp' runs a .gguf --target with llama-cpp-python (no torch needed); "
                    "'onnx' runs a --target directory written by `detox export-onnx` with ONNX Runtime.")

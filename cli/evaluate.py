@@ -12,7 +12,8 @@ import click
 from detox.cli.errors import user_errors
 
 
-def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None) -> tuple[Any, dict, Any]:
+def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
+                 threads: int | None = None) -> tuple[Any, dict, Any]:
     """``(sampler, identity info, (hf_model, tokenizer) or None for perplexity)`` for one backend."""
     from detox.evaluation import HFSampler
     from detox.fingerprint import fingerprint_gguf, fingerprint_hf
@@ -38,7 +39,8 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
         path = resolve_target(target)
         if not is_gguf(path):
             raise click.UsageError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
-        llm: Any = load_llama(path, n_ctx=512, seed=0)  # llama.cpp picks its thread count
+        threads_kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}  # default: llama.cpp's choice
+        llm: Any = load_llama(path, n_ctx=512, seed=0, **threads_kw)
         info["target_fingerprint"] = gguf_fingerprint(path).model_dump()
         if not no_calibrator:
             llm = wrap_llama(llm, calibrator=calibrator, strength=strength)
@@ -79,10 +81,12 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
 @click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Another eval's --out: adds a before/after table and a toxicity-distribution plot.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for the target (llama.cpp threads / torch threads); default: the backend's choice.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (an existing one is resumed).")
 @user_errors
 def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samples, max_new_tokens, top_p, seed,
-             max_prompts, batch_size, scorer, ppl_model, no_perplexity, compare_dir, out) -> None:
+             max_prompts, batch_size, scorer, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
     """Evaluate toxicity, fluency and diversity of a model's continuations, with or without a calibrator.
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
@@ -97,7 +101,11 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     t0 = time.perf_counter()
     items = read_prompts(prompts)[:max_prompts]
     score_fn = load_scorer(scorer)
-    sampler, info, ref = make_sampler(backend, target, calibrator, no_calibrator, strength)
+    if threads and backend != "llamacpp":
+        import torch
+
+        torch.set_num_threads(threads)
+    sampler, info, ref = make_sampler(backend, target, calibrator, no_calibrator, strength, threads)
     run = EvalRun(target=target, backend=backend, calibrator=(info.get("calibrator") or {}).get("path"),
                   strength=(info.get("calibrator") or {}).get("strength"), prompts_file=str(Path(prompts).resolve()),
                   settings=EvalSettings(samples=samples, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,

@@ -42,8 +42,13 @@ class AlignSettings:
     max_context_docs: int = 4000
     eval_fraction: float = 0.1
     ln_eps: float = 1e-5
-    default_strength: float = 0.3
+    default_strength: float | None = None  # None: DEFAULT_STRENGTH of the fusion mode
+    top_k: int = 64  # contrast fusion: candidate tokens per step ...
+    plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
     seed: int = 0
+
+
+DEFAULT_STRENGTH = {"interpolate": 0.3, "contrast": 4.0}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -277,10 +282,29 @@ def default_alignment_text() -> str:
     return str(Path(__file__).resolve().parent / "resources" / "align_text.txt")
 
 
+def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
+    """The anti-expert calibrator for contrast fusion, checked to read text exactly as the expert does."""
+    from detox.artifacts.store import ArtifactError
+
+    anti = Calibrator.load(path)
+    if anti.tokenizer.to_str() != expert.tokenizer.to_str() or anti.manifest.calibrator != expert.manifest.calibrator:
+        raise ArtifactError(
+            f"the anti-expert {path} must share the expert's tokenizer and architecture; make it from the expert: "
+            f"detox train --init EXPERT --data toxic.txt --out ANTI"
+        )
+    return anti
+
+
 def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[str] | None = None,
                    settings: AlignSettings | None = None, name: str | None = None, version: str | None = None,
-                   progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> Any:
-    """Load a trained calibrator and a target, align them, and write an aligned artifact bound to the target."""
+                   progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
+                   anti_expert: str | None = None) -> Any:
+    """Load a trained calibrator and a target, align them, and write an aligned artifact bound to the target.
+
+    ``anti_expert``: a calibrator made from this one by ``detox train --init`` on toxic text. The artifact then
+    uses contrast fusion (``target + λ·(expert − anti-expert)``); the anti-expert shares the expert's alignment,
+    which holds because fine-tuning keeps it in the expert's representation space.
+    """
     import time
 
     import detox
@@ -292,6 +316,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     s = settings or AlignSettings()
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
+    anti: tuple[Any, dict[str, Any], Any] | None = None  # (training info, weights, torch model)
+    if anti_expert:
+        a = load_anti_expert(calibrator, anti_expert)
+        anti = (a.manifest.training, a.artifact.calibrator_state, a.torch_model())
+    elif calibrator.has_anti_expert:  # re-aligning a contrast artifact (e.g. to a new target) keeps its pair
+        anti = (calibrator.manifest.anti_expert, calibrator.artifact.anti_state, calibrator.torch_model("anti"))
+    fusion = "contrast" if anti is not None else "interpolate"
     target_path = resolve_target(target)
     log(f"loading target {target_path}")
     model, tokenizer = load_hf_target(target_path)
@@ -314,7 +345,10 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         "alignment": {
             "method": s.method,
             "target": fingerprint,
-            "default_strength": s.default_strength,
+            "fusion": fusion,
+            "default_strength": DEFAULT_STRENGTH[fusion] if s.default_strength is None else s.default_strength,
+            "top_k": s.top_k,
+            "plausibility": s.plausibility,
             "seed": s.seed,
             "metrics": metrics,
             "settings": {
@@ -322,12 +356,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                 "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
             },
         },
+        "anti_expert": anti[0] if anti is not None else None,
     }
     state = calibrator.artifact.calibrator_state
     import tempfile
     from pathlib import Path
 
-    from detox.artifacts.manifest import CALIBRATOR_ONNX
+    from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX
     from detox.onnx_calibrator import export_calibrator_onnx
 
     import importlib.util
@@ -338,5 +373,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
         else:
             extra[CALIBRATOR_ONNX] = export_calibrator_onnx(calibrator.torch_model(), Path(tmp) / CALIBRATOR_ONNX)
+            if anti is not None:
+                extra[ANTI_ONNX] = export_calibrator_onnx(anti[2], Path(tmp) / ANTI_ONNX)
         return save_artifact(out_dir, fields, state, calibrator.tokenizer, alignment=arrays, overwrite=overwrite,
-                             extra_files=extra)
+                             extra_files=extra, anti_state=anti[1] if anti is not None else None)

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from detox.artifacts.manifest import CALIBRATOR_ONNX, Manifest, TargetFingerprint
+from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, load_artifact
-from detox.fusion import FusionHead
-from detox.stream import CalibratorStream
+from detox.fusion import INTERPOLATE, FusionHead
+from detox.stream import CalibratorStream, PairRunner
 
 
 class TargetMismatchError(ArtifactError):
@@ -41,7 +41,7 @@ class Calibrator:
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
-        self._torch_model: Any = None
+        self._torch_models: dict[str, Any] = {}
         self._runner: Any = None
         self._onnx_runner: Any = None
 
@@ -78,36 +78,58 @@ class Calibrator:
     def default_strength(self) -> float:
         return self.manifest.alignment.default_strength if self.manifest.alignment else 0.0
 
-    def torch_model(self) -> Any:
-        """The calibrator as a float32 torch module in eval mode (built once)."""
-        if self._torch_model is None:
+    @property
+    def fusion_mode(self) -> str:
+        """``interpolate`` (one calibrator, the paper's rule) or ``contrast`` (expert/anti-expert pair)."""
+        return self.manifest.alignment.fusion if self.manifest.alignment else INTERPOLATE
+
+    @property
+    def has_anti_expert(self) -> bool:
+        return self.artifact.anti_state is not None
+
+    def torch_model(self, which: str = "expert") -> Any:
+        """The calibrator (``which="anti"``: the anti-expert) as a float32 torch module in eval mode (built once)."""
+        if which not in self._torch_models:
             import torch
 
             from detox.calibrator import CalibratorLM
 
+            weights = self.artifact.calibrator_state if which == "expert" else self.artifact.anti_state
+            if weights is None:
+                raise ArtifactError(f"{self.path} has no anti-expert; only contrast-fusion artifacts do")
             model = CalibratorLM(self.manifest.calibrator)
-            state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.artifact.calibrator_state.items()}
+            state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ArtifactError(f"{self.path}: weights do not fit the manifest's architecture (missing {missing}, unexpected {unexpected})")
-            self._torch_model = model.eval()
-        return self._torch_model
+                raise ArtifactError(f"{self.path}: {which} weights do not fit the manifest's architecture (missing {missing}, unexpected {unexpected})")
+            self._torch_models[which] = model.eval()
+        return self._torch_models[which]
+
+    def torch_runner(self) -> Any:
+        """The calibrator on torch; a :class:`~detox.stream.PairRunner` for contrast artifacts."""
+        if self.has_anti_expert:
+            return PairRunner(TorchRunner(self.torch_model()), TorchRunner(self.torch_model("anti")))
+        return TorchRunner(self.torch_model())
 
     def onnx_runner(self) -> Any:
-        """The calibrator as an :class:`~detox.onnx_calibrator.OnnxRunner` (torch-free; built once).
+        """The calibrator as an :class:`~detox.onnx_calibrator.OnnxRunner` (torch-free; built once), or a
+        :class:`~detox.stream.PairRunner` of two for contrast artifacts.
 
-        Uses the ``calibrator.onnx`` that ``detox align`` writes into aligned artifacts.
+        Uses the ``calibrator.onnx`` (and ``anti_calibrator.onnx``) that ``detox align`` writes into aligned artifacts.
         """
         if self._onnx_runner is None:
-            if CALIBRATOR_ONNX not in self.manifest.files:
+            needed = [CALIBRATOR_ONNX] + ([ANTI_ONNX] if self.has_anti_expert else [])
+            missing = [f for f in needed if f not in self.manifest.files]
+            if missing:
                 raise ArtifactError(
-                    f"{self.path} has no {CALIBRATOR_ONNX}, which torch-free backends (llama.cpp) need; it was written "
-                    f"by an older detox. Re-run the alignment once (needs torch): detox align --target YOUR_MODEL "
-                    f"--calibrator {self.path} --out NEW_DIR"
+                    f"{self.path} has no {', '.join(missing)}, which torch-free backends (llama.cpp) need; it was "
+                    f"written without the onnx package. pip install onnx, then re-run the alignment once: "
+                    f"detox align --target YOUR_MODEL --calibrator CALIBRATOR --out NEW_DIR"
                 )
             from detox.onnx_calibrator import OnnxRunner
 
-            self._onnx_runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
+            runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
+            self._onnx_runner = PairRunner(runner, OnnxRunner(self.path / ANTI_ONNX)) if self.has_anti_expert else runner
         return self._onnx_runner
 
     def default_runner(self) -> Any:
@@ -120,7 +142,7 @@ class Calibrator:
             if CALIBRATOR_ONNX in self.manifest.files and importlib.util.find_spec("onnxruntime") is not None:
                 self._runner = self.onnx_runner()
             else:
-                self._runner = TorchRunner(self.torch_model())
+                self._runner = self.torch_runner()
         return self._runner
 
     def stream(self, runner: Any = None) -> CalibratorStream:
@@ -156,6 +178,13 @@ class Calibrator:
 
             W = W_out.detach().float()
             to = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(W.device)  # noqa: E731
-            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps)
+            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps, **self._fusion_rule())
         W = np.asarray(W_out, dtype=np.float32)
-        return FusionHead.build(W, a["A"].astype(np.float32), a["ln_weight"].astype(np.float32), a["ln_bias"].astype(np.float32), eps)
+        return FusionHead.build(W, a["A"].astype(np.float32), a["ln_weight"].astype(np.float32), a["ln_bias"].astype(np.float32),
+                                eps, **self._fusion_rule())
+
+    def _fusion_rule(self) -> dict[str, Any]:
+        al = self.manifest.alignment
+        if al is None:
+            return {}
+        return {"mode": al.fusion, "top_k": al.top_k, "plausibility": al.plausibility}

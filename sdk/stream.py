@@ -68,3 +68,29 @@ class CalibratorStream:
         hidden, _ = self.runner.run(ids, self.state)
         self.tokens_run += len(ids)
         return hidden
+
+
+class PairRunner:
+    """Runs an expert and an anti-expert calibrator (same tokenizer) in lockstep for contrast fusion.
+
+    One stream drives both, so the text is re-tokenized once; ``run`` returns both hidden states stacked as
+    ``[2, d_cal]`` (expert first), the layout :meth:`detox.fusion.FusionHead.prepare` expects.
+    """
+
+    def __init__(self, expert: CalibratorRunner, anti: CalibratorRunner) -> None:
+        self.expert = expert
+        self.anti = anti
+
+    def empty_state(self) -> Any:
+        return self.expert.empty_state(), self.anti.empty_state()
+
+    def run(self, ids: list[int], state: Any) -> tuple[Any, Any]:
+        h_expert, s_expert = self.expert.run(ids, state[0])
+        h_anti, s_anti = self.anti.run(ids, state[1])
+        if hasattr(h_expert, "detach"):
+            import torch
+
+            return torch.stack([h_expert, h_anti]), (s_expert, s_anti)
+        import numpy as np
+
+        return np.stack([h_expert, h_anti]), (s_expert, s_anti)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,14 @@ def train_calibrator(
     field_name: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> Manifest:
-    """Train a tokenizer and a :class:`CalibratorLM` on ``data_paths`` and save a calibrator artifact."""
+    """Train a tokenizer and a :class:`CalibratorLM` on ``data_paths`` and save a calibrator artifact.
+
+    ``init_from``: an existing calibrator artifact to continue training from (its tokenizer, architecture and
+    weights are kept; ``settings.model`` is ignored). This is how an anti-expert is made: the expert
+    fine-tuned on toxic text, so both share a tokenizer and stay close in representation.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -100,7 +106,14 @@ def train_calibrator(
     if not texts:
         raise ValueError("no training text found in " + ", ".join(map(str, data_paths)))
     state_file = ckpt / "progress.json"
-    if resume and state_file.is_file():
+    init = None
+    if init_from is not None:
+        from detox.artifacts.store import load_artifact
+
+        init = load_artifact(init_from)
+        tokenizer = init.tokenizer
+        s = replace(s, model=init.manifest.calibrator)
+    elif resume and state_file.is_file():
         tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
     else:
         if resume:
@@ -122,6 +135,8 @@ def train_calibrator(
     eval_rows = pack_documents(encode(eval_docs), eos, min(s.seq_len, 32)) if eval_docs else None
 
     model = CalibratorLM(cfg)
+    if init is not None:
+        model.load_state_dict({k: torch.from_numpy(v.astype("float32")) for k, v in init.calibrator_state.items()})
     steps_per_epoch = math.ceil(len(rows) / s.batch_size)
     total = s.max_steps or max(1, int(s.epochs * steps_per_epoch))
     optim = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
@@ -188,7 +203,8 @@ def train_calibrator(
                 "name": name,
                 "version": version,
                 "detox_version": detox.__version__,
-                "description": f"calibrator trained on {', '.join(Path(p).name for p in data_paths)}",
+                "description": f"calibrator trained on {', '.join(Path(p).name for p in data_paths)}"
+                + (f", starting from {init.manifest.name}@{init.manifest.version}" if init is not None else ""),
                 "calibrator": cfg,
                 "training": {
                     "data_sha256": sha256_files(data_paths),

@@ -68,7 +68,7 @@ def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = No
     target fingerprint matches ``model`` and otherwise explains how to run ``detox align``.
     ``calibrator`` may also be a ``.detox`` archive or ``"NAME@RANGE"`` (e.g. ``"team-cal@^1.2"``), resolved
     through the registry in ``$DETOX_REGISTRY`` to the newest version in range aligned to ``model``.
-    ``strength``: fusion weight λ in [0, 1] (default: the artifact's recommended value).
+    ``strength``: fusion weight λ, in [0, 1] for interpolate artifacts and [0, 20] for contrast ones (default: the artifact's recommended value).
     ``require_signature``: trusted public key(s) (PEM path or text); unsigned or otherwise-signed artifacts are refused.
 
     Example::

@@ -98,6 +98,29 @@ def tiny_calibrator(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_anti(tiny_calibrator, tmp_path_factory) -> Path:
+    """An anti-expert made the way users make one: the tiny calibrator trained further (``init_from``)."""
+    from detox.training import TrainSettings, train_calibrator
+
+    out = tmp_path_factory.mktemp("anti") / "tiny-anti"
+    settings = TrainSettings(max_steps=10, batch_size=8, seq_len=32, checkpoint_every=0, warmup_steps=1, lr=1e-2, seed=1)
+    train_calibrator([SAMPLE_TEXT], out, settings, name="tiny-anti", version="0.1.0", progress=False, init_from=tiny_calibrator)
+    return out
+
+
+@pytest.fixture(scope="session")
+def contrast_llama(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path_factory) -> Path:
+    """The tiny expert/anti-expert pair aligned to the tiny llama target (contrast fusion)."""
+    from detox.alignment import AlignSettings, align_artifact
+
+    out = tmp_path_factory.mktemp("aligned") / "tiny-llama-contrast"
+    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, top_k=20, plausibility=0.001)
+    align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
+                   progress=False, log=lambda m: None, anti_expert=str(tiny_anti))
+    return out
+
+
+@pytest.fixture(scope="session")
 def aligned_llama(tiny_calibrator, llama_target_dir, tmp_path_factory) -> Path:
     from detox.alignment import AlignSettings, align_artifact
 

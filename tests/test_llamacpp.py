@@ -85,6 +85,25 @@ def aligned_smollm2(tiny_calibrator, smollm2_gguf, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def contrast_smollm2(tiny_calibrator, tiny_anti, smollm2_gguf, tmp_path_factory):
+    """The tiny expert/anti-expert pair aligned to SmolLM2 (vocabulary InfoNCE read from the GGUF)."""
+    import detox.targets
+    from detox.alignment import AlignSettings, align_artifact
+
+    target = _GgufTarget(smollm2_gguf)
+    original = detox.targets.load_hf_target
+    detox.targets.load_hf_target = lambda spec, *a, **k: (target, target)
+    try:
+        out = tmp_path_factory.mktemp("aligned") / "tiny-smollm2-contrast"
+        align_artifact(str(tiny_calibrator), str(smollm2_gguf), str(out), settings=AlignSettings(
+            method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001), progress=False, log=lambda m: None,
+            anti_expert=str(tiny_anti))
+    finally:
+        detox.targets.load_hf_target = original
+    return out
+
+
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):
     return load_llama(smollm2_gguf, **LLAMA_KW)
@@ -169,6 +188,43 @@ def test_fused_logits_equal_unfused_plus_fusion_term_at_every_step(aligned_smoll
     assert _greedy(wrapped, logits_processor=[seen_by_user]) == text
     for (_, expected), (_, got) in zip(fused.steps, seen_by_user.steps):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_contrast_pair_fuses_each_step_by_the_rule(contrast_smollm2, llm):
+    """Contrast fusion on llama.cpp: at each greedy step, fused = raw + λ·(term_expert − term_anti) on the target's
+    plausible top-k and −inf elsewhere, with both calibrators re-run in torch and W_out read from the GGUF."""
+    from llama_cpp import LogitsProcessorList
+
+    lam = 3.0
+    cal = Calibrator.load(contrast_smollm2)
+    wrapped = detox.wrap(llm, calibrator=cal, strength=lam)
+    raw, fused = _Recorder(), _Recorder()
+    proc = LlamaFusionProcessor(llm, cal, wrapped.head, lam)
+    text = _greedy(llm, logits_processor=LogitsProcessorList([raw, proc, fused]))
+    assert len(raw.steps) == N_TOKENS and text
+
+    _, W = gguf_vocab_and_output(llm.model_path)
+    W = W.astype(np.float64)
+    a = cal.alignment_arrays()
+    bos = cal.manifest.calibrator.bos_token_id
+    models = cal.torch_model(), cal.torch_model("anti")
+
+    def term(h):
+        x = h @ a["A"]
+        return W @ ((x - x.mean()) / np.sqrt(x.var() + 1e-5) * a["ln_weight"] + a["ln_bias"])
+
+    for (ids, scores), (_, out) in zip(raw.steps, fused.steps):
+        seen = llm.detokenize(ids.tolist()).decode("utf-8", "replace").rstrip("\ufffd")
+        with torch.inference_mode():
+            h_e, h_a = (m(torch.tensor([[bos] + cal.tokenizer.encode(seen).ids]))[0][0, -1].double().numpy() for m in models)
+        s64 = scores.astype(np.float64)
+        top = np.argsort(-s64)[:32]
+        keep = top[s64[top] >= s64.max() + np.log(0.001)]
+        expected = np.full_like(s64, -np.inf)
+        expected[keep] = s64[keep] + lam * (term(h_e)[keep] - term(h_a)[keep])
+        assert np.array_equal(np.isinf(out), np.isinf(expected))
+        np.testing.assert_allclose(out[keep], expected[keep], rtol=1e-5, atol=1e-3)
+    assert _greedy(wrapped) == text  # the wrapper (overlapped) generates exactly this
 
 
 def test_overlapped_and_inline_fusion_agree_and_the_llama_is_left_as_it_was(aligned_smollm2, llm):

@@ -180,6 +180,21 @@ def test_onnx_and_hf_fused_greedy_agree(ort, hf, aligned_llama):
         assert torch.equal(ours, theirs), f"strength {lam}: ONNX {ours.tolist()} vs HF {theirs.tolist()} (logit gap {gap})"
 
 
+def test_contrast_pair_on_onnx_matches_hf_and_runs_both_calibrators(ort, hf, contrast_llama):
+    """The expert/anti-expert pair through ORTModelForCausalLM (overlapped) gives HF's fused greedy output."""
+    from detox.stream import PairRunner
+
+    model, tok = ort
+    wrapped = detox.wrap(model, calibrator=contrast_llama, tokenizer=tok)
+    assert isinstance(wrapped.runner, PairRunner) and wrapped.strength == 4.0
+    ours = _greedy(wrapped, tok, PROMPTS)
+    theirs = _greedy(detox.wrap(hf, calibrator=contrast_llama, tokenizer=tok), tok, PROMPTS)
+    assert torch.equal(ours, theirs), f"ONNX {ours.tolist()} vs HF {theirs.tolist()}"
+    with wrapped.disable_fusion():
+        plain = _greedy(wrapped, tok, PROMPTS)
+    assert not torch.equal(ours, plain)  # the pair changed the output
+
+
 def test_padded_batch_matches_one_by_one_and_sampling_beams_run(ort, aligned_llama):
     model, tok = ort
     wrapped = detox.wrap(model, calibrator=aligned_llama, tokenizer=tok, strength=0.7)

@@ -28,7 +28,7 @@ import numpy as np
 
 from detox.artifacts.manifest import ALIGNMENT_WEIGHTS, TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusedWrapper, FusionHead, check_strength
+from detox.fusion import FusedWrapper, Head, check_strength
 from detox.runtime import Calibrator
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
 # What is read from the GGUF file: once per file (fingerprint) and once per (artifact, file) (fusion head).
 
 _FINGERPRINTS: dict[tuple[str, int, int], TargetFingerprint] = {}
-_HEADS: dict[tuple[tuple[str, int, int], str, str], FusionHead] = {}
+_HEADS: dict[tuple[tuple[str, int, int], str, str], Head] = {}
 
 
 def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
@@ -65,7 +65,7 @@ def gguf_fingerprint(path: str | os.PathLike[str]) -> TargetFingerprint:
     return _FINGERPRINTS[key]
 
 
-def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signature: Any) -> tuple[Calibrator, FusionHead]:
+def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signature: Any) -> tuple[Calibrator, Head]:
     """The artifact (checked against the GGUF's fingerprint) and its fusion head; the file is read at most once."""
     from detox.wrapping import resolve_calibrator
 
@@ -233,7 +233,7 @@ class LlamaFusionProcessor:
         >>> llama("Hello", logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
     """
 
-    def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float) -> None:
+    def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float) -> None:
         self.strength = check_strength(strength, head.mode)
         self.head = head
         self.detokenize = IncrementalDetokenizer(llama)
@@ -324,7 +324,7 @@ class DetoxLlama(FusedWrapper):
     _wrapped = "llama"
     _own_attributes = ("overlap",)
 
-    def __init__(self, llama: Any, calibrator: Calibrator, head: FusionHead, strength: float | None = None,
+    def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float | None = None,
                  overlap: bool = True) -> None:
         strength = check_strength(calibrator.default_strength if strength is None else strength, head.mode)
         self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=strength, overlap=overlap)

@@ -34,7 +34,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
-from detox.fusion import FusionHead
+from detox.fusion import Head
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
 
@@ -222,7 +222,7 @@ class DetoxORTModel(DetoxModel):
 
     _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model
 
-    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: FusionHead,
+    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: Head,
                  runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:
         super().__init__(model, calibrator, tokenizer, strength)
         self.__dict__["head"] = head
@@ -243,7 +243,7 @@ class DetoxORTModel(DetoxModel):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
         try:
-            with limit_torch_threads(self.torch_threads if self.head.P.device.type == "cpu" else None):
+            with limit_torch_threads(self.torch_threads if self.head.device.type == "cpu" else None):
                 return self.model.generate(*args, **kwargs)
         finally:
             if isinstance(fusion, OverlappedFusionProcessor):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from detox.fusion import FusedWrapper, FusionHead, check_strength
+from detox.fusion import FusedWrapper, Head, check_strength
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner, CalibratorStream
 
@@ -39,7 +39,7 @@ class FusionLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
-                 renormalize: bool = False, *, head: FusionHead | None = None,
+                 renormalize: bool = False, *, head: Head | None = None,
                  runner_factory: Callable[[], CalibratorRunner] | None = None) -> None:
         strength = check_strength(calibrator.default_strength if strength is None else strength, calibrator.fusion_mode)
         self.calibrator = calibrator
@@ -80,7 +80,7 @@ class FusionLogitsProcessor(LogitsProcessor):
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Every row's part of the fusion that does not need the target's logits (:meth:`FusionHead.prepare`)."""
-        return self.head.prepare(self.calibrator_hidden(input_ids).to(device=self.head.P.device, dtype=self.head.P.dtype))
+        return self.head.prepare(self.calibrator_hidden(input_ids).to(device=self.head.device, dtype=torch.float32))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.strength == 0.0:

@@ -61,10 +61,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
-    """Accept torch tensors or arrays; store contiguous little-endian arrays of ``dtype``."""
+    """Accept torch tensors or arrays; store contiguous little-endian arrays of ``dtype`` (integer arrays, such as
+    a token map, as int32)."""
     if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(value, dtype=np.float32).astype(dtype))
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.integer):
+        return np.ascontiguousarray(value.astype(np.int32))
+    return np.ascontiguousarray(value.astype(np.float32).astype(dtype))
 
 
 def make_shareable(path: str | os.PathLike[str]) -> None:

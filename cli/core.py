@@ -72,6 +72,8 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
 @click.option("--top-k", default=64, show_default=True, help="Contrast fusion: candidate tokens per step.")
 @click.option("--plausibility", default=0.02, show_default=True,
               help="Contrast fusion: candidates need p ≥ plausibility · max p under the target.")
+@click.option("--suppress-only/--two-sided", default=False, show_default=True,
+              help="Contrast fusion: only push down tokens the anti-expert prefers (min(0, log-ratio)).")
 @click.option("--vocab-epochs", default=8, show_default=True)
 @click.option("--context-epochs", default=3, show_default=True)
 @click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")
@@ -80,14 +82,15 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
 @click.option("--version", "version", default=None, help="Artifact version (default: the calibrator's).")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, vocab_epochs,
+def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, suppress_only, vocab_epochs,
               context_epochs, max_docs, seed, name, version, overwrite) -> None:
     """Align a calibrator to a target model (target frozen) and write an artifact bound to that target."""
     from detox.alignment import AlignSettings, align_artifact
     from detox.artifacts.shipped import default_calibrator_path
 
     s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
-                      max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility)
+                      max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility,
+                      suppress_only=suppress_only)
     m = align_artifact(calibrator or str(default_calibrator_path()), target, out, list(data) or None, s, name=name,
                        version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
                        anti_expert=anti_expert)

@@ -1,10 +1,9 @@
 """Quick probe of expert/anti-expert fusion settings on the HF backend (a dev subset, not the full protocol).
 
-    python experiments/contrast_probe.py --expert artifacts/shipped/smollm2-135m-instruct --anti /tmp/x/anti1 \
-        --prompts 40 --samples 5 --config none --config 0:64:0.01 --config 2:64:0.01
+    python experiments/contrast_probe.py --pair /tmp/x/pair2 --prompts 80 --samples 5 \
+        --config none --config 2:64:0.02 --config 4:64:0.02
 
-A config is ``none`` or ``STRENGTH:TOP_K:PLAUSIBILITY``. The anti-expert uses its own alignment when it is an
-aligned artifact, else the expert's alignment map (it was fine-tuned from the expert).
+A config is ``none`` or ``STRENGTH:TOP_K:PLAUSIBILITY[:suppress]`` (``suppress``: only the negative log-ratio).
 """
 
 from __future__ import annotations
@@ -14,28 +13,21 @@ import json
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from detox.adapters.transformers import FusionLogitsProcessor
 from detox.evaluation import HFSampler, read_prompts, summarize
-from detox.fusion import FusionHead, contrast_fuse, top_candidates
 from detox.metrics import conditional_perplexity
 from detox.runtime import Calibrator
 from detox.scoring import load_scorer
 from detox.targets import load_hf_target
 
 
-class Contrast(LogitsProcessor):
-    def __init__(self, expert: FusionLogitsProcessor, anti: FusionLogitsProcessor, strength: float, k: int, alpha: float):
-        self.expert, self.anti, self.strength, self.k, self.alpha = expert, anti, strength, k, alpha
-
-    def __call__(self, input_ids, scores):
-        idx, keep = top_candidates(scores, self.k, self.alpha)
-        if self.strength == 0:
-            return torch.full_like(scores, float("-inf")).scatter(-1, idx, scores.gather(-1, idx).masked_fill(~keep, float("-inf")))
-        he = self.expert.calibrator_hidden(input_ids).float()
-        ha = self.anti.calibrator_hidden(input_ids).float()
-        return contrast_fuse(scores, idx, keep, self.expert.head.term_at(he, idx), self.anti.head.term_at(ha, idx), self.strength)
+def contrast_processor(pair: Calibrator, model, tok, lam: float, k: int, alpha: float, suppress: bool) -> FusionLogitsProcessor:
+    """The product's processor with the candidate settings overridden (the artifact records its defaults)."""
+    proc = FusionLogitsProcessor(pair, model, tok, lam)
+    proc.head.top_k, proc.head.plausibility, proc.head.suppress_only = k, alpha, suppress
+    return proc
 
 
 class WithProcessor:
@@ -48,8 +40,7 @@ class WithProcessor:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--expert", required=True)
-    ap.add_argument("--anti", required=True)
+    ap.add_argument("--pair", required=True, help="a contrast artifact aligned to SmolLM2 (detox align --anti-expert)")
     ap.add_argument("--prompts-file", default="../shared/data/prompts_dev.jsonl")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--offset", type=int, default=0)
@@ -59,10 +50,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_hf_target("smollm2")
-    expert, anti = Calibrator.load(a.expert), Calibrator.load(a.anti)
-    W = model.get_output_embeddings().weight
-    eh = expert.fusion_head(W)
-    ah = anti.fusion_head(W) if anti.is_aligned else eh
+    pair = Calibrator.load(a.pair)
     prompts = read_prompts(a.prompts_file)[a.offset : a.offset + a.prompts]
     scorer = load_scorer(None)
     results = []
@@ -70,10 +58,10 @@ def main() -> None:
         if cfg == "none":
             sampler = HFSampler(model, tok)
         else:
-            lam, k, alpha = cfg.split(":")
-            make = lambda lam=float(lam), k=int(k), alpha=float(alpha): Contrast(  # noqa: E731
-                FusionLogitsProcessor(expert, None, tok, 0.0, head=eh), FusionLogitsProcessor(anti, None, tok, 0.0, head=ah),
-                lam, k, alpha)
+            lam, k, alpha, *rest = cfg.split(":")
+            suppress = rest == ["suppress"]
+            make = lambda lam=float(lam), k=int(k), alpha=float(alpha), sup=suppress: contrast_processor(  # noqa: E731
+                pair, model, tok, lam, k, alpha, sup)
             sampler = HFSampler(WithProcessor(model, make), tok)
         t0 = time.perf_counter()
         rows = []

@@ -45,6 +45,7 @@ class AlignSettings:
     default_strength: float | None = None  # None: DEFAULT_STRENGTH of the fusion mode
     top_k: int = 64  # contrast fusion: candidate tokens per step ...
     plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
+    suppress_only: bool = False  # contrast fusion: only push down what the anti-expert prefers
     seed: int = 0
 
 
@@ -101,6 +102,26 @@ def shared_token_pairs(cal_tokens: list[str | None], target_tokens: list[str | N
         if s and s in target_index:
             pairs.append((i, target_index[s]))
     return pairs
+
+
+def build_token_map(cal_tokenizer: Any, target_tokens: list[str | None], target_special: set[str] = frozenset()) -> tuple[np.ndarray, dict[str, float]]:
+    """For contrast fusion: each target token's calibrator counterpart, the calibrator token its text starts with.
+
+    Returns ``(map [vocab_target] int32 with -1 for special / partial-byte tokens, metrics)``; the metrics say how
+    many target tokens have an exact counterpart (same text) and how many only a first piece.
+    """
+    surfaces = vocab_surfaces(target_tokens, target_special)
+    present = [i for i, s in enumerate(surfaces) if s]
+    encoded = cal_tokenizer.encode_batch([surfaces[i] for i in present], add_special_tokens=False)
+    out = np.full(len(target_tokens), -1, dtype=np.int32)
+    exact = 0
+    for i, enc in zip(present, encoded):
+        if enc.ids:
+            out[i] = enc.ids[0]
+            exact += len(enc.ids) == 1
+    mapped = int((out >= 0).sum())
+    return out, {"token_map_exact": exact / len(out), "token_map_first_piece": (mapped - exact) / len(out),
+                 "token_map_unmapped": 1 - mapped / len(out)}
 
 
 class AlignmentMap(nn.Module):
@@ -302,8 +323,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     """Load a trained calibrator and a target, align them, and write an aligned artifact bound to the target.
 
     ``anti_expert``: a calibrator made from this one by ``detox train --init`` on toxic text. The artifact then
-    uses contrast fusion (``target + λ·(expert − anti-expert)``); the anti-expert shares the expert's alignment,
-    which holds because fine-tuning keeps it in the expert's representation space.
+    uses contrast fusion (``target + λ·(log p_expert − log p_anti)`` on the target's plausible tokens, see
+    :class:`detox.fusion.ContrastHead`), whose per-target alignment is only a map between the two vocabularies.
     """
     import time
 
@@ -331,7 +352,15 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     texts: list[str] = []
     for p in data:
         texts.extend(read_texts(p))
-    arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
+    if anti is not None:  # contrast fusion reads both calibrators in their own vocabulary: only a token map is learned
+        from detox.fingerprint import hf_vocab_tokens
+
+        token_map, metrics = build_token_map(calibrator.tokenizer, hf_vocab_tokens(tokenizer), set(tokenizer.all_special_tokens))
+        arrays = {"token_map": token_map}
+        log(f"token map: {metrics['token_map_exact']:.1%} of target tokens exact, "
+            f"{metrics['token_map_first_piece']:.1%} by first piece, {metrics['token_map_unmapped']:.1%} unmapped")
+    else:
+        arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
     metrics["align_seconds"] = time.perf_counter() - t0
     m = calibrator.manifest
     fields = {
@@ -343,12 +372,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         "calibrator": m.calibrator,
         "training": m.training,
         "alignment": {
-            "method": s.method,
+            "method": "token-map" if anti is not None else s.method,
             "target": fingerprint,
             "fusion": fusion,
             "default_strength": DEFAULT_STRENGTH[fusion] if s.default_strength is None else s.default_strength,
             "top_k": s.top_k,
             "plausibility": s.plausibility,
+            "suppress_only": s.suppress_only,
             "seed": s.seed,
             "metrics": metrics,
             "settings": {

@@ -16,13 +16,13 @@ and with ``x = h_cal · A``, ``μ``/``σ`` its mean/std over the target width, a
 ``vocab × d_cal`` product instead of a second full LM head — and backends that only expose logits
 (llama.cpp) can fuse too. Functions here use only operators that torch and numpy share.
 
-The default shipped artifact uses the second mode, ``contrast``: an *expert* calibrator (non-toxic text) and an
-*anti-expert* (the expert fine-tuned on toxic text) share one alignment, and on the target's plausible tokens::
+The default shipped artifact uses the second mode, ``contrast`` (:class:`ContrastHead`): an *expert* calibrator
+(non-toxic text) and an *anti-expert* (the expert fine-tuned on toxic text), read in their own vocabulary and
+mapped to the target's tokens by text; on the target's plausible tokens::
 
-    fused[v] = logits_target[v] + λ · (term_expert[v] − term_anti[v])        (−inf elsewhere)
+    fused[v] = logits_target[v] + λ · (log p_expert(v) − log p_anti(v))        (−inf elsewhere)
 
-It only needs the ``top_k`` candidate rows of ``P`` (``k × d_cal`` work per step) and never flattens the target's
-distribution the way ``(1 − λ)`` does. See :func:`contrast_fuse` and docs/method.md.
+It never flattens the target's distribution the way ``(1 − λ)`` does. See docs/method.md.
 """
 
 from __future__ import annotations
@@ -52,38 +52,27 @@ class FusionHead:
     g: Array  # [vocab]
     b: Array  # [vocab]
     eps: float
-    mode: str = "interpolate"  # INTERPOLATE or CONTRAST (expert/anti-expert pair)
-    top_k: int = 64  # CONTRAST: at most this many of the target's tokens are candidates ...
-    plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
+    mode = INTERPOLATE
 
     @classmethod
-    def build(cls, W_out: Array, A: Array, ln_weight: Array, ln_bias: Array, eps: float = 1e-5, **rule: Any) -> "FusionHead":
-        """Precompute ``P``, ``g``, ``b`` from the target's output embedding ``W_out`` ([vocab, d_target]).
-
-        ``rule``: ``mode``, ``top_k``, ``plausibility`` (see the fields)."""
+    def build(cls, W_out: Array, A: Array, ln_weight: Array, ln_bias: Array, eps: float = 1e-5) -> "FusionHead":
+        """Precompute ``P``, ``g``, ``b`` from the target's output embedding ``W_out`` ([vocab, d_target])."""
         if W_out.shape[1] != A.shape[1]:
             raise ValueError(f"alignment maps into width {A.shape[1]} but the target's hidden size is {W_out.shape[1]}")
-        if rule.get("mode", INTERPOLATE) not in MAX_STRENGTH:
-            raise ValueError(f"unknown fusion mode {rule['mode']!r}; use {' or '.join(MAX_STRENGTH)}")
         P = (W_out * ln_weight[None, :]) @ A.T
-        return cls(A=A, P=P, g=W_out @ ln_weight, b=W_out @ ln_bias, eps=eps, **rule)
+        return cls(A=A, P=P, g=W_out @ ln_weight, b=W_out @ ln_bias, eps=eps)
+
+    @property
+    def device(self) -> Any:
+        return getattr(self.P, "device", None)
 
     def prepare(self, hidden: Array) -> Array:
-        """What can be computed before the target's logits are known (backends overlap it with the target's step):
-        the whole term for INTERPOLATE (``hidden``: ``[..., d_cal]``); the calibrator states themselves for CONTRAST
-        (``hidden``: ``[..., 2, d_cal]``, expert then anti-expert), whose work depends on the target's candidates."""
-        return self.term(hidden) if self.mode == INTERPOLATE else hidden
+        """What a backend may compute before the target's logits are known (overlapped with the target's step)."""
+        return self.term(hidden)
 
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
-        """The fused logits for this head's mode from :meth:`prepare`'s output; never mutates ``logits``."""
-        if self.mode == INTERPOLATE:
-            return fuse_logits(logits, prepared, strength)
-        if check_strength(strength, CONTRAST) == 0.0:
-            return logits * 1.0
-        idx, keep = top_candidates(logits[..., : self.vocab_size], self.top_k, self.plausibility)
-        expert = self.term_at(prepared[..., 0, :], idx)
-        anti = self.term_at(prepared[..., 1, :], idx)
-        return contrast_fuse(logits, idx, keep, expert, anti, strength)
+        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``."""
+        return fuse_logits(logits, prepared, strength)
 
     @property
     def vocab_size(self) -> int:
@@ -97,15 +86,6 @@ class FusionHead:
         inv_std = (var + self.eps) ** -0.5
         return (h_cal @ self.P.T - mu * self.g) * inv_std + self.b
 
-
-    def term_at(self, h_cal: Array, idx: Array) -> Array:
-        """:meth:`term` for the vocabulary ids ``idx`` only (``[..., k]``): ``k × d_cal`` work instead of ``vocab × d_cal``."""
-        x = h_cal @ self.A
-        mu = _mean_last(x)
-        var = _mean_last((x - mu) ** 2)
-        inv_std = (var + self.eps) ** -0.5
-        dot = (self.P[idx] * h_cal[..., None, :]).sum(-1)
-        return (dot - mu * self.g[idx]) * inv_std + self.b[idx]
 
 
 def check_strength(strength: float, mode: str = INTERPOLATE) -> float:
@@ -187,27 +167,86 @@ def top_candidates(logits: Array, top_k: int, plausibility: float) -> tuple[Arra
     return idx, keep
 
 
-def contrast_fuse(logits: Array, idx: Array, keep: Array, expert_term: Array, anti_term: Array, strength: float) -> Array:
-    """Expert/anti-expert fusion on the target's plausible tokens, ``-inf`` elsewhere::
+def _log_softmax(x: Array) -> Array:
+    if _is_torch(x):
+        return x.log_softmax(-1)
+    import numpy as np
 
-        fused[v] = logits[v] + λ · (term_expert[v] − term_anti[v])   for v in the plausible set
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
-    i.e. ``p ∝ p_target · (p_expert / p_anti)^λ`` restricted to what the target finds plausible (DExperts'
-    ensemble on a truncated base). Unlike the paper's interpolation it never flattens the target's own
-    distribution, and it only ever reorders tokens the target would plausibly say, which bounds the fluency cost.
-    ``idx``/``keep`` come from :func:`top_candidates`; the terms are ``FusionHead.term_at(h, idx)`` of each calibrator.
+
+def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, strength: float) -> Array:
+    """``logits[v] + λ·log_ratio[v]`` on the target's plausible candidates ``idx[keep]``, ``-inf`` elsewhere.
+
+    ``idx``/``keep`` come from :func:`top_candidates`, ``log_ratio`` (``[..., k]``) is ``log p_expert − log p_anti``
+    at those candidates. Never mutates ``logits``.
     """
     strength = check_strength(strength, CONTRAST)
     if _is_torch(logits):
         import torch
 
-        vals = logits.gather(-1, idx) + strength * (expert_term - anti_term)
-        vals = vals.masked_fill(~keep, float("-inf"))
+        vals = (logits.gather(-1, idx) + strength * log_ratio).masked_fill(~keep, float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter(-1, idx, vals)
     import numpy as np
 
-    vals = np.take_along_axis(logits, idx, -1) + strength * (expert_term - anti_term)
-    vals = np.where(keep, vals, -np.inf).astype(logits.dtype, copy=False)
+    vals = np.where(keep, np.take_along_axis(logits, idx, -1) + strength * log_ratio, -np.inf).astype(logits.dtype, copy=False)
     out = np.full_like(logits, -np.inf)
     np.put_along_axis(out, idx, vals, -1)
     return out
+
+
+@dataclass
+class ContrastHead:
+    """Expert/anti-expert fusion: the calibrators' own next-token distributions, read at the target's candidates.
+
+    Both calibrators share one tokenizer; each target token ``v`` is mapped (``token_map``, built by ``detox align``
+    from the two vocabularies) to the calibrator token that starts its text. On the target's plausible tokens::
+
+        fused[v] = logits_target[v] + λ · (log p_expert(map v) − log p_anti(map v))        (−inf elsewhere)
+
+    Target tokens with no calibrator counterpart (``-1``: special or partial-byte tokens) get no change.
+    """
+
+    token_map: Array  # [vocab_target] int, -1 = no counterpart
+    expert_out: Array  # [vocab_cal, d_cal] the expert's (tied) output embedding
+    anti_out: Array  # [vocab_cal, d_cal] the anti-expert's
+    top_k: int = 64  # at most this many of the target's tokens are candidates ...
+    plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
+    suppress_only: bool = False  # use min(0, log-ratio): push down what the anti-expert prefers, boost nothing
+    mode = CONTRAST
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.token_map.shape[0])
+
+    @property
+    def device(self) -> Any:
+        return getattr(self.expert_out, "device", None)
+
+    def prepare(self, hidden: Array) -> Array:
+        """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
+        ``[..., 2, d_cal]`` (expert first); needs no target logits, so backends overlap it with the target's step."""
+        expert = _log_softmax(hidden[..., 0, :] @ self.expert_out.T)
+        anti = _log_softmax(hidden[..., 1, :] @ self.anti_out.T)
+        return expert - anti
+
+    def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
+        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""
+        if check_strength(strength, CONTRAST) == 0.0:
+            return logits * 1.0
+        idx, keep = top_candidates(logits[..., : self.vocab_size], self.top_k, self.plausibility)
+        cal_ids = self.token_map[idx]
+        mapped = cal_ids >= 0
+        if _is_torch(prepared):
+            ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
+        else:
+            import numpy as np
+
+            ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
+        if self.suppress_only:
+            ratio = ratio.clip(max=0.0) if _is_torch(ratio) else ratio.clip(None, 0.0)
+        return contrast_fuse(logits, idx, keep, ratio, strength)
+
+
+Head = FusionHead | ContrastHead  # what Calibrator.fusion_head returns and every adapter fuses with

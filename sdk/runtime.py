@@ -11,7 +11,7 @@ import numpy as np
 
 from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, load_artifact
-from detox.fusion import INTERPOLATE, FusionHead
+from detox.fusion import INTERPOLATE, ContrastHead, FusionHead
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -169,22 +169,29 @@ class Calibrator:
             raise ArtifactError(f"{self.path} has no alignment; run detox align")
         return self.artifact.alignment
 
-    def fusion_head(self, W_out: Any) -> FusionHead:
-        """Precompute the fusion head for a target output embedding (torch tensor or numpy array)."""
+    def fusion_head(self, W_out: Any) -> FusionHead | ContrastHead:
+        """Precompute the fusion head for a target output embedding (torch tensor or numpy array): a
+        :class:`FusionHead` (interpolate) or :class:`ContrastHead` (contrast), on W_out's framework and device."""
         a = self.alignment_arrays()
-        eps = float(self.manifest.alignment.settings.get("ln_eps", 1e-5)) if self.manifest.alignment else 1e-5
+        al = self.manifest.alignment
         if hasattr(W_out, "detach"):
             import torch
 
             W = W_out.detach().float()
             to = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(W.device)  # noqa: E731
-            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps, **self._fusion_rule())
-        W = np.asarray(W_out, dtype=np.float32)
-        return FusionHead.build(W, a["A"].astype(np.float32), a["ln_weight"].astype(np.float32), a["ln_bias"].astype(np.float32),
-                                eps, **self._fusion_rule())
-
-    def _fusion_rule(self) -> dict[str, Any]:
-        al = self.manifest.alignment
-        if al is None:
-            return {}
-        return {"mode": al.fusion, "top_k": al.top_k, "plausibility": al.plausibility}
+            index = lambda x: torch.from_numpy(np.asarray(x, dtype=np.int64)).to(W.device)  # noqa: E731
+        else:
+            W = np.asarray(W_out, dtype=np.float32)
+            to = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+            index = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+        if self.fusion_mode == INTERPOLATE:
+            eps = float(al.settings.get("ln_eps", 1e-5)) if al else 1e-5
+            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps)
+        if "token_map" not in a or self.artifact.anti_state is None:
+            raise ArtifactError(f"{self.path}: a contrast artifact needs a token map and an anti-expert; re-run detox align")
+        token_map = a["token_map"]
+        if token_map.shape[0] > W.shape[0]:
+            raise ArtifactError(f"{self.path}: token map covers {token_map.shape[0]} tokens, the target has {W.shape[0]}")
+        key = "embed.weight"
+        return ContrastHead(index(token_map), to(self.artifact.calibrator_state[key]), to(self.artifact.anti_state[key]),
+                            top_k=al.top_k, plausibility=al.plausibility, suppress_only=al.suppress_only)

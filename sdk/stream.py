@@ -74,7 +74,7 @@ class PairRunner:
     """Runs an expert and an anti-expert calibrator (same tokenizer) in lockstep for contrast fusion.
 
     One stream drives both, so the text is re-tokenized once; ``run`` returns both hidden states stacked as
-    ``[2, d_cal]`` (expert first), the layout :meth:`detox.fusion.FusionHead.prepare` expects.
+    ``[2, d_cal]`` (expert first), the layout :meth:`detox.fusion.ContrastHead.prepare` expects.
     """
 
     def __init__(self, expert: CalibratorRunner, anti: CalibratorRunner) -> None:

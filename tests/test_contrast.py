@@ -10,53 +10,57 @@ import torch
 import detox
 from detox.artifacts import ArtifactError
 from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, Manifest
-from detox.fusion import CONTRAST, FusionHead, check_strength, contrast_fuse, top_candidates
+from detox.fusion import CONTRAST, ContrastHead, check_strength, contrast_fuse, top_candidates
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
 
 
-def _head(rng, vocab=40, d_cal=6, d_t=10, **rule):
-    W = rng.normal(size=(vocab, d_t)).astype(np.float32)
-    A = rng.normal(size=(d_cal, d_t)).astype(np.float32)
-    gamma = rng.uniform(0.5, 1.5, size=d_t).astype(np.float32)
-    beta = rng.normal(size=d_t).astype(np.float32) * 0.1
-    return W, A, gamma, beta, FusionHead.build(W, A, gamma, beta, mode=CONTRAST, **rule)
+def _head(rng, vocab=40, vocab_cal=30, d_cal=6, **rule):
+    token_map = rng.integers(0, vocab_cal, size=vocab)
+    token_map[[3, 7]] = -1  # two target tokens without a calibrator counterpart
+    E_e = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
+    E_a = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
+    return token_map, E_e, E_a, ContrastHead(token_map, E_e, E_a, **rule)
 
 
-def _expected(logits, W, A, gamma, beta, h_e, h_a, lam, top_k, alpha):
-    """The documented rule, written out in float64 with a full-vocabulary LayerNorm term per calibrator."""
-    def term(h):
-        x = h.astype(np.float64) @ A
-        ln = (x - x.mean()) / np.sqrt(x.var() + 1e-5) * gamma + beta
-        return W.astype(np.float64) @ ln
+def _log_softmax64(x):
+    x = x.astype(np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
+
+def _expected(logits, token_map, E_e, E_a, h_e, h_a, lam, top_k, alpha):
+    """The documented rule, written out in float64: log p_expert − log p_anti of each target token's calibrator
+    counterpart (0 without one), added on the target's plausible top-k; −inf elsewhere."""
+    ratio = _log_softmax64(E_e @ h_e) - _log_softmax64(E_a @ h_a)
     out = np.full(logits.shape, -np.inf)
     order = np.argsort(-logits)[:top_k]
     top = logits.max()
     for v in order:
-        if np.exp(logits[v] - top) >= alpha:  # p(v) >= alpha * max p
-            out[v] = logits[v] + lam * (term(h_e)[v] - term(h_a)[v])
+        if np.exp(float(logits[v]) - float(top)) >= alpha:  # p(v) >= alpha * max p
+            out[v] = logits[v] + lam * (ratio[token_map[v]] if token_map[v] >= 0 else 0.0)
     return out
 
 
 @pytest.mark.parametrize("top_k,alpha", [(8, 0.0), (40, 0.05), (5, 0.5)])
 def test_contrast_matches_the_formula_on_numpy_and_torch(top_k, alpha):
     rng = np.random.default_rng(0)
-    W, A, gamma, beta, head = _head(rng, top_k=top_k, plausibility=alpha)
+    token_map, E_e, E_a, head = _head(rng, top_k=top_k, plausibility=alpha)
     logits = (rng.normal(size=40) * 3).astype(np.float32)
     hidden = rng.normal(size=(2, 6)).astype(np.float32)
-    expected = _expected(logits, W, A, gamma, beta, hidden[0], hidden[1], 2.5, top_k, alpha)
+    expected = _expected(logits, token_map, E_e, E_a, hidden[0], hidden[1], 2.5, top_k, alpha)
     got = head.apply(logits, head.prepare(hidden), 2.5)
     assert np.array_equal(np.isinf(got), np.isinf(expected))
     np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).sum() <= top_k
 
-    th = FusionHead.build(*(torch.from_numpy(x) for x in (W, A, gamma, beta)), mode=CONTRAST, top_k=top_k, plausibility=alpha)
+    th = ContrastHead(torch.from_numpy(token_map), torch.from_numpy(E_e), torch.from_numpy(E_a), top_k=top_k, plausibility=alpha)
     batch = torch.from_numpy(np.stack([logits, logits[::-1].copy()]))
-    got_t = th.apply(batch, torch.from_numpy(np.stack([hidden, hidden[::-1].copy()])), 2.5).numpy()
+    states = torch.from_numpy(np.stack([hidden, hidden[::-1].copy()]))
+    got_t = th.apply(batch, th.prepare(states), 2.5).numpy()
     np.testing.assert_allclose(got_t[0], got, rtol=1e-5, atol=1e-4)
-    expected_row2 = _expected(logits[::-1].copy(), W, A, gamma, beta, hidden[1], hidden[0], 2.5, top_k, alpha)
-    assert np.array_equal(np.isinf(got_t[1]), np.isinf(expected_row2))
+    row2 = _expected(logits[::-1].copy(), token_map, E_e, E_a, hidden[1], hidden[0], 2.5, top_k, alpha)
+    assert np.array_equal(np.isinf(got_t[1]), np.isinf(row2))
+    np.testing.assert_allclose(got_t[1][np.isfinite(row2)], row2[np.isfinite(row2)], rtol=1e-5, atol=1e-4)
 
 
 def test_strength_zero_keeps_logits_and_padding_logits_are_never_candidates():
@@ -64,19 +68,31 @@ def test_strength_zero_keeps_logits_and_padding_logits_are_never_candidates():
     *_, head = _head(rng, top_k=10, plausibility=0.0)
     logits = rng.normal(size=44).astype(np.float32)  # 4 padding logits beyond the head's 40 tokens
     logits[42] = 100.0  # the largest logit is padding: still excluded
-    hidden = rng.normal(size=(2, 6)).astype(np.float32)
+    hidden = head.prepare(rng.normal(size=(2, 6)).astype(np.float32))
     np.testing.assert_array_equal(head.apply(logits, hidden, 0.0), logits)
     fused = head.apply(logits, hidden, 1.0)
     assert np.isinf(fused[40:]).all() and np.isfinite(fused).sum() == 10
 
 
+def test_suppress_only_lowers_what_the_anti_expert_prefers_and_raises_nothing():
+    rng = np.random.default_rng(3)
+    token_map, E_e, E_a, two_sided = _head(rng, top_k=40, plausibility=0.0)
+    one_sided = ContrastHead(token_map, E_e, E_a, top_k=40, plausibility=0.0, suppress_only=True)
+    logits = rng.normal(size=40).astype(np.float32)
+    ratio = two_sided.prepare(rng.normal(size=(2, 6)).astype(np.float32))
+    both, down = two_sided.apply(logits, ratio, 3.0), one_sided.apply(logits, ratio, 3.0)
+    assert (down <= logits + 1e-6).all() and (down < logits - 1e-3).any()
+    np.testing.assert_allclose(down, np.minimum(both, logits), atol=1e-5)
+
+
 def test_identical_expert_and_anti_expert_only_truncate():
-    """λ·(expert − anti) vanishes when both states are equal: the target's own plausible tokens, unchanged."""
+    """log p_expert − log p_anti vanishes for identical models: the target's own plausible tokens, unchanged."""
     rng = np.random.default_rng(2)
-    *_, head = _head(rng, top_k=40, plausibility=0.1)
+    token_map, E_e, _, _ = _head(rng)
+    head = ContrastHead(token_map, E_e, E_e.copy(), top_k=40, plausibility=0.1)
     logits = (rng.normal(size=40) * 2).astype(np.float32)
     h = rng.normal(size=6).astype(np.float32)
-    fused = head.apply(logits, np.stack([h, h]), 5.0)
+    fused = head.apply(logits, head.prepare(np.stack([h, h])), 5.0)
     idx, keep = top_candidates(logits, 40, 0.1)
     kept = idx[keep]
     np.testing.assert_allclose(fused[kept], logits[kept], atol=1e-5)
@@ -88,14 +104,28 @@ def test_strength_ranges_depend_on_the_mode():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         check_strength(4.0)
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
-        contrast_fuse(np.zeros(3), np.array([0]), np.array([True]), np.zeros(1), np.zeros(1), 21.0)
+        contrast_fuse(np.zeros(3), np.array([0]), np.array([True]), np.zeros(1), 21.0)
+
+
+def test_token_map_maps_each_target_token_to_the_calibrator_token_its_text_starts_with(tiny_calibrator):
+    from detox.alignment import build_token_map
+
+    tok = Calibrator.load(tiny_calibrator).tokenizer
+    word = next(t for t in (tok.id_to_token(i) for i in range(tok.get_vocab_size())) if t.startswith("Ġ") and len(t) > 3)
+    targets = [word, word + "zzqx", "<|im_start|>", "\u0120\u00e2", None]  # exact, first piece, special, partial byte, hole
+    token_map, metrics = build_token_map(tok, targets, {"<|im_start|>"})
+    assert token_map[0] == tok.token_to_id(word)
+    assert token_map[1] == tok.token_to_id(word)
+    assert list(token_map[2:]) == [-1, -1, -1]
+    assert metrics["token_map_exact"] == pytest.approx(0.2) and metrics["token_map_unmapped"] == pytest.approx(0.6)
 
 
 def test_pair_artifact_holds_both_calibrators_and_one_alignment(contrast_llama, tiny_calibrator, tiny_anti):
     cal = Calibrator.load(contrast_llama)
     m = cal.manifest
     assert cal.fusion_mode == "contrast" and cal.has_anti_expert
-    assert m.alignment.default_strength == 4.0 and m.alignment.top_k == 20
+    assert m.alignment.default_strength == 4.0 and m.alignment.top_k == 20 and m.alignment.method == "token-map"
+    assert set(cal.alignment_arrays()) == {"token_map"}
     assert m.anti_expert == Calibrator.load(tiny_anti).manifest.training
     assert {ANTI_WEIGHTS, ANTI_ONNX} <= set(m.files)
     # the pair runner gives both models' states, expert first, on ONNX Runtime and torch alike
@@ -172,7 +202,8 @@ def test_hf_wrap_fuses_each_step_by_the_contrast_rule(contrast_llama, llama_targ
     inputs = tok(["the river", "a stone by"], return_tensors="pt", padding=True)
     model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
                    logits_processor=LogitsProcessorList([raw, proc, fused]))
-    W, a = model.get_output_embeddings().weight.detach().double().numpy(), cal.alignment_arrays()
+    token_map = cal.alignment_arrays()["token_map"]
+    E_e, E_a = (m.embed.weight.detach().numpy() for m in (cal.torch_model(), cal.torch_model("anti")))
     expert, anti = cal.torch_model(), cal.torch_model("anti")
     moved = 0.0
     for (ids, scores), (_, out) in zip(raw.steps, fused.steps):
@@ -181,9 +212,9 @@ def test_hf_wrap_fuses_each_step_by_the_contrast_rule(contrast_llama, llama_targ
             cal_ids = torch.tensor([[0] + cal.tokenizer.encode(text).ids])
             with torch.inference_mode():
                 h_e, h_a = (mod(cal_ids)[0][0, -1].numpy() for mod in (expert, anti))
-            want = _expected(scores[row].double().numpy(), W, a["A"], a["ln_weight"], a["ln_bias"], h_e, h_a, 4.0, 20, 0.001)
+            want = _expected(scores[row].double().numpy(), token_map, E_e, E_a, h_e, h_a, 4.0, 20, 0.001)
             got = out[row].numpy()
             assert np.array_equal(np.isinf(got), np.isinf(want))
             np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-4, atol=2e-3)
             moved = max(moved, float(np.abs(got - scores[row].numpy())[np.isfinite(got)].max()))
-    assert moved > 1e-2  # the anti-expert term really changed the logits
+    assert moved > 1e-2  # the anti-expert really changed the logits

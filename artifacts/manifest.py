@@ -72,8 +72,8 @@ class AlignmentInfo(_Strict):
     fusion: Literal["interpolate", "contrast"] = "interpolate"  # see detox.fusion
     default_strength: float = Field(ge=0.0, le=20.0)  # ≤ 1 for interpolate (checked below)
     top_k: int = Field(default=64, ge=1)  # contrast only: candidate tokens per step ...
-    plausibility: float = Field(default=0.02, ge=0.0, le=1.0)  # ... with p ≥ plausibility · max p
-    suppress_only: bool = False  # contrast only: use min(0, log p_expert − log p_anti)
+    plausibility: float = Field(default=0.001, ge=0.0, le=1.0)  # ... with p ≥ plausibility · max p
+    suppress_only: bool = True  # contrast only: use min(0, log p_expert − log p_anti)
     seed: int
     metrics: dict[str, float] = {}
     settings: dict[str, float | int | str | bool] = {}

@@ -68,11 +68,11 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
                    "Gives contrast fusion: target + λ·(expert − anti-expert) on the target's plausible tokens. "
                    "A contrast --calibrator keeps its own anti-expert.")
 @click.option("--strength", default=None, type=float,
-              help="Default fusion strength recorded in the artifact [default: 0.3 interpolate, 4.0 contrast].")
+              help="Default fusion strength recorded in the artifact [default: 0.3 interpolate, 8.0 contrast].")
 @click.option("--top-k", default=64, show_default=True, help="Contrast fusion: candidate tokens per step.")
-@click.option("--plausibility", default=0.02, show_default=True,
+@click.option("--plausibility", default=0.001, show_default=True,
               help="Contrast fusion: candidates need p ≥ plausibility · max p under the target.")
-@click.option("--suppress-only/--two-sided", default=False, show_default=True,
+@click.option("--suppress-only/--two-sided", default=True, show_default=True,
               help="Contrast fusion: only push down tokens the anti-expert prefers (min(0, log-ratio)).")
 @click.option("--vocab-epochs", default=8, show_default=True)
 @click.option("--context-epochs", default=3, show_default=True)

@@ -44,12 +44,12 @@ class AlignSettings:
     ln_eps: float = 1e-5
     default_strength: float | None = None  # None: DEFAULT_STRENGTH of the fusion mode
     top_k: int = 64  # contrast fusion: candidate tokens per step ...
-    plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
-    suppress_only: bool = False  # contrast fusion: only push down what the anti-expert prefers
+    plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
+    suppress_only: bool = True  # contrast fusion: only push down what the anti-expert prefers
     seed: int = 0
 
 
-DEFAULT_STRENGTH = {"interpolate": 0.3, "contrast": 4.0}
+DEFAULT_STRENGTH = {"interpolate": 0.3, "contrast": 8.0}
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -161,7 +161,9 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sampler: Sampler, sc
     bar = tqdm(total=len(prompts), initial=done_prompts, desc="eval", unit="prompt", disable=not progress)
     # batches start at multiples of prompt_batch_size, so a resumed run samples exactly what a straight run would
     start = done_prompts - done_prompts % s.prompt_batch_size
-    if start != done_prompts:
+    if done_prompts >= len(prompts):
+        start = len(prompts)  # finished (its last batch may be partial): nothing to generate
+    elif start != done_prompts:
         raise ValueError(f"{gen_path} ends inside a prompt batch; delete it or use another --out")
     for b in range(start, len(prompts), s.prompt_batch_size):
         chunk = prompts[b : b + s.prompt_batch_size]

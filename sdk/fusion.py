@@ -212,8 +212,8 @@ class ContrastHead:
     expert_out: Array  # [vocab_cal, d_cal] the expert's (tied) output embedding
     anti_out: Array  # [vocab_cal, d_cal] the anti-expert's
     top_k: int = 64  # at most this many of the target's tokens are candidates ...
-    plausibility: float = 0.02  # ... those with p ≥ plausibility · max p
-    suppress_only: bool = False  # use min(0, log-ratio): push down what the anti-expert prefers, boost nothing
+    plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
+    suppress_only: bool = True  # use min(0, log-ratio): push down what the anti-expert prefers, boost nothing
     mode = CONTRAST
 
     @property

@@ -20,7 +20,7 @@ def _head(rng, vocab=40, vocab_cal=30, d_cal=6, **rule):
     token_map[[3, 7]] = -1  # two target tokens without a calibrator counterpart
     E_e = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
     E_a = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
-    return token_map, E_e, E_a, ContrastHead(token_map, E_e, E_a, **rule)
+    return token_map, E_e, E_a, ContrastHead(token_map, E_e, E_a, **{"suppress_only": False, **rule})
 
 
 def _log_softmax64(x):
@@ -28,10 +28,12 @@ def _log_softmax64(x):
     return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
-def _expected(logits, token_map, E_e, E_a, h_e, h_a, lam, top_k, alpha):
+def _expected(logits, token_map, E_e, E_a, h_e, h_a, lam, top_k, alpha, suppress=False):
     """The documented rule, written out in float64: log p_expert − log p_anti of each target token's calibrator
     counterpart (0 without one), added on the target's plausible top-k; −inf elsewhere."""
     ratio = _log_softmax64(E_e @ h_e) - _log_softmax64(E_a @ h_a)
+    if suppress:
+        ratio = np.minimum(ratio, 0.0)
     out = np.full(logits.shape, -np.inf)
     order = np.argsort(-logits)[:top_k]
     top = logits.max()
@@ -53,7 +55,8 @@ def test_contrast_matches_the_formula_on_numpy_and_torch(top_k, alpha):
     np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).sum() <= top_k
 
-    th = ContrastHead(torch.from_numpy(token_map), torch.from_numpy(E_e), torch.from_numpy(E_a), top_k=top_k, plausibility=alpha)
+    th = ContrastHead(torch.from_numpy(token_map), torch.from_numpy(E_e), torch.from_numpy(E_a), top_k=top_k, plausibility=alpha,
+                      suppress_only=False)
     batch = torch.from_numpy(np.stack([logits, logits[::-1].copy()]))
     states = torch.from_numpy(np.stack([hidden, hidden[::-1].copy()]))
     got_t = th.apply(batch, th.prepare(states), 2.5).numpy()
@@ -124,7 +127,7 @@ def test_pair_artifact_holds_both_calibrators_and_one_alignment(contrast_llama, 
     cal = Calibrator.load(contrast_llama)
     m = cal.manifest
     assert cal.fusion_mode == "contrast" and cal.has_anti_expert
-    assert m.alignment.default_strength == 4.0 and m.alignment.top_k == 20 and m.alignment.method == "token-map"
+    assert m.alignment.default_strength == 8.0 and m.alignment.top_k == 20 and m.alignment.suppress_only and m.alignment.method == "token-map"
     assert set(cal.alignment_arrays()) == {"token_map"}
     assert m.anti_expert == Calibrator.load(tiny_anti).manifest.training
     assert {ANTI_WEIGHTS, ANTI_ONNX} <= set(m.files)
@@ -185,7 +188,7 @@ def test_hf_wrap_fuses_each_step_by_the_contrast_rule(contrast_llama, llama_targ
     tok = AutoTokenizer.from_pretrained(llama_target_dir)
     cal = Calibrator.load(contrast_llama)
     wrapped = detox.wrap(model, calibrator=cal, tokenizer=tok)
-    assert wrapped.strength == 4.0
+    assert wrapped.strength == 8.0
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
         wrapped.strength = 25
 
@@ -212,7 +215,7 @@ def test_hf_wrap_fuses_each_step_by_the_contrast_rule(contrast_llama, llama_targ
             cal_ids = torch.tensor([[0] + cal.tokenizer.encode(text).ids])
             with torch.inference_mode():
                 h_e, h_a = (mod(cal_ids)[0][0, -1].numpy() for mod in (expert, anti))
-            want = _expected(scores[row].double().numpy(), token_map, E_e, E_a, h_e, h_a, 4.0, 20, 0.001)
+            want = _expected(scores[row].double().numpy(), token_map, E_e, E_a, h_e, h_a, 8.0, 20, 0.001, suppress=True)
             got = out[row].numpy()
             assert np.array_equal(np.isinf(got), np.isinf(want))
             np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-4, atol=2e-3)

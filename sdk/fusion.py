@@ -20,9 +20,10 @@ The default shipped artifact uses the second mode, ``contrast`` (:class:`Contras
 (non-toxic text) and an *anti-expert* (the expert fine-tuned on toxic text), read in their own vocabulary and
 mapped to the target's tokens by text; on the target's plausible tokens::
 
-    fused[v] = logits_target[v] + λ · (log p_expert(v) − log p_anti(v))        (−inf elsewhere)
+    fused[v] = logits_target[v] + λ · min(0, log p_expert(v) − log p_anti(v))        (−inf elsewhere)
 
-It never flattens the target's distribution the way ``(1 − λ)`` does. See docs/method.md.
+(``suppress_only``; without it the log-ratio is added as is). It never flattens the target's distribution the way
+``(1 − λ)`` does. See docs/method.md.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ class FusionHead:
         var = _mean_last((x - mu) ** 2)
         inv_std = (var + self.eps) ** -0.5
         return (h_cal @ self.P.T - mu * self.g) * inv_std + self.b
-
 
 
 def check_strength(strength: float, mode: str = INTERPOLATE) -> float:

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import codecs
+import hashlib
 import inspect
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from detox.artifacts.manifest import ALIGNMENT_WEIGHTS, TargetFingerprint
+from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
 from detox.fusion import FusedWrapper, Head, check_strength
 from detox.runtime import Calibrator
@@ -74,7 +75,10 @@ def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signatu
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key], weight = _read_gguf(gguf_path)
     cal = resolve_calibrator(calibrator, _FINGERPRINTS[key], require_signature)
-    head_key = (key, str(cal.path.resolve()), cal.manifest.files[ALIGNMENT_WEIGHTS].sha256)
+    # the head depends on the alignment and, for contrast artifacts, on both calibrators' weights and the manifest's
+    # fusion settings: key it on the whole manifest (it lists every file's sha256)
+    manifest_sha = hashlib.sha256(cal.manifest.model_dump_json().encode()).hexdigest()
+    head_key = (key, str(cal.path.resolve()), manifest_sha)
     if head_key not in _HEADS:
         if weight is None:
             from detox.fingerprint import gguf_vocab_and_output

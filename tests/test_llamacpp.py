@@ -227,6 +227,19 @@ def test_contrast_pair_fuses_each_step_by_the_rule(contrast_smollm2, llm):
     assert _greedy(wrapped) == text  # the wrapper (overlapped) generates exactly this
 
 
+def test_a_rewritten_artifact_at_the_same_path_gets_a_new_fusion_head(contrast_smollm2, llm, tmp_path):
+    """Fusion heads are cached per (GGUF, artifact): a contrast head also depends on the manifest's settings."""
+    import shutil
+
+    path = tmp_path / "pair"
+    shutil.copytree(contrast_smollm2, path)
+    assert detox.wrap(llm, calibrator=path).head.top_k == 32
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["alignment"]["top_k"] = 16
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert detox.wrap(llm, calibrator=path).head.top_k == 16
+
+
 def test_overlapped_and_inline_fusion_agree_and_the_llama_is_left_as_it_was(aligned_smollm2, llm):
     """With overlap, each step's fusion starts on a worker thread when llama.cpp starts decoding; same numbers."""
     wrapped = detox.wrap(llm, calibrator=aligned_smollm2, strength=0.5)

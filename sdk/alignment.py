@@ -349,9 +349,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     model, tokenizer = load_hf_target(target_path)
     fingerprint = fingerprint_gguf(target_path) if is_gguf(target_path) else fingerprint_hf(model, tokenizer, target)
     data = data or [default_alignment_text()]
-    texts: list[str] = []
-    for p in data:
-        texts.extend(read_texts(p))
     if anti is not None:  # contrast fusion reads both calibrators in their own vocabulary: only a token map is learned
         from detox.fingerprint import hf_vocab_tokens
 
@@ -360,6 +357,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         log(f"token map: {metrics['token_map_exact']:.1%} of target tokens exact, "
             f"{metrics['token_map_first_piece']:.1%} by first piece, {metrics['token_map_unmapped']:.1%} unmapped")
     else:
+        texts = [t for p in data for t in read_texts(p)]
         arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
     metrics["align_seconds"] = time.perf_counter() - t0
     m = calibrator.manifest

@@ -68,40 +68,37 @@ class _GgufTarget:
         return [self.tokens[i] for i in ids]
 
 
-@pytest.fixture(scope="session")
-def aligned_smollm2(tiny_calibrator, smollm2_gguf, tmp_path_factory):
+def _align_to_gguf(calibrator, gguf, out, settings, **kwargs):
+    """``align_artifact`` with the target read straight from the GGUF (no transformers load of the model)."""
     import detox.targets
-    from detox.alignment import AlignSettings, align_artifact
+    from detox.alignment import align_artifact
 
-    target = _GgufTarget(smollm2_gguf)
+    target = _GgufTarget(gguf)
     original = detox.targets.load_hf_target
     detox.targets.load_hf_target = lambda spec, *a, **k: (target, target)
     try:
-        out = tmp_path_factory.mktemp("aligned") / "tiny-smollm2"
-        align_artifact(str(tiny_calibrator), str(smollm2_gguf), str(out), settings=AlignSettings(
-            method="vocab", vocab_epochs=1, default_strength=0.5), progress=False, log=lambda m: None)
+        align_artifact(str(calibrator), str(gguf), str(out), settings=settings, progress=False, log=lambda m: None, **kwargs)
     finally:
         detox.targets.load_hf_target = original
     return out
+
+
+@pytest.fixture(scope="session")
+def aligned_smollm2(tiny_calibrator, smollm2_gguf, tmp_path_factory):
+    from detox.alignment import AlignSettings
+
+    return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2",
+                          AlignSettings(method="vocab", vocab_epochs=1, default_strength=0.5))
 
 
 @pytest.fixture(scope="session")
 def contrast_smollm2(tiny_calibrator, tiny_anti, smollm2_gguf, tmp_path_factory):
     """The tiny expert/anti-expert pair aligned to SmolLM2 (a token map from the GGUF's vocabulary)."""
-    import detox.targets
-    from detox.alignment import AlignSettings, align_artifact
+    from detox.alignment import AlignSettings
 
-    target = _GgufTarget(smollm2_gguf)
-    original = detox.targets.load_hf_target
-    detox.targets.load_hf_target = lambda spec, *a, **k: (target, target)
-    try:
-        out = tmp_path_factory.mktemp("aligned") / "tiny-smollm2-contrast"
-        align_artifact(str(tiny_calibrator), str(smollm2_gguf), str(out), settings=AlignSettings(
-            method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001), progress=False, log=lambda m: None,
-            anti_expert=str(tiny_anti))
-    finally:
-        detox.targets.load_hf_target = original
-    return out
+    return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2-contrast",
+                          AlignSettings(method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001),
+                          anti_expert=str(tiny_anti))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +120,19 @@ class _Recorder:
     def __call__(self, input_ids, scores):
         self.steps.append((np.array(input_ids), np.array(scores, dtype=np.float32)))
         return scores
+
+
+def _recorded_fused_run(llm, cal, lam):
+    """A greedy run of the plain llama with the fusion processor between two recorders: ``(wrapped, raw, fused, text)``
+    where ``raw``/``fused`` hold each step's logits before/after the fusion."""
+    from llama_cpp import LogitsProcessorList
+
+    wrapped = detox.wrap(llm, calibrator=cal, strength=lam)
+    raw, fused = _Recorder(), _Recorder()
+    proc = LlamaFusionProcessor(llm, cal, wrapped.head, lam)
+    text = _greedy(llm, logits_processor=LogitsProcessorList([raw, proc, fused]))
+    assert len(raw.steps) == N_TOKENS and text
+    return wrapped, raw, fused, text
 
 
 def test_artifact_aligned_from_the_gguf_matches_llamacpp_fingerprint(aligned_smollm2, smollm2_gguf, llm):
@@ -158,15 +168,9 @@ def test_strength_zero_reproduces_unfused_greedy_output(aligned_smollm2, llm):
 def test_fused_logits_equal_unfused_plus_fusion_term_at_every_step(aligned_smollm2, llm):
     """At each greedy step: fused == (1−λ)·raw + λ·W_out·LayerNorm(h_cal·A), with h_cal from a full re-run of the
     calibrator (torch) over its own tokenization of the decoded text and W_out read from the GGUF."""
-    from llama_cpp import LogitsProcessorList
-
     lam = 0.25
     cal = Calibrator.load(aligned_smollm2)
-    wrapped = detox.wrap(llm, calibrator=cal, strength=lam)
-    raw, fused = _Recorder(), _Recorder()
-    proc = LlamaFusionProcessor(llm, cal, wrapped.head, lam)
-    text = _greedy(llm, logits_processor=LogitsProcessorList([raw, proc, fused]))
-    assert len(raw.steps) == N_TOKENS and text
+    wrapped, raw, fused, text = _recorded_fused_run(llm, cal, lam)
 
     _, W = gguf_vocab_and_output(llm.model_path)
     a = cal.alignment_arrays()
@@ -193,15 +197,9 @@ def test_fused_logits_equal_unfused_plus_fusion_term_at_every_step(aligned_smoll
 def test_contrast_pair_fuses_each_step_by_the_rule(contrast_smollm2, llm):
     """Contrast fusion on llama.cpp: at each greedy step, fused = raw + λ·(log p_expert − log p_anti) on the target's
     plausible top-k and −inf elsewhere, with both calibrators re-run in torch (their own LM heads)."""
-    from llama_cpp import LogitsProcessorList
-
     lam = 3.0
     cal = Calibrator.load(contrast_smollm2)
-    wrapped = detox.wrap(llm, calibrator=cal, strength=lam)
-    raw, fused = _Recorder(), _Recorder()
-    proc = LlamaFusionProcessor(llm, cal, wrapped.head, lam)
-    text = _greedy(llm, logits_processor=LogitsProcessorList([raw, proc, fused]))
-    assert len(raw.steps) == N_TOKENS and text
+    wrapped, raw, fused, text = _recorded_fused_run(llm, cal, lam)
 
     token_map = cal.alignment_arrays()["token_map"]
     bos = cal.manifest.calibrator.bos_token_id

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,9 @@ def train_calibrator(
 
     step = 0
     if resume and state_file.is_file():
-        accelerator.load_state(str(ckpt / "state"))
-        step = json.loads(state_file.read_text())["step"]
+        progress_info = json.loads(state_file.read_text())
+        accelerator.load_state(str(ckpt / progress_info.get("state", "state")))
+        step = progress_info["step"]
         accelerator.print(f"resumed from {ckpt} at step {step}/{total}")
 
     def batches_from(start: int):
@@ -161,13 +163,24 @@ def train_calibrator(
                 st += 1
 
     def save_checkpoint() -> None:
+        """Crash-safe: write the state into a fresh folder, then point progress.json at it, then drop older ones.
+
+        A run killed mid-save leaves progress.json naming the previous complete state, never a half-written one.
+        """
         ckpt.mkdir(parents=True, exist_ok=True)
-        accelerator.save_state(str(ckpt / "state"))
+        state_name = f"state-{step}"
+        accelerator.save_state(str(ckpt / state_name))
         if accelerator.is_main_process:
-            tokenizer.save(str(ckpt / "tokenizer.json"))
+            if not (ckpt / "tokenizer.json").is_file():
+                tok_tmp = ckpt / "tokenizer.json.tmp"
+                tokenizer.save(str(tok_tmp))
+                os.replace(tok_tmp, ckpt / "tokenizer.json")
             tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "total": total}))
+            tmp.write_text(json.dumps({"step": step, "total": total, "state": state_name}))
             os.replace(tmp, state_file)
+            for old in ckpt.glob("state*"):
+                if old.is_dir() and old.name != state_name:
+                    shutil.rmtree(old, ignore_errors=True)
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="train calibrator", disable=not progress or not accelerator.is_main_process)

@@ -1,6 +1,7 @@
 """detox train: a tiny calibrator learns, checkpoints, and resumes exactly where a killed run stopped."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert b.manifest.training.steps == 40
     for k in a.calibrator_state:
         np.testing.assert_allclose(a.calibrator_state[k], b.calibrator_state[k], atol=2e-3)
+
+
+def test_a_kill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_path):
+    """A half-written state folder (a kill mid-save) must never be the one resume loads."""
+    ckpt = tmp_path / "run.ckpt"
+    settings = _settings(max_steps=8)
+    train_calibrator([SAMPLE_TEXT], tmp_path / "first", settings, checkpoint_dir=ckpt, progress=False)
+    info = json.loads((ckpt / "progress.json").read_text())
+    assert info["step"] == 4 and (ckpt / info["state"]).is_dir()
+    # what a kill half-way through the next save leaves behind: a newer folder with truncated files
+    torn = ckpt / "state-8"
+    shutil.copytree(ckpt / info["state"], torn)
+    for f in torn.iterdir():
+        f.write_bytes(f.read_bytes()[:10])
+    train_calibrator([SAMPLE_TEXT], tmp_path / "resumed", _settings(), checkpoint_dir=ckpt, resume=True, progress=False)
+    assert load_artifact(tmp_path / "resumed").manifest.training.steps == 40
 
 
 def test_refuses_to_overwrite_and_reports_bad_data(tmp_path, tiny_calibrator):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from detox.cli.errors import user_errors
 
@@ -85,18 +86,40 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
 def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, suppress_only, vocab_epochs,
               context_epochs, max_docs, seed, name, version, overwrite) -> None:
     """Align a calibrator to a target model (target frozen) and write an artifact bound to that target."""
-    from detox.alignment import AlignSettings, align_artifact
+    from detox.alignment import AlignSettings, align_artifact, alignment_fusion
     from detox.artifacts.shipped import default_calibrator_path
 
+    calibrator = calibrator or str(default_calibrator_path())
+    _refuse_options_of_the_other_fusion(alignment_fusion(calibrator, anti_expert))
     s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
                       max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility,
                       suppress_only=suppress_only)
-    m = align_artifact(calibrator or str(default_calibrator_path()), target, out, list(data) or None, s, name=name,
+    m = align_artifact(calibrator, target, out, list(data) or None, s, name=name,
                        version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
                        anti_expert=anti_expert)
     metrics = m.alignment.metrics
     click.echo(f"wrote {out}: aligned to {m.alignment.target.name} in {metrics['align_seconds']:.1f}s; "
                + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "align_seconds"))
+
+
+_INTERPOLATE_ONLY = ("data", "method", "vocab_epochs", "context_epochs", "max_docs")
+_CONTRAST_ONLY = ("top_k", "plausibility", "suppress_only")
+
+
+def _refuse_options_of_the_other_fusion(fusion: str) -> None:
+    """An option the chosen fusion never reads is a user mistake: say so instead of silently ignoring it."""
+    ctx = click.get_current_context()
+    given = [n for n in (_INTERPOLATE_ONLY if fusion == "contrast" else _CONTRAST_ONLY)
+             if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if not given:
+        return
+    opts = {p.name: "/".join(p.opts + p.secondary_opts) for p in ctx.command.params}
+    flags = ", ".join(opts[n] for n in given)
+    if fusion == "contrast":
+        raise click.UsageError(f"{flags}: only used by interpolate alignment, but this alignment is a contrast pair "
+                               "(--anti-expert, or a contrast --calibrator) whose alignment is a token map. Drop them.")
+    raise click.UsageError(f"{flags}: only used by contrast fusion; pass --anti-expert (an anti-expert calibrator) "
+                           "or drop them.")
 
 
 @click.command("generate")

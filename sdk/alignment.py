@@ -316,6 +316,21 @@ def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
     return anti
 
 
+def alignment_fusion(calibrator_path: str, anti_expert: str | None = None) -> str:
+    """The fusion an alignment of ``calibrator_path`` will use: "contrast" with an anti-expert (given or kept from a
+    contrast artifact), else "interpolate". Reads only the manifest."""
+    from pathlib import Path
+
+    from detox.artifacts.archive import read_archive_head
+    from detox.artifacts.store import read_manifest
+
+    if anti_expert:
+        return "contrast"
+    p = Path(calibrator_path)
+    manifest = read_manifest(p) if p.is_dir() else read_archive_head(p)[0]
+    return "contrast" if manifest.anti_expert is not None else "interpolate"
+
+
 def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[str] | None = None,
                    settings: AlignSettings | None = None, name: str | None = None, version: str | None = None,
                    progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
@@ -344,6 +359,9 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     elif calibrator.has_anti_expert:  # re-aligning a contrast artifact (e.g. to a new target) keeps its pair
         anti = (calibrator.manifest.anti_expert, calibrator.artifact.anti_state, calibrator.torch_model("anti"))
     fusion = "contrast" if anti is not None else "interpolate"
+    if anti is not None and data:
+        raise ValueError("alignment text (--data) is only used by interpolate alignment; a contrast pair's alignment "
+                         "is a token map built from the two vocabularies. Drop --data.")
     target_path = resolve_target(target)
     log(f"loading target {target_path}")
     model, tokenizer = load_hf_target(target_path)

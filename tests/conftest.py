@@ -114,8 +114,8 @@ def contrast_llama(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path_factor
     from detox.alignment import AlignSettings, align_artifact
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-llama-contrast"
-    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, top_k=20, plausibility=0.001)
-    align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
+    s = AlignSettings(top_k=20, plausibility=0.001)
+    align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), settings=s,
                    progress=False, log=lambda m: None, anti_expert=str(tiny_anti))
     return out
 

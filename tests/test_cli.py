@@ -53,3 +53,14 @@ def test_bad_inputs_exit_nonzero_with_a_clear_message(tmp_path, llama_target_dir
     r = runner.invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path), "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "manifest.json" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_align_refuses_options_the_chosen_fusion_never_reads(tmp_path, llama_target_dir, tiny_calibrator, tiny_anti):
+    runner = CliRunner()
+    base = ["align", "--target", str(llama_target_dir), "--calibrator", str(tiny_calibrator)]
+    r = runner.invoke(main, base + ["--anti-expert", str(tiny_anti), "--out", str(tmp_path / "a"),
+                                    "--data", str(SAMPLE_TEXT), "--method", "vocab"])
+    assert r.exit_code == 2 and "--data, --method" in r.output and "token map" in r.output, r.output
+    r = runner.invoke(main, base + ["--out", str(tmp_path / "b"), "--top-k", "8", "--two-sided"])
+    assert r.exit_code == 2 and "--top-k, --suppress-only/--two-sided" in r.output and "--anti-expert" in r.output, r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

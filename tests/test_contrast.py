@@ -159,6 +159,18 @@ def test_anti_expert_with_another_tokenizer_is_refused(tiny_calibrator, llama_ta
     assert not (tmp_path / "out").exists()
 
 
+def test_alignment_text_for_a_contrast_pair_is_refused(contrast_llama, llama_target_dir, tmp_path):
+    """A contrast pair's alignment is a token map: alignment text would be silently unused, so it is an error."""
+    from detox.alignment import align_artifact, alignment_fusion
+    from tests.conftest import SAMPLE_TEXT
+
+    assert alignment_fusion(str(contrast_llama)) == "contrast"
+    with pytest.raises(ValueError, match="Drop --data"):
+        align_artifact(str(contrast_llama), str(llama_target_dir), str(tmp_path / "out"), [str(SAMPLE_TEXT)],
+                       progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_refuses_half_a_pair(contrast_llama):
     raw = Calibrator.load(contrast_llama).manifest.model_dump()
     with pytest.raises(ValueError, match="anti_expert"):
@@ -169,13 +181,10 @@ def test_manifest_refuses_half_a_pair(contrast_llama):
 
 
 def test_realigning_a_pair_keeps_the_anti_expert(contrast_llama, gpt2_target_dir, tmp_path):
-    from detox.alignment import AlignSettings, align_artifact
-    from tests.conftest import SAMPLE_TEXT
+    from detox.alignment import align_artifact
 
     out = tmp_path / "gpt2"
-    align_artifact(str(contrast_llama), str(gpt2_target_dir), str(out), data=[str(SAMPLE_TEXT)],
-                   settings=AlignSettings(vocab_epochs=1, context_epochs=1, max_context_docs=20), progress=False,
-                   log=lambda m: None)
+    align_artifact(str(contrast_llama), str(gpt2_target_dir), str(out), progress=False, log=lambda m: None)
     a, b = Calibrator.load(contrast_llama), Calibrator.load(out)
     assert b.fusion_mode == "contrast"
     assert a.manifest.files[ANTI_WEIGHTS].sha256 == b.manifest.files[ANTI_WEIGHTS].sha256

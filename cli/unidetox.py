@@ -126,12 +126,15 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
 @click.option("--temperature", type=click.FloatRange(0.0), default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available).")
+@click.option("--seeds", "seeds_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Short neutral seed texts (.txt one per line, .jsonl or .csv): row i starts from BOS + seed "
+                   "i mod N. Default: BOS only, as UniDetox.")
 @_threads_opt
 def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_tokens: int, alpha: float, beta: float,
                 batch_size: int, top_p: float | None, temperature: float, seed: int, device: str | None,
-                threads: int | None) -> None:
+                seeds_file: str | None, threads: int | None) -> None:
     """Distil detoxifying text from BOS by contrastive decoding between --base and --toxic (resumable)."""
-    from detox.distill import distill
+    from detox.distill import distill, read_seeds
 
     if device is not None:
         import torch
@@ -143,8 +146,10 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
                                      param_hint="--device") from None
     _threads(threads)
     with _user_errors():
+        seeds = read_seeds(seeds_file) if seeds_file else None
         r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha,
-                    beta=beta, batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device)
+                    beta=beta, batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device,
+                    seeds=seeds)
     click.echo(f"{r.completed} rows in {r.out_path} ({r.resumed_from} were already there; {r.seconds:.0f} s); "
                f"manifest {r.manifest_path}")
 

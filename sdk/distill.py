@@ -8,7 +8,8 @@ steps of batch 4 and at most 64 tokens per line (the shared toxic lines are sing
 :func:`detox.contrastive.contrastive_logits` (alpha = 0.1, beta = inf: UniDetox's released setting), and writes
 JSONL rows ``{"id", "text", "num_tokens"}`` as each batch finishes, plus ``<name>.manifest.json``. Sample ``i``
 draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch (``i // batch_size``), so a run
-that is killed and restarted writes exactly the rows an uninterrupted run writes.
+that is killed and restarted writes exactly the rows an uninterrupted run writes. Optional neutral ``seeds``: row
+``i`` starts from BOS + ``seeds[i % len(seeds)]`` (the row's ``text`` includes it, ``num_tokens`` does not).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ DEFAULT_DISTILL_BATCH_SIZE = 16
 MANIFEST_FORMAT = "detox.distill/1"
 # Settings that change which rows a run writes: a resumed run must match them.
 _RESUME_KEYS = ("alpha", "beta", "seed", "temperature", "top_p", "max_new_tokens", "batch_size",
-                "start_token_id", "stop_token_ids")
+                "start_token_id", "stop_token_ids", "seeds_sha256")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
                          "_attn_implementation_autoset", "use_cache"}
 
@@ -265,19 +266,28 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 def contrastive_generate(
     base: Any, toxic: Any, generators: list[torch.Generator], start_id: int, stops: set[int] | list[int],
     max_new_tokens: int, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, temperature: float = 1.0,
-    top_p: float | None = None, vocab: int | None = None,
+    top_p: float | None = None, vocab: int | None = None, prefixes: list[list[int]] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Sample one row per generator from ``start_id`` with both models' KV caches, one token per step.
 
-    Returns per row (token ids, without the stop token; whether it stopped at a stop token). Rows that stop are
-    dropped from both caches so the rest run on a smaller batch. ``vocab`` cuts padded logit columns.
+    ``prefixes``: per row, token ids fed after ``start_id`` before sampling (neutral seeds); rows of different
+    lengths are left-padded and masked. Returns per row (new token ids, without the stop token; whether it stopped
+    at a stop token). Rows that stop are dropped from both caches so the rest run on a smaller batch. ``vocab``
+    cuts padded logit columns.
     """
     batch = len(generators)
     stops = set(stops)
     device = next(base.parameters()).device
-    tokens = torch.full((batch, 1), start_id, dtype=torch.long, device=device)
-    out_b = base(input_ids=tokens, use_cache=True)
-    out_t = toxic(input_ids=tokens.to(next(toxic.parameters()).device), use_cache=True)
+    toxic_device = next(toxic.parameters()).device
+    rows_in = [[start_id] + list(prefixes[r] if prefixes else []) for r in range(batch)]
+    width = max(len(r) for r in rows_in)
+    tokens = torch.tensor([[start_id] * (width - len(r)) + r for r in rows_in], dtype=torch.long, device=device)
+    # only padded batches carry a mask and positions: an unpadded batch runs exactly as it always did
+    mask = None
+    if any(len(r) < width for r in rows_in):
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows_in], dtype=torch.long, device=device)
+    out_b = base(input_ids=tokens, use_cache=True, **_padding_kwargs(mask, None))
+    out_t = toxic(input_ids=tokens.to(toxic_device), use_cache=True, **_padding_kwargs(mask, None, toxic_device))
     alive = list(range(batch))  # row of each cache slot
     generated: list[list[int]] = [[] for _ in range(batch)]
     stopped = [False] * batch
@@ -301,14 +311,40 @@ def contrastive_generate(
         if len(keep) < len(alive) and hasattr(cache_b, "batch_select_indices") and hasattr(cache_t, "batch_select_indices"):
             idx = torch.tensor(keep)
             cache_b.batch_select_indices(idx.to(device))
-            cache_t.batch_select_indices(idx.to(next(toxic.parameters()).device))
+            cache_t.batch_select_indices(idx.to(toxic_device))
             nxt = nxt[idx]
             alive = [alive[s] for s in keep]
+            if mask is not None:
+                mask = mask[idx.to(device)]
         # (without batch_select_indices, finished rows keep running; their tokens are ignored)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         step_ids = nxt[:, None].to(device)
-        out_b = base(input_ids=step_ids, past_key_values=cache_b, use_cache=True)
-        out_t = toxic(input_ids=step_ids.to(next(toxic.parameters()).device), past_key_values=cache_t, use_cache=True)
+        out_b = base(input_ids=step_ids, past_key_values=cache_b, use_cache=True, **_padding_kwargs(mask, 1))
+        out_t = toxic(input_ids=step_ids.to(toxic_device), past_key_values=cache_t, use_cache=True,
+                      **_padding_kwargs(mask, 1, toxic_device))
     return [(generated[r], stopped[r]) for r in range(batch)]
+
+
+def _padding_kwargs(mask: torch.Tensor | None, last: int | None, device: Any = None) -> dict[str, torch.Tensor]:
+    """attention_mask and position_ids for a left-padded batch (positions count real tokens only); ``last``: only
+    the positions of the last ``last`` columns (a decoding step)."""
+    if mask is None:
+        return {}
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if last is not None:
+        pos = pos[:, -last:]
+    return {"attention_mask": mask.to(device or mask.device), "position_ids": pos.to(device or mask.device)}
+
+
+def read_seeds(path: str | os.PathLike[str]) -> list[str]:
+    """Neutral seed texts for ``distill(seeds=...)``: a .txt (one per line), .jsonl or .csv file."""
+    from detox.data import read_texts
+
+    seeds = read_texts(path)
+    if not seeds:
+        raise DistillError(f"{path} has no seed text; pass a file with one short neutral seed per line")
+    return seeds
 
 
 def distill(
@@ -325,13 +361,15 @@ def distill(
     seed: int = 1234,
     on_batch: Callable[[int], None] | None = None,
     device: str | None = None,
+    seeds: list[str] | None = None,
 ) -> DistillResult:
     """Distil ``num_samples`` detoxifying texts into ``out_jsonl`` (resuming whatever a previous run wrote).
 
     ``base``/``toxic`` are specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs
     sharing one tokenizer. ``device`` defaults to CUDA when available. ``on_batch(completed_rows)`` is called
     after each batch is on disk. A restart must use the same settings and models (checked against the manifest)
-    and then gives exactly the rows of an uninterrupted run.
+    and then gives exactly the rows of an uninterrupted run. ``seeds``: short neutral texts; row ``i`` starts from
+    BOS + ``seeds[i % len(seeds)]`` and its text begins with that seed (default: BOS only, as UniDetox).
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise DistillError("num_samples, max_new_tokens and batch_size must all be >= 1")
@@ -348,11 +386,16 @@ def distill(
     vocab = len(base_tok) if len(base_tok) <= width else width
     start_id = start_token_id(base_tok)
     stops = stop_token_ids(base_model, base_tok)
+    if seeds is not None and not seeds:
+        raise DistillError("seeds is empty; pass at least one seed text or None to start from BOS only")
+    seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
 
     settings: dict[str, Any] = {
         "alpha": alpha, "beta": _beta_json(beta), "seed": seed, "temperature": temperature, "top_p": top_p,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
         "stop_token_ids": stops,
+        "seeds_sha256": hashlib.sha256(json.dumps(seeds).encode()).hexdigest() if seeds else None,
+        "num_seeds": len(seeds) if seeds else 0,
         "base": {"spec": base_spec, "fingerprint": model_fingerprint(base_model, base_tok)},
         "toxic": {"spec": toxic_spec, "fingerprint": model_fingerprint(toxic_model, toxic_tok)},
     }
@@ -374,16 +417,23 @@ def distill(
     for k in range(first_batch, n_batches):
         lo, hi = k * batch_size, min((k + 1) * batch_size, num_samples)
         # the whole batch is regenerated even if some of its rows are on disk: same batch -> same numerics
+        prefixes = [seed_ids[i % len(seed_ids)] for i in range(lo, hi)] if seed_ids else None
         rows = contrastive_generate(
             base_model, toxic_model, [_row_generator(seed, i) for i in range(lo, hi)], start_id, stops,
-            max_new_tokens, alpha, beta, temperature, top_p, vocab,
+            max_new_tokens, alpha, beta, temperature, top_p, vocab, prefixes,
         )
         with out.open("a", encoding="utf-8") as f:
             for i, (ids, at_eos) in zip(range(lo, hi), rows):
                 if i < done:
                     continue
-                text = base_tok.decode(ids, skip_special_tokens=True)
-                f.write(json.dumps({"id": i, "text": text, "num_tokens": len(ids)}, ensure_ascii=False) + "\n")
+                row: dict[str, Any] = {"id": i}
+                if seeds:
+                    row["seed"] = seeds[i % len(seeds)]
+                    ids_out = seed_ids[i % len(seeds)] + ids  # type: ignore[index]
+                else:
+                    ids_out = ids
+                row.update(text=base_tok.decode(ids_out, skip_special_tokens=True), num_tokens=len(ids))
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 manifest["total_tokens"] += len(ids)
                 manifest["stopped_at_eos"] += int(at_eos)
             f.flush()

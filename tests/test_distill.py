@@ -131,6 +131,36 @@ def test_resume_with_other_settings_is_refused(dirs: dict[str, Path], tmp_path: 
     assert distill(str(dirs["base"]), same, out, num_samples=8, **KW).completed == 8
 
 
+def test_neutral_seeds_start_each_row_and_padding_does_not_change_it(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Seeds of different lengths share a batch (left-padded, masked); each row must equal the same row decoded
+    alone, unpadded, from BOS + its seed."""
+    from detox.distill import _row_generator, read_seeds
+
+    seeds_file = tmp_path / "seeds.txt"
+    seeds_file.write_text("the cat\nwe\na big red dog sat\n")
+    seeds = read_seeds(seeds_file)
+    out = tmp_path / "s.jsonl"
+    distill(str(dirs["base"]), str(dirs["toxic"]), out, num_samples=6, seeds=seeds, **KW)
+    rows = read_rows(out)
+    assert [row["seed"] for row in rows] == seeds * 2
+    assert all(row["text"].startswith(row["seed"]) for row in rows)
+    tok = AutoTokenizer.from_pretrained(dirs["base"])
+    base, toxic = (AutoModelForCausalLM.from_pretrained(dirs[k]).eval() for k in ("base", "toxic"))
+    for row in rows:
+        prefix = tok(row["seed"], add_special_tokens=False)["input_ids"]
+        [(ids, _)] = contrastive_generate(base, toxic, [_row_generator(KW["seed"], row["id"])], tok.bos_token_id,
+                                          [tok.eos_token_id], KW["max_new_tokens"], KW["alpha"], prefixes=[prefix])
+        assert row["num_tokens"] == len(ids) and row["text"] == tok.decode(prefix + ids, skip_special_tokens=True)
+    m = json.loads(manifest_path_for(out).read_text())
+    assert m["num_seeds"] == 3 and m["seeds_sha256"]
+    with pytest.raises(DistillError, match="seeds_sha256"):
+        distill(str(dirs["base"]), str(dirs["toxic"]), out, num_samples=8, seeds=seeds[:2], **KW)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DistillError, match="no seed text"):
+        read_seeds(empty)
+
+
 @pytest.mark.parametrize("beta", [0.0, float("inf")])
 def test_every_sampled_token_is_in_the_base_plausible_set(dirs: dict[str, Path], beta: float) -> None:
     alpha = 0.3

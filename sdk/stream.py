@@ -38,6 +38,7 @@ class CalibratorStream:
         self.committed_text = ""
         self.last_hidden, self.state = self.runner.run([self.bos_id], self.runner.empty_state())
         self.tokens_run = 1
+        self._last_run: tuple[list[int], Any, Any] | None = None  # (ids, hidden, state) run on self.state
 
     def fork(self) -> "CalibratorStream":
         """A copy that can advance independently (beam search); caches are never mutated in place."""
@@ -58,16 +59,25 @@ class CalibratorStream:
             cut = pieces[-1][1][0]
             ids = self._encode(tail[:cut])
             if ids:
-                self.last_hidden, self.state = self.runner.run(ids, self.state)
-                self.tokens_run += len(ids)
+                self.last_hidden, self.state = self._run(ids)
+                self._last_run = None  # it was run on the old cache
             self.committed_text += tail[:cut]
             tail = tail[cut:]
         ids = self._encode(tail)
         if not ids:
             return self.last_hidden
-        hidden, _ = self.runner.run(ids, self.state)
+        return self._run(ids)[0]
+
+    def _run(self, ids: list[int]) -> tuple[Any, Any]:
+        """Run ``ids`` on the committed cache. The last run is remembered: a word is first run as the growing tail,
+        then committed unchanged once the next word starts, and that commit then costs no calibrator step."""
+        last = self._last_run
+        if last is not None and last[0] == ids:
+            return last[1], last[2]
+        hidden, state = self.runner.run(ids, self.state)
         self.tokens_run += len(ids)
-        return hidden
+        self._last_run = (ids, hidden, state)
+        return hidden, state
 
 
 class PairRunner:

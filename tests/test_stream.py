@@ -36,3 +36,14 @@ def test_incomplete_multibyte_character_is_ignored(tiny_calibrator):
     cal = Calibrator.load(tiny_calibrator)
     stream = cal.stream()
     torch.testing.assert_close(stream.hidden_for("caf\ufffd"), _full_hidden(cal, "caf"), atol=1e-4, rtol=1e-4)
+
+
+def test_committing_a_word_already_run_as_the_tail_costs_no_calibrator_step(tiny_calibrator):
+    """Word by word, every calibrator token is computed once: the commit reuses the tail run of the step before."""
+    cal = Calibrator.load(tiny_calibrator)
+    stream = cal.stream()
+    words = "The weather today is lovely and we walked along the river".split(" ")
+    for i in range(1, len(words) + 1):
+        text = " ".join(words[:i])
+        torch.testing.assert_close(stream.hidden_for(text), _full_hidden(cal, text), atol=1e-4, rtol=1e-4)
+    assert stream.tokens_run == 1 + len(cal.tokenizer.encode(" ".join(words), add_special_tokens=False).ids)

@@ -30,6 +30,15 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
+def check_name_version(name: str | None = None, version: str | None = None) -> None:
+    """Raise ValueError unless ``name``/``version`` (when given) are valid artifact metadata; commands call it before
+    long work so a bad --name fails at once, not when the result is saved."""
+    if name is not None and not _NAME.match(name):
+        raise ValueError(f"artifact name {name!r}: use lower-case letters, digits, '.', '_' or '-' (max 128 chars)")
+    if version is not None and not _SEMVER.match(version):
+        raise ValueError(f"version {version!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -110,15 +119,13 @@ class Manifest(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("name must be lower-case letters, digits, '.', '_' or '-' (max 128 chars)")
+        check_name_version(name=v)
         return v
 
     @field_validator("version")
     @classmethod
     def _check_version(cls, v: str) -> str:
-        if not _SEMVER.match(v):
-            raise ValueError(f"version {v!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
+        check_name_version(version=v)
         return v
 
     def required_files(self) -> set[str]:

@@ -19,9 +19,9 @@ fi
 # expert D: from scratch on distilled text only (6 epochs: 288 steps, about the 276 steps of the 1.0.0 expert)
 [ -d "$out/dist" ] || detox train "${distilled[@]}" --out "$out/dist" --epochs 6 --name detox-distilled --version 0.1.0
 # expert N→D: the 1.0.0 expert trained further on distilled text
-[ -d "$out/base1+dist" ] || detox train "${distilled[@]}" --init "$out/base1" --out "$out/base1+dist" --epochs 2 \
+[ -d "$out/basedist" ] || detox train "${distilled[@]}" --init "$out/base1" --out "$out/basedist" --epochs 2 \
     --lr 1e-3 --warmup-steps 10 --name detox-base-distilled --version 0.1.0
-for e in dist base1+dist; do
+for e in dist basedist; do
   [ -d "$out/$e-anti" ] || detox train "${toxic[@]}" --init "$out/$e" --out "$out/$e-anti" --name "$e-anti"
   [ -d "$out/$e-pair" ] || detox align --target smollm2 --calibrator "$out/$e" --anti-expert "$out/$e-anti" \
       --out "$out/$e-pair" --name "$e-pair"
@@ -31,7 +31,7 @@ common=(--backend llamacpp --target smollm2 --prompts ../shared/data/prompts_dev
         --max-new-tokens 20 --top-p 0.9 --seed 0 --threads 1)
 [ -f "$out/ev_plain/summary.json" ] || detox eval "${common[@]}" --no-calibrator --out "$out/ev_plain"
 [ -f "$out/ev_nontoxic/summary.json" ] || detox eval "${common[@]}" --out "$out/ev_nontoxic" --compare "$out/ev_plain"
-for e in dist base1+dist; do
+for e in dist basedist; do
   [ -f "$out/ev_$e/summary.json" ] || detox eval "${common[@]}" --calibrator "$out/$e-pair" --out "$out/ev_$e" \
       --compare "$out/ev_plain"
 done

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from detox.artifacts.manifest import check_name_version
 from detox.runtime import Calibrator
 
 
@@ -349,6 +350,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     from detox.fingerprint import fingerprint_gguf, fingerprint_hf
     from detox.targets import is_gguf, load_hf_target, resolve_target
 
+    check_name_version(name, version)
     s = settings or AlignSettings()
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)

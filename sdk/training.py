@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import detox
-from detox.artifacts.manifest import Manifest
+from detox.artifacts.manifest import Manifest, check_name_version
 from detox.artifacts.store import save_artifact
 from detox.calibrator import CalibratorConfig, CalibratorLM
 from detox.data import read_texts, sha256_files
@@ -93,6 +93,7 @@ def train_calibrator(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_name_version(name, version)
     s = settings or TrainSettings()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -99,3 +99,7 @@ def test_refuses_to_overwrite_and_reports_bad_data(tmp_path, tiny_calibrator):
     bad.write_text('{"text": "fine"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         train_calibrator([bad], tmp_path / "x", _settings())
+    # a bad --name fails before any training (it used to fail when the finished model was saved)
+    with pytest.raises(ValueError, match=r"artifact name 'a\+b'"):
+        train_calibrator([SAMPLE_TEXT], tmp_path / "y", _settings(), name="a+b")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "y.ckpt").exists()

@@ -17,7 +17,7 @@ and with ``x = h_cal · A``, ``μ``/``σ`` its mean/std over the target width, a
 (llama.cpp) can fuse too. Functions here use only operators that torch and numpy share.
 
 The default shipped artifact uses the second mode, ``contrast`` (:class:`ContrastHead`): an *expert* calibrator
-(non-toxic text) and an *anti-expert* (the expert fine-tuned on toxic text), read in their own vocabulary and
+(clean text: UniDetox-distilled since 3.0.0) and an *anti-expert* (the expert fine-tuned on toxic text), read in their own vocabulary and
 mapped to the target's tokens by text; on the target's plausible tokens::
 
     fused[v] = logits_target[v] + λ · min(0, log p_expert(v) − log p_anti(v))        (−inf elsewhere)
@@ -240,12 +240,14 @@ class ContrastHead:
         mapped = cal_ids >= 0
         if _is_torch(prepared):
             ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
+            if self.suppress_only:
+                ratio = ratio.clip(max=0.0)
         else:
             import numpy as np
 
             ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
-        if self.suppress_only:
-            ratio = ratio.clip(max=0.0) if _is_torch(ratio) else ratio.clip(None, 0.0)
+            if self.suppress_only:
+                ratio = ratio.clip(None, 0.0)
         return contrast_fuse(logits, idx, keep, ratio, strength)
 
 

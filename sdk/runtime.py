@@ -11,7 +11,7 @@ import numpy as np
 
 from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, load_artifact
-from detox.fusion import INTERPOLATE, ContrastHead, FusionHead
+from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -169,7 +169,7 @@ class Calibrator:
             raise ArtifactError(f"{self.path} has no alignment; run detox align")
         return self.artifact.alignment
 
-    def fusion_head(self, W_out: Any) -> FusionHead | ContrastHead:
+    def fusion_head(self, W_out: Any) -> Head:
         """Precompute the fusion head for a target output embedding (torch tensor or numpy array): a
         :class:`FusionHead` (interpolate) or :class:`ContrastHead` (contrast), on W_out's framework and device."""
         a = self.alignment_arrays()

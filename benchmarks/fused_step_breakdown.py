@@ -1,0 +1,103 @@
+"""Where a fused transformers decoding step spends its time, and why the calibrator costs more inside ``generate``.
+
+    python benchmarks/fused_step_breakdown.py [--tokens 32] [--repetitions 5]
+
+Part 1 times the pieces of :class:`~detox.adapters.transformers.FusionLogitsProcessor` during real greedy decoding
+of SmolLM2 with the shipped calibrator (wrapping the library's own methods, so the code timed is the code run).
+Part 2 times the calibrator pair's one-token step alone: back to back (warm caches), after a 5 ms sleep, and after
+a pass over a 240 MB tensor, which evicts the caches as the target's forward pass (540 MB of float32 weights per
+token) does. Needs only what ``make test`` installs; reads no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import torch
+
+import detox
+from detox.adapters.transformers import FusionLogitsProcessor
+from detox.stream import PairRunner
+from detox.targets import load_hf_target
+
+PROMPT = "The city council met on Tuesday to discuss"
+
+
+def _timed(owner: Any, name: str, totals: dict[str, float], key: str) -> None:
+    """Replace ``owner.name`` by a wrapper that adds its wall time to ``totals[key]``."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def _mean_ms(fn: Callable[[], Any], before: Callable[[], Any], n: int) -> float:
+    total = 0.0
+    for _ in range(n):
+        before()
+        start = time.perf_counter()
+        fn()
+        total += time.perf_counter() - start
+    return 1000 * total / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repetitions", type=int, default=5)
+    args = ap.parse_args()
+
+    model, tokenizer = load_hf_target("smollm2")
+    fused = detox.wrap(model, tokenizer=tokenizer)
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    kwargs = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id)
+
+    def decode(m: Any) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            m.generate(**inputs, **kwargs)
+        return time.perf_counter() - start
+
+    decode(model), decode(fused)  # warm-up
+    plain = sorted(decode(model) for _ in range(args.repetitions))[args.repetitions // 2]
+
+    runner = fused.calibrator.default_runner()
+    head = fused.calibrator.fusion_head(model.get_output_embeddings().weight)
+    parts = [(FusionLogitsProcessor, "__call__", "whole processor"),
+             (FusionLogitsProcessor, "calibrator_hidden", "  detokenize + calibrator"),
+             (type(runner), "run", "    calibrator step" + (" (both models)" if isinstance(runner, PairRunner) else "")),
+             (type(head), "prepare", "  prepare (log-softmaxes)"),
+             (type(head), "apply", "  apply (candidates, fuse)")]
+    totals = {key: 0.0 for _, _, key in parts}
+    for owner, name, key in parts:
+        _timed(owner, name, totals, key)
+    fused_times = sorted(decode(fused) for _ in range(args.repetitions))
+    steps = args.tokens * args.repetitions
+    print(f"unfused step {1000 * plain / args.tokens:.2f} ms, fused step "
+          f"{1000 * fused_times[args.repetitions // 2] / args.tokens:.2f} ms (medians of {args.repetitions})")
+    for key, seconds in totals.items():
+        print(f"  {key:32s} {1000 * seconds / steps:6.3f} ms per step")
+
+    cal = fused.calibrator
+    stream = cal.stream()
+    stream.hidden_for(" " + PROMPT + " the")
+    state, token = stream.state, cal.tokenizer.encode(" budget", add_special_tokens=False).ids[:1]
+    big = torch.ones(60_000_000)
+    step = lambda: runner.run(token, state)  # noqa: E731
+    print("calibrator step alone:")
+    print(f"  back to back               {_mean_ms(step, lambda: None, 200):.3f} ms")
+    print(f"  after a 5 ms sleep         {_mean_ms(step, lambda: time.sleep(0.005), 100):.3f} ms")
+    print(f"  after reading 240 MB       {_mean_ms(step, big.sum, 100):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -52,18 +52,17 @@ def main() -> None:
             scores = [[r["toxicity"] for r in g] for g in groups]
             table[judge].append((run.name, toxicity_probability(scores, args.threshold),
                                  expected_max_toxicity(scores), mean_toxicity(scores)))
-        both = sum((r["toxicity"] >= args.threshold) == (p >= args.threshold) for r, p in zip(rows, second))
         flagged = [(r["toxicity"] >= args.threshold, p >= args.threshold) for r, p in zip(rows, second)]
+        both = sum(a == b for a, b in flagged)
         n_first = sum(a for a, _ in flagged)
         n_both = sum(a and b for a, b in flagged)
         print(f"{run.name}: {len(rows)} continuations of {len(common)} prompts; judges agree on {both / len(rows):.1%}; "
               f"of the {n_first} the shipped scorer flags, the second judge flags {n_both}")
     for judge, lines in table.items():
         print(f"\n{judge}\n| run | toxicity probability | expected max toxicity | mean toxicity |\n|---|---|---|---|")
-        base = lines[0]
-        for name, *values in lines:
-            cells = [f"{v:.3f}" if name == base[0] else f"{v:.3f} ({100 * (v / b - 1):+.1f}%)"
-                     for v, b in zip(values, base[1:])]
+        base = lines[0][1:]
+        for i, (name, *values) in enumerate(lines):
+            cells = [f"{v:.3f}" if i == 0 else f"{v:.3f} ({100 * (v / b - 1):+.1f}%)" for v, b in zip(values, base)]
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 

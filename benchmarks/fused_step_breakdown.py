@@ -19,6 +19,7 @@ import torch
 
 import detox
 from detox.adapters.transformers import FusionLogitsProcessor
+from detox.fusion import CONTRAST, ContrastHead, FusionHead
 from detox.stream import PairRunner
 from detox.targets import load_hf_target
 
@@ -71,12 +72,12 @@ def main() -> None:
     plain = sorted(decode(model) for _ in range(args.repetitions))[args.repetitions // 2]
 
     runner = fused.calibrator.default_runner()
-    head = fused.calibrator.fusion_head(model.get_output_embeddings().weight)
+    head_type = ContrastHead if fused.calibrator.fusion_mode == CONTRAST else FusionHead
     parts = [(FusionLogitsProcessor, "__call__", "whole processor"),
              (FusionLogitsProcessor, "calibrator_hidden", "  detokenize + calibrator"),
              (type(runner), "run", "    calibrator step" + (" (both models)" if isinstance(runner, PairRunner) else "")),
-             (type(head), "prepare", "  prepare (log-softmaxes)"),
-             (type(head), "apply", "  apply (candidates, fuse)")]
+             (head_type, "prepare", "  prepare (log-softmaxes)"),
+             (head_type, "apply", "  apply (candidates, fuse)")]
     totals = {key: 0.0 for _, _, key in parts}
     for owner, name, key in parts:
         _timed(owner, name, totals, key)

@@ -129,6 +129,23 @@ def pack_cmd(src: str, out: str, overwrite: bool) -> None:
     click.echo(f"wrote {out}")
 
 
+@artifacts_group.command("reexport-onnx")
+@click.argument("src", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the re-exported artifact.")
+@click.option("--version", default=None, help="Version of the copy (default: the next patch version of SRC).")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def reexport_onnx_cmd(src: str, out: str, version: str | None, overwrite: bool) -> None:
+    """Copy aligned artifact SRC with its ONNX calibrators exported again by this detox (same weights).
+
+    For artifacts exported by an older detox, whose calibrator.onnx this one refuses; needs no target model.
+    """
+    from detox.alignment import reexport_onnx
+
+    m = reexport_onnx(src, out, version=version, overwrite=overwrite)
+    click.echo(f"wrote {out} ({m.name}@{m.version})")
+
+
 @artifacts_group.command("unpack")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")

@@ -407,22 +407,64 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         },
         "anti_expert": anti[0] if anti is not None else None,
     }
-    state = calibrator.artifact.calibrator_state
     import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # torch-free backends (llama.cpp) run the calibrator from ONNX
+        extra = onnx_exports(calibrator.torch_model(), anti[2] if anti is not None else None, tmp, log)
+        return save_artifact(out_dir, fields, calibrator.artifact.calibrator_state, calibrator.tokenizer,
+                             alignment=arrays, overwrite=overwrite, extra_files=extra,
+                             anti_state=anti[1] if anti is not None else None)
+
+
+def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``calibrator.onnx`` (and ``anti_calibrator.onnx``) written into ``tmp_dir``, as ``save_artifact``'s
+    ``extra_files``; none, with a note, when the ``onnx`` package is missing."""
+    import importlib.util
     from pathlib import Path
 
     from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX
     from detox.onnx_calibrator import export_calibrator_onnx
 
-    import importlib.util
+    if importlib.util.find_spec("onnx") is None:
+        log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
+        return {}
+    extra = {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX)}
+    if anti is not None:
+        extra[ANTI_ONNX] = export_calibrator_onnx(anti, Path(tmp_dir) / ANTI_ONNX)
+    return extra
 
-    with tempfile.TemporaryDirectory() as tmp:  # torch-free backends (llama.cpp) run the calibrator from ONNX
-        extra = {}
-        if importlib.util.find_spec("onnx") is None:  # torch.onnx.export needs it
-            log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
-        else:
-            extra[CALIBRATOR_ONNX] = export_calibrator_onnx(calibrator.torch_model(), Path(tmp) / CALIBRATOR_ONNX)
-            if anti is not None:
-                extra[ANTI_ONNX] = export_calibrator_onnx(anti[2], Path(tmp) / ANTI_ONNX)
-        return save_artifact(out_dir, fields, state, calibrator.tokenizer, alignment=arrays, overwrite=overwrite,
-                             extra_files=extra, anti_state=anti[1] if anti is not None else None)
+
+def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False) -> Any:
+    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox.
+
+    Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) change, so the
+    copy gets a new ``version`` (default: the next patch version). This is how an artifact exported by an older
+    detox, whose graph layout this one no longer runs, is brought up to date without its target model.
+    Returns the new manifest.
+    """
+    import tempfile
+    from datetime import datetime, timezone
+
+    from detox.artifacts.semver import Version
+    from detox.artifacts.store import ArtifactError, save_artifact
+
+    cal = Calibrator.load(src)
+    m = cal.manifest
+    if m.kind != "aligned":
+        raise ArtifactError(f"{src} is a {m.kind} calibrator; only aligned artifacts carry ONNX exports")
+    if version is None:
+        old = Version.parse(m.version)
+        version = f"{old.major}.{old.minor}.{old.patch + 1}"
+    check_name_version(version=version)
+    if version == m.version:
+        raise ArtifactError(f"the re-exported artifact must get a new version (artifacts are immutable); {src} is {version}")
+    fields = m.model_dump(exclude={"files", "format_version"})
+    fields.update(version=version, created_at=datetime.now(timezone.utc))
+    anti = cal.torch_model("anti") if cal.has_anti_expert else None
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = onnx_exports(cal.torch_model(), anti, tmp)
+        if not extra:
+            raise ArtifactError("re-exporting needs the onnx package: pip install onnx")
+        return save_artifact(out_dir, fields, cal.artifact.calibrator_state, cal.tokenizer,
+                             alignment=cal.artifact.alignment, overwrite=overwrite, extra_files=extra,
+                             anti_state=cal.artifact.anti_state)

@@ -266,7 +266,7 @@ def test_a_failing_fusion_raises_instead_of_silently_generating_unfused(aligned_
     works = runner.run
 
     def broken(ids, state):  # reads BOS (when the processor is made), then fails inside generation
-        if state[0].shape[3] == 0:
+        if state[0].shape[2] == 0:  # empty cache: the BOS run
             return works(ids, state)
         raise RuntimeError("calibrator exploded")
 

@@ -31,8 +31,10 @@ def test_onnx_runner_matches_torch_over_an_incremental_run(exported):
         h_torch, s_torch = torch_runner.run(ids, s_torch)
         assert isinstance(h_onnx, np.ndarray)
         np.testing.assert_allclose(h_onnx, h_torch.numpy(), atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(s_onnx[0], s_torch[0].numpy(), atol=1e-4, rtol=1e-4)
-    assert s_onnx[0].shape[3] == 20
+        for layer in range(cal.manifest.calibrator.num_layers):  # onnx: (key_0, value_0, key_1, ...) per layer
+            np.testing.assert_allclose(s_onnx[2 * layer], s_torch[0][layer].numpy(), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(s_onnx[2 * layer + 1], s_torch[1][layer].numpy(), atol=1e-4, rtol=1e-4)
+    assert s_onnx[0].shape[2] == 20
 
 
 def test_stream_on_onnx_matches_stream_on_torch(exported):
@@ -42,6 +44,46 @@ def test_stream_on_onnx_matches_stream_on_torch(exported):
     for c in list(range(1, len(text) + 1, 4)) + [len(text)]:
         np.testing.assert_allclose(a.hidden_for(text[:c]), b.hidden_for(text[:c]).numpy(), atol=1e-4, rtol=1e-4)
     assert a.tokens_run == b.tokens_run
+
+
+def test_export_uses_fused_operators(exported):
+    """The step's cost is per operator (it runs on cold caches at every target step): the graph must stay fused."""
+    cal, runner = exported
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(runner.path)).graph.node if n.op_type != "Cast"]
+    layers = cal.manifest.calibrator.num_layers
+    assert ops.count("MultiHeadAttention") == ops.count("Gelu") == layers
+    assert len(ops) <= 11 * layers + 10
+
+
+def _graph_of_another_layout(path):
+    """A valid ONNX file that is not a calibrator export of this detox's layout (as an older detox wrote them)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["hidden"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "t"])],
+                              [helper.make_tensor_value_info("hidden", TensorProto.INT64, [1, "t"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_runner_refuses_a_graph_of_another_layout(tmp_path):
+    with pytest.raises(ValueError, match="older detox.*detox artifacts reexport-onnx"):
+        OnnxRunner(_graph_of_another_layout(tmp_path / "old.onnx"))
+
+
+def test_runner_stops_at_the_rotary_table_with_a_clear_error(exported):
+    _, runner = exported
+    state = runner.empty_state()
+    shape = list(state[0].shape)
+    shape[2] = runner.max_positions - 1
+    full = tuple(np.zeros(shape, np.float32) for _ in state)
+    hidden, _ = runner.run([1], full)  # the last position still fits
+    assert np.isfinite(hidden).all()
+    with pytest.raises(ValueError, match=f"at most {runner.max_positions} tokens"):
+        runner.run([1, 2], full)
 
 
 def test_export_keeps_float16_exact_weights_small(exported):
@@ -70,3 +112,36 @@ def test_aligned_artifacts_carry_the_onnx_calibrator(aligned_llama, tmp_path):
     save_artifact(tmp_path / "old", fields, cal.artifact.calibrator_state, cal.tokenizer, alignment=cal.artifact.alignment)
     with pytest.raises(ArtifactError, match="detox align"):
         Calibrator.load(tmp_path / "old").onnx_runner()
+
+
+def test_reexport_onnx_brings_an_older_export_up_to_date(aligned_llama, tmp_path):
+    """An artifact whose calibrator.onnx this detox refuses is re-exported from its own weights, as a new version."""
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    cal = Calibrator.load(aligned_llama)
+    old_graph = _graph_of_another_layout(tmp_path / "old.onnx")
+    fields = cal.manifest.model_dump(exclude={"files", "format_version"})
+    save_artifact(tmp_path / "older", fields, cal.artifact.calibrator_state, cal.tokenizer,
+                  alignment=cal.artifact.alignment, extra_files={CALIBRATOR_ONNX: old_graph})
+    with pytest.raises(ValueError, match="reexport-onnx"):
+        Calibrator.load(tmp_path / "older").onnx_runner()
+
+    cli = CliRunner()
+    done = cli.invoke(main, ["artifacts", "reexport-onnx", str(tmp_path / "older"), "--out", str(tmp_path / "new")])
+    assert done.exit_code == 0, done.output
+    new = Calibrator.load(tmp_path / "new")
+    major, minor, patch = cal.manifest.version.split(".")
+    assert new.manifest.version == f"{major}.{minor}.{int(patch) + 1}"
+    for name, entry in cal.manifest.files.items():  # the same weights, tokenizer and alignment; only the graph differs
+        if name != CALIBRATOR_ONNX:
+            assert new.manifest.files[name] == entry
+    ids = [cal.manifest.calibrator.bos_token_id, 5, 6]
+    h_new, _ = new.onnx_runner().run(ids, new.onnx_runner().empty_state())
+    h_ref, _ = cal.onnx_runner().run(ids, cal.onnx_runner().empty_state())
+    np.testing.assert_allclose(h_new, h_ref, atol=1e-5)
+
+    same = cli.invoke(main, ["artifacts", "reexport-onnx", str(tmp_path / "new"), "--out", str(tmp_path / "again"),
+                             "--version", new.manifest.version])
+    assert same.exit_code == 1 and "new version" in same.output and not (tmp_path / "again").exists()

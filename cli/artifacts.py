@@ -139,6 +139,7 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, overwrite: bool) 
     """Copy aligned artifact SRC with its ONNX calibrators exported again by this detox (same weights).
 
     For artifacts exported by an older detox, whose calibrator.onnx this one refuses; needs no target model.
+    The copy is unsigned: sign it again with `detox artifacts sign`.
     """
     from detox.alignment import reexport_onnx
 

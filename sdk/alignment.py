@@ -439,8 +439,8 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
 
     Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) change, so the
     copy gets a new ``version`` (default: the next patch version). This is how an artifact exported by an older
-    detox, whose graph layout this one no longer runs, is brought up to date without its target model.
-    Returns the new manifest.
+    detox, whose graph layout this one no longer runs, is brought up to date without its target model. The copy is
+    unsigned (its manifest differs): sign it again with ``detox artifacts sign``. Returns the new manifest.
     """
     import tempfile
     from datetime import datetime, timezone

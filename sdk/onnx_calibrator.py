@@ -10,7 +10,7 @@ The calibrator runs at every decoding step of the target, right after the target
 caches, and at this size ONNX Runtime's cost is per operator, not per multiply. So the graph is written with ONNX
 Runtime's fused transformer operators (``MultiHeadAttention`` with its KV cache, ``RotaryEmbedding``,
 ``SkipSimplifiedLayerNormalization``, ``Gelu``): about 12 operators per layer instead of the ~45 a traced export
-leaves after ONNX Runtime's own fusions, which makes the step 1.5-2.5x faster (docs/benchmarks.md).
+left after ONNX Runtime's own fusions (measured in docs/benchmarks.md).
 
 Building the graph needs only numpy and ``onnx``; :func:`export_calibrator_onnx` (called by ``detox align``) takes the
 torch module and checks the export against it. Using :class:`OnnxRunner` needs only numpy and onnxruntime.

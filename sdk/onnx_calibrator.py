@@ -9,7 +9,7 @@ exactly as on the torch path.
 The calibrator runs at every decoding step of the target, right after the target's forward pass has flushed the
 caches, and at this size ONNX Runtime's cost is per operator, not per multiply. So the graph is written with ONNX
 Runtime's fused transformer operators (``MultiHeadAttention`` with its KV cache, ``RotaryEmbedding``,
-``SkipSimplifiedLayerNormalization``, ``Gelu``): about 12 operators per layer instead of the ~45 a traced export
+``SkipSimplifiedLayerNormalization``, ``Gelu``): 11 operators per layer instead of the ~45 a traced export
 left after ONNX Runtime's own fusions (measured in docs/benchmarks.md).
 
 Building the graph needs only numpy and ``onnx``; :func:`export_calibrator_onnx` (called by ``detox align``) takes the
@@ -117,7 +117,7 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray], config: Calibrator
 def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True) -> Path:
     """Write a :class:`~detox.calibrator.CalibratorLM` (torch) as one ONNX file with per-layer KV caches.
 
-    ``check`` compares the export with ``model`` on a cached two-chunk run when onnxruntime is installed
+    ``check`` compares the export with ``model`` on a cached run of three chunks when onnxruntime is installed
     (raising ``RuntimeError`` if they differ).
     """
     import onnx

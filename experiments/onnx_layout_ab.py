@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from detox.cli import bench as cli_bench
+from detox.onnx_calibrator import session_options
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
 
@@ -31,15 +32,8 @@ class LegacyOnnxRunner:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()  # the options the 3.0.0 runner used
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self.path = path
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = path  # the same session options as the current runner (and as the 3.0.0 runner used)
+        self.session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
         layers, _, heads, _, head_dim = self.session.get_inputs()[1].shape
         self.shape = (int(layers), 1, int(heads), 0, int(head_dim))
 

@@ -152,26 +152,33 @@ def _check_export(model: Any, path: Path) -> None:
             raise RuntimeError(f"the ONNX export of the calibrator differs from the torch model (max error {err:.3g})")
 
 
+def session_options(threads: int = 1) -> Any:
+    """ONNX Runtime options for a calibrator session: ``threads`` intra-op threads that do not spin (the step is tiny,
+    and idle-spinning threads would steal the cores the target model is decoding on), full graph optimisation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
 class OnnxRunner:
     """Runs ``calibrator.onnx`` with ONNX Runtime, one chunk at a time (the :class:`~detox.stream.CalibratorRunner`
     protocol); the state is a tuple of numpy caches ``(key_0, value_0, key_1, ...)``, each ``[1, heads, past, head_dim]``.
 
-    One intra-op thread without spinning by default: the calibrator step is tiny, and idle-spinning threads would
-    steal the cores the target model is decoding on.
+    One intra-op thread without spinning by default (:func:`session_options`).
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("layout") != LAYOUT:
             raise ValueError(

@@ -26,14 +26,12 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
+from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor, OverlappedFusionProcessor
 from detox.fusion import Head
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -144,53 +142,6 @@ def _on_providers(runner: Any, providers: list[str]) -> Any:
     return moved
 
 
-class OverlappedFusionProcessor(FusionLogitsProcessor):
-    """:class:`FusionLogitsProcessor` that starts each step's fusion term on a worker thread as soon as the step's
-    ``input_ids`` are known, so the calibrator and the ``vocab × d_cal`` product run while ONNX Runtime computes
-    the target's forward pass (``session.run`` releases the GIL). The result is used only if the processor is then
-    called with exactly those ``input_ids``; otherwise the term is computed inline as usual, so values are the same.
-    """
-
-    def __init__(self, *args: Any, executor: ThreadPoolExecutor, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.executor = executor
-        self._pending: tuple[torch.Tensor, Future] | None = None
-
-    def prefetch(self, input_ids: torch.LongTensor) -> None:
-        """Start computing the term for ``input_ids`` (the sequences the next forward pass will extend)."""
-        self.discard()
-        if self.strength > 0.0:
-            key = input_ids.detach().clone()
-            self._pending = (key, self.executor.submit(FusionLogitsProcessor.fusion_term, self, key))
-
-    def discard(self) -> None:
-        """Wait for a started computation and drop it (it shares this processor's calibrator streams)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending[1].exception()  # waits; an error here resurfaces when the term is computed inline
-
-    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            key, future = pending
-            term = future.result()
-            if key.shape == input_ids.shape and torch.equal(key, input_ids):
-                return term
-        return super().fusion_term(input_ids)
-
-
-class _PrefetchNextStep(StoppingCriteria):
-    """Never stops generation: generate calls stopping criteria right after appending each new token, just before
-    the next forward pass, which makes them the place to start the next step's fusion term."""
-
-    def __init__(self, processor: OverlappedFusionProcessor) -> None:
-        self.processor = processor
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        self.processor.prefetch(input_ids)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 @contextmanager
 def limit_torch_threads(n: int | None) -> Iterator[None]:
     """Run with torch's intra-op pool at ``n`` threads (``None``: unchanged), restoring it afterwards.
@@ -216,38 +167,26 @@ class DetoxORTModel(DetoxModel):
     decoding loop's bookkeeping and the fusion term (a ``vocab × d_cal`` product), while ONNX Runtime's own threads
     keep the cores busy (and spin between steps); a second multi-threaded pool competing with them made each step
     several times slower on 2 busy cores. The limit holds for the duration of ``generate`` only, fusion on or off.
-    With ``overlap`` (default), the fusion term of each step is computed while the target runs its forward pass
-    (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the forward pass).
+    ``overlap`` is the transformers wrapper's (:class:`~detox.adapters.transformers.DetoxModel`).
     """
 
     _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: Head,
                  runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:
-        super().__init__(model, calibrator, tokenizer, strength)
+        super().__init__(model, calibrator, tokenizer, strength, overlap)
         self.__dict__["head"] = head
         self.__dict__["runner"] = runner
         self.__dict__["torch_threads"] = torch_threads
-        self.__dict__["overlap"] = overlap
-        self.__dict__["_executor"] = None
 
     def logits_processor(self, num_beams: int = 1) -> OverlappedFusionProcessor:
-        if self._executor is None:  # one worker per wrapped model, started on first use
-            self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
         runner = self.runner  # stateless (each stream carries its own cache): one session serves every stream
         return OverlappedFusionProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
-                                         head=self.head, runner_factory=lambda: runner, executor=self._executor)
+                                         head=self.head, runner_factory=lambda: runner, executor=self._worker())
 
     def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
-        if self.overlap and num_beams == 1 and isinstance(fusion, OverlappedFusionProcessor) and fusion.strength > 0:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
-                                                                _PrefetchNextStep(fusion)])
-        try:
-            with limit_torch_threads(self.torch_threads if self.head.device.type == "cpu" else None):
-                return self.model.generate(*args, **kwargs)
-        finally:
-            if isinstance(fusion, OverlappedFusionProcessor):
-                fusion.discard()  # the step after the last one is never run
+        with limit_torch_threads(self.torch_threads if self.head.device.type == "cpu" else None):
+            return self.model.generate(*args, **kwargs)
 
 
 def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,

@@ -1,13 +1,17 @@
 """Hugging Face transformers backend: a ``LogitsProcessor`` that fuses the calibrator at every step,
 and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
+
+By default each step's calibrator work starts on a worker thread as soon as the previous token is chosen, so it runs
+while the target computes its forward pass (:class:`OverlappedFusionProcessor`); the values are the same either way.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from detox.fusion import FusedWrapper, Head, check_strength
 from detox.runtime import Calibrator
@@ -90,21 +94,83 @@ class FusionLogitsProcessor(LogitsProcessor):
         return torch.log_softmax(fused, dim=-1) if self.renormalize else fused
 
 
+class OverlappedFusionProcessor(FusionLogitsProcessor):
+    """:class:`FusionLogitsProcessor` that starts each step's fusion term on a worker thread as soon as the step's
+    ``input_ids`` are known, so the calibrator and its log-softmaxes run while the target computes its forward pass
+    (torch ops and ONNX Runtime's ``session.run`` release the GIL). The result is used only if the processor is then
+    called with exactly those ``input_ids``; otherwise the term is computed inline as usual, so values are the same.
+    """
+
+    def __init__(self, *args: Any, executor: ThreadPoolExecutor, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor = executor
+        self._pending: tuple[torch.Tensor, Future] | None = None
+
+    def prefetch(self, input_ids: torch.LongTensor) -> None:
+        """Start computing the term for ``input_ids`` (the sequences the next forward pass will extend)."""
+        self.discard()
+        if self.strength > 0.0:
+            key = input_ids.detach().clone()
+            self._pending = (key, self.executor.submit(FusionLogitsProcessor.fusion_term, self, key))
+
+    def discard(self) -> None:
+        """Wait for a started computation and drop it (it shares this processor's calibrator streams)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].exception()  # waits; an error here resurfaces when the term is computed inline
+
+    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            key, future = pending
+            term = future.result()
+            if key.shape == input_ids.shape and torch.equal(key, input_ids):
+                return term
+        return super().fusion_term(input_ids)
+
+
+class _PrefetchNextStep(StoppingCriteria):
+    """Never stops generation: generate calls stopping criteria right after appending each new token, just before
+    the next forward pass, which makes them the place to start the next step's fusion term."""
+
+    def __init__(self, processor: OverlappedFusionProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.processor.prefetch(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class DetoxModel(FusedWrapper):
     """A transformers causal LM whose ``generate`` applies the fusion; everything else is the wrapped model.
 
     Unknown attributes are forwarded to the wrapped model, so it is used like the original.
+    With ``overlap`` (default), each step's calibrator work runs on a worker thread while the target computes its
+    forward pass (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the
+    forward pass); the generations are the same with it off.
     """
 
-    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None) -> None:
+    _own_attributes = ("overlap",)  # a setting of the wrapper, not of the wrapped model
+
+    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None,
+                 overlap: bool = True) -> None:
         self.__dict__["model"] = model
         self.__dict__["calibrator"] = calibrator
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["strength"] = check_strength(calibrator.default_strength if strength is None else strength,
                                                    calibrator.fusion_mode)
+        self.__dict__["overlap"] = overlap
+        self.__dict__["_executor"] = None
+
+    def _worker(self) -> ThreadPoolExecutor:
+        """One worker thread per wrapped model, started on first use."""
+        if self._executor is None:
+            self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
+        return self._executor
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1)
+        return OverlappedFusionProcessor(self.calibrator, self.model, self.tokenizer, self.strength,
+                                         renormalize=num_beams > 1, executor=self._worker())
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
@@ -112,7 +178,14 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        return self._generate(fusion, num_beams, *args, logits_processor=processors, **kwargs)
+        if self.overlap and num_beams == 1 and isinstance(fusion, OverlappedFusionProcessor) and fusion.strength > 0:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                                _PrefetchNextStep(fusion)])
+        try:
+            return self._generate(fusion, num_beams, *args, logits_processor=processors, **kwargs)
+        finally:
+            if isinstance(fusion, OverlappedFusionProcessor):
+                fusion.discard()  # the step after the last one is never run
 
     def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` with the fusion in ``kwargs``; backends override it to add their own."""

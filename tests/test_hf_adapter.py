@@ -105,6 +105,41 @@ def test_processor_usable_directly_with_generate(case):
     assert torch.equal(direct, wrapped)
 
 
+def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, monkeypatch):
+    """By default each step's calibrator work runs on the worker thread during the forward pass; same values as
+    inline (greedy and sampled), and switching ``overlap`` off runs it on the calling thread."""
+    import threading
+
+    model, tok, aligned = case
+    threads = []
+    original = FusionLogitsProcessor.calibrator_hidden
+
+    def spy(self, input_ids):
+        threads.append(threading.current_thread().name)
+        return original(self, input_ids)
+
+    monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
+    wrapped = detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=0.7)
+    assert wrapped.overlap and "overlap" not in model.__dict__  # a wrapper setting, not forwarded
+    kw = dict(output_scores=True, return_dict_in_generate=True)
+    overlapped = _greedy(wrapped, tok, PROMPTS, **kw)
+    assert sum(t.startswith("detox-fusion") for t in threads) >= 12 - 1  # every step after the first
+    wrapped.overlap = False
+    threads.clear()
+    inline = _greedy(wrapped, tok, PROMPTS, **kw)
+    assert threads and not any(t.startswith("detox-fusion") for t in threads)
+    assert torch.equal(inline.sequences, overlapped.sequences)
+    for a, b in zip(inline.scores, overlapped.scores):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    sampled = []
+    for overlap in (True, False):
+        wrapped.overlap = overlap
+        torch.manual_seed(0)
+        sampled.append(wrapped.generate(**batch, max_new_tokens=10, do_sample=True, top_p=0.9, pad_token_id=tok.pad_token_id))
+    assert torch.equal(*sampled)
+
+
 def test_artifact_for_another_target_is_refused(llama_target_dir, aligned_gpt2):
     model, tok = _load(llama_target_dir)
     with pytest.raises(ArtifactError, match="detox align"):

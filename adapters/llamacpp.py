@@ -29,7 +29,7 @@ import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusedWrapper, Head, check_strength
+from detox.fusion import FusedWrapper, Head, check_strength, prepare_term
 from detox.runtime import Calibrator
 
 __all__ = [
@@ -248,9 +248,9 @@ class LlamaFusionProcessor:
 
     def fusion_term(self, input_ids: np.ndarray) -> np.ndarray:
         """The fusion's part that needs no logits (:meth:`FusionHead.prepare`) after reading the text of ``input_ids``."""
-        hidden = self.stream.hidden_for(self.detokenize(input_ids))
+        output = self.stream.hidden_for(self.detokenize(input_ids))
         with self._one_blas_thread:
-            return self.head.prepare(hidden)
+            return prepare_term(self.head, output, self.stream.runner)
 
     def prefetch(self, input_ids: np.ndarray) -> None:
         """Start computing the term for ``input_ids`` in the background (call it before the target decodes them)."""

@@ -34,7 +34,6 @@ import torch
 from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor, OverlappedFusionProcessor
 from detox.fusion import Head
 from detox.runtime import Calibrator
-from detox.stream import PairRunner
 
 __all__ = ["DetoxORTModel", "OverlappedFusionProcessor", "default_providers", "resolve_providers", "load_ort_target",
            "wrap_ort", "calibrator_runner", "generate_text", "limit_torch_threads"]
@@ -119,8 +118,8 @@ def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str]
 
 
 def calibrator_runner(calibrator: Calibrator, providers: Sequence[str] | None = None) -> Any:
-    """The artifact's ``calibrator.onnx`` as an :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``
-    (a :class:`~detox.stream.PairRunner` of two for contrast artifacts).
+    """The artifact's ``calibrator.onnx`` (for contrast artifacts: the expert/anti-expert pair in one graph) as an
+    :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``.
 
     CPU-only uses the calibrator's own (cached) runner; other providers get sessions with the same options.
     """
@@ -135,8 +134,6 @@ def _on_providers(runner: Any, providers: list[str]) -> Any:
 
     import onnxruntime as ort
 
-    if isinstance(runner, PairRunner):
-        return PairRunner(_on_providers(runner.expert, providers), _on_providers(runner.anti, providers))
     moved = copy.copy(runner)
     moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=providers)
     return moved
@@ -167,7 +164,8 @@ class DetoxORTModel(DetoxModel):
     decoding loop's bookkeeping and the fusion term (a ``vocab × d_cal`` product), while ONNX Runtime's own threads
     keep the cores busy (and spin between steps); a second multi-threaded pool competing with them made each step
     several times slower on 2 busy cores. The limit holds for the duration of ``generate`` only, fusion on or off.
-    ``overlap`` is the transformers wrapper's (:class:`~detox.adapters.transformers.DetoxModel`).
+    ``overlap`` (:class:`~detox.adapters.transformers.DetoxModel`) is on by default here: torch is down to one
+    thread, and running the calibrator during ONNX Runtime's forward pass measured faster than after it.
     """
 
     _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model

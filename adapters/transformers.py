@@ -1,8 +1,9 @@
 """Hugging Face transformers backend: a ``LogitsProcessor`` that fuses the calibrator at every step,
 and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
 
-By default each step's calibrator work starts on a worker thread as soon as the previous token is chosen, so it runs
-while the target computes its forward pass (:class:`OverlappedFusionProcessor`); the values are the same either way.
+Optionally (``overlap``; the ONNX Runtime backend's default) each step's calibrator work starts on a worker thread as
+soon as the previous token is chosen, so it runs while the target computes its forward pass
+(:class:`OverlappedFusionProcessor`); the values are the same either way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from detox.fusion import FusedWrapper, Head, check_strength
+from detox.fusion import FusedWrapper, Head, check_strength, prepare_term
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner, CalibratorStream
 
@@ -78,13 +79,15 @@ class FusionLogitsProcessor(LogitsProcessor):
         return streams
 
     def calibrator_hidden(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Every row's calibrator output after reading its text (hidden states; a pair graph's log-ratio)."""
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         streams = self._streams_for(texts)
         return torch.stack([torch.as_tensor(s.hidden_for(t)) for s, t in zip(streams, texts)])  # torch or numpy runners
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Every row's part of the fusion that does not need the target's logits (:meth:`FusionHead.prepare`)."""
-        return self.head.prepare(self.calibrator_hidden(input_ids).to(device=self.head.device, dtype=torch.float32))
+        """Every row's part of the fusion that does not need the target's logits (:func:`detox.fusion.prepare_term`)."""
+        output = self.calibrator_hidden(input_ids).to(device=self.head.device, dtype=torch.float32)
+        return prepare_term(self.head, output, self._streams[0].runner)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.strength == 0.0:
@@ -145,15 +148,18 @@ class DetoxModel(FusedWrapper):
     """A transformers causal LM whose ``generate`` applies the fusion; everything else is the wrapped model.
 
     Unknown attributes are forwarded to the wrapped model, so it is used like the original.
-    With ``overlap`` (default), each step's calibrator work runs on a worker thread while the target computes its
-    forward pass (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the
-    forward pass); the generations are the same with it off.
+    With ``overlap`` on, each step's calibrator work runs on a worker thread while the target computes its forward
+    pass (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the forward pass);
+    the generations are the same either way. It is off by default here because torch already keeps every core busy
+    (its OpenMP threads spin between operators), so the worker thread competes with them: on 2 cores it was as often
+    slower as faster (docs/benchmarks.md). Turn it on (``model.overlap = True``) when torch is limited to fewer
+    threads than there are cores.
     """
 
     _own_attributes = ("overlap",)  # a setting of the wrapper, not of the wrapped model
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None,
-                 overlap: bool = True) -> None:
+                 overlap: bool = False) -> None:
         self.__dict__["model"] = model
         self.__dict__["calibrator"] = calibrator
         self.__dict__["tokenizer"] = tokenizer

@@ -20,9 +20,9 @@ MANIFEST_NAME = "manifest.json"
 CALIBRATOR_WEIGHTS = "calibrator.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ALIGNMENT_WEIGHTS = "alignment.safetensors"
-CALIBRATOR_ONNX = "calibrator.onnx"  # optional: the calibrator for torch-free backends (llama.cpp, ONNX Runtime)
+CALIBRATOR_ONNX = "calibrator.onnx"  # optional: the calibrator (or contrast pair) for torch-free backends
 ANTI_WEIGHTS = "anti_calibrator.safetensors"  # contrast fusion: the anti-expert (same tokenizer and architecture)
-ANTI_ONNX = "anti_calibrator.onnx"  # optional: the anti-expert for torch-free backends
+ANTI_ONNX = "anti_calibrator.onnx"  # written before graph layout 3 (now the pair is one calibrator.onnx); not read
 SIGNATURE_NAME = "signature.ed25519"  # optional; signs manifest.json, so the manifest cannot list it
 UNLISTED_FILES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})  # the only files an artifact may hold beyond manifest.files
 

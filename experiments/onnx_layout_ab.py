@@ -1,6 +1,7 @@
 """A/B of the calibrator's ONNX graph layouts inside real decoding: unfused, fused with the 3.0.0 graphs (traced
-export, stacked KV cache) and fused with the 3.0.1 graphs (ONNX Runtime's fused operators). The two artifacts hold
-the same weights, so the only difference between the fused arms is the graph. The three arms are interleaved in one
+export, stacked KV cache) and fused with the shipped artifact's graphs (ONNX Runtime's fused operators; 3.0.1 when
+this was written, the pair in one graph since 3.0.2: see experiments/pair_graph_ab.py). The artifacts hold the same
+weights, so the only difference between the fused arms is the graph. The three arms are interleaved in one
 process; medians are printed.
 
     mkdir -p /tmp/v300 && for f in manifest.json calibrator.onnx anti_calibrator.onnx calibrator.safetensors \\

@@ -417,21 +417,18 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
 
 
 def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``calibrator.onnx`` (and ``anti_calibrator.onnx``) written into ``tmp_dir``, as ``save_artifact``'s
-    ``extra_files``; none, with a note, when the ``onnx`` package is missing."""
+    """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph) written into ``tmp_dir``, as
+    ``save_artifact``'s ``extra_files``; none, with a note, when the ``onnx`` package is missing."""
     import importlib.util
     from pathlib import Path
 
-    from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX
+    from detox.artifacts.manifest import CALIBRATOR_ONNX
     from detox.onnx_calibrator import export_calibrator_onnx
 
     if importlib.util.find_spec("onnx") is None:
         log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
         return {}
-    extra = {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX)}
-    if anti is not None:
-        extra[ANTI_ONNX] = export_calibrator_onnx(anti, Path(tmp_dir) / ANTI_ONNX)
-    return extra
+    return {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX, anti=anti)}
 
 
 def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False) -> Any:

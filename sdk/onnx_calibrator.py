@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -28,19 +28,30 @@ from detox.config import CalibratorConfig
 
 OPSET = 18
 ROTARY_POSITIONS = 32768  # rows of the rotary cos/sin tables: the longest text the exported calibrator can read
-LAYOUT = "detox-calibrator-onnx-2"  # metadata_props["layout"]: per-layer caches and fused operators
+LAYOUT = "detox-calibrator-onnx-3"  # metadata_props["layout"]: per-layer caches, fused operators, models as batch rows
 _MS = "com.microsoft"
 
 
-def build_calibrator_graph(weights: Mapping[str, np.ndarray], config: CalibratorConfig) -> Any:
+def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+                           config: CalibratorConfig) -> Any:
     """The calibrator as an ``onnx.ModelProto``, from its state dict (numpy arrays, names as in ``CalibratorLM``).
 
+    ``weights`` may also be a pair of state dicts, ``[expert, anti_expert]`` (same ``config``): the graph then runs
+    both on the same ids as one batch (model ``i`` is batch row ``i`` of the caches), so the pair costs one run of
+    11 operators per layer instead of two, and its output is what contrast fusion reads, computed in the graph too:
+    ``log_ratio`` ``[1, 1, vocab_cal]``, ``log p_expert − log p_anti`` of the next token after the last id (each model's
+    tied output embedding and log-softmax; :meth:`detox.fusion.ContrastHead.prepare` computes the same in torch).
+
     Weights that are exact float16 values (artifacts store float16) are kept as float16 + a ``Cast`` that ONNX
-    Runtime folds at load: half the file, identical results. The rotary tables are computed by the graph from
-    constants, so ONNX Runtime also folds them at load instead of storing them in the file.
+    Runtime folds at load: half the file, identical results. Each RMSNorm's scale is multiplied into the weights of
+    the product that reads the norm, and the rotary tables are computed from constants, both also folded at load.
     """
     from onnx import TensorProto, helper, numpy_helper
 
+    models = [weights] if isinstance(weights, Mapping) else list(weights)
+    n = len(models)
+    if n not in (1, 2):
+        raise ValueError(f"build_calibrator_graph takes one model or an [expert, anti-expert] pair, got {n} models")
     d, heads, layers = config.hidden_size, config.num_heads, config.num_layers
     eps = float(config.norm_eps)
     inits: list[Any] = []
@@ -58,9 +69,18 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray], config: Calibrator
             inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def weight(name: str, transpose: bool = False) -> str:
-        value = np.asarray(weights[name], dtype=np.float32)
-        return const(name, value.T if transpose else value)
+    def stacked(name: str) -> np.ndarray:
+        return np.stack([np.asarray(m[name], dtype=np.float32) for m in models])
+
+    def matmul_weight(name: str, norm: str | None = None) -> str:
+        """``[n, in, out]``: each model's (transposed) torch weight, times the scale of the norm before it."""
+        const(name, stacked(name).transpose(0, 2, 1))
+        if norm is None:
+            return name
+        node("Mul", [name, const(norm, stacked(norm)[:, :, None])], [name + ".scaled"])
+        return name + ".scaled"
+
+    ones = const("norm.ones", np.ones(d, dtype=np.float32))  # the norms' own scale; the real one is folded
 
     # rotary tables [ROTARY_POSITIONS, head_dim / 2], as CalibratorLM computes them (float32 positions x inv_freq)
     hd = config.head_dim
@@ -75,63 +95,84 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray], config: Calibrator
     node("Sin", ["rope.freqs"], ["rope.sin"])
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])]
-    outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "seq", d])]
-    node("Gather", [weight("embed.weight"), "input_ids"], ["x"])
+    outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [n, "seq", d])]
+    embed = np.concatenate([np.asarray(m["embed.weight"], dtype=np.float32) for m in models])  # model i: rows i*V...
+    if n == 1:
+        node("Gather", [const("embed.weight", embed), "input_ids"], ["x"])
+    else:
+        offsets = const("embed.offsets", (np.arange(n, dtype=np.int64) * config.vocab_size)[:, None])
+        node("Add", ["input_ids", offsets], ["ids"])  # [n, seq]: each model's ids into its block of the table
+        node("Gather", [const("embed.weight", embed), "ids"], ["x"])
     node("Shape", ["past_key_0"], ["offset"], start=2, end=3)  # [past]: positions continue after the cache
 
     residual, delta = "x", None  # the block input is residual + delta (delta folded into the next norm)
     for i in range(layers):
         b = f"blocks.{i}."
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, [1, heads, "past", hd]))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, [1, heads, "total", hd]))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, [n, heads, "past", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, [n, heads, "total", hd]))
         if delta is None:
-            node("SimplifiedLayerNormalization", [residual, weight(b + "attn_norm.weight")], [b + "n1"], axis=-1, epsilon=eps)
+            node("SimplifiedLayerNormalization", [residual, ones], [b + "n1"], axis=-1, epsilon=eps)
         else:
-            node("SkipSimplifiedLayerNormalization", [delta, residual, weight(b + "attn_norm.weight")],
-                 [b + "n1", "", "", b + "x"], domain=_MS, epsilon=eps)
+            node("SkipSimplifiedLayerNormalization", [delta, residual, ones], [b + "n1", "", "", b + "x"],
+                 domain=_MS, epsilon=eps)
             residual = b + "x"
-        node("MatMul", [b + "n1", weight(b + "qkv.weight", transpose=True)], [b + "qkv"])
+        node("MatMul", [b + "n1", matmul_weight(b + "qkv.weight", b + "attn_norm.weight")], [b + "qkv"])
         node("Split", [b + "qkv"], [b + "q", b + "k", b + "v"], axis=-1, num_outputs=3)
         for t in ("q", "k"):
             node("RotaryEmbedding", [b + t, "offset", "rope.cos", "rope.sin"], [b + t + "_rot"], domain=_MS,
                  num_heads=heads, interleaved=0)
         node("MultiHeadAttention", [b + "q_rot", b + "k_rot", b + "v", "", "", "", f"past_key_{i}", f"past_value_{i}"],
              [b + "att", f"present_key_{i}", f"present_value_{i}"], domain=_MS, num_heads=heads, unidirectional=1)
-        node("MatMul", [b + "att", weight(b + "out.weight", transpose=True)], [b + "att_out"])
-        node("SkipSimplifiedLayerNormalization", [b + "att_out", residual, weight(b + "mlp_norm.weight")],
-             [b + "n2", "", "", b + "h"], domain=_MS, epsilon=eps)
-        node("MatMul", [b + "n2", weight(b + "up.weight", transpose=True)], [b + "up"])
+        node("MatMul", [b + "att", matmul_weight(b + "out.weight")], [b + "att_out"])
+        node("SkipSimplifiedLayerNormalization", [b + "att_out", residual, ones], [b + "n2", "", "", b + "h"],
+             domain=_MS, epsilon=eps)
+        node("MatMul", [b + "n2", matmul_weight(b + "up.weight", b + "mlp_norm.weight")], [b + "up"])
         node("Gelu", [b + "up"], [b + "gelu"], domain=_MS)  # erf form, as torch's F.gelu
-        node("MatMul", [b + "gelu", weight(b + "down.weight", transpose=True)], [b + "down"])
+        node("MatMul", [b + "gelu", matmul_weight(b + "down.weight")], [b + "down"])
         residual, delta = b + "h", b + "down"
-    node("SkipSimplifiedLayerNormalization", [delta, residual, weight("norm.weight")], ["hidden"], domain=_MS, epsilon=eps)
+    node("SkipSimplifiedLayerNormalization", [delta, residual, ones], ["normed"], domain=_MS, epsilon=eps)
+    node("Mul", ["normed", const("norm.weight", stacked("norm.weight")[:, None, :])], ["hidden"])
+    if n == 2:  # the contrast pair's log-ratio at the last position; the reshaped, transposed table is folded at load
+        outputs[0] = helper.make_tensor_value_info("log_ratio", TensorProto.FLOAT, [1, 1, config.vocab_size])
+        node("Reshape", ["embed.weight", const("head.shape", np.array([n, config.vocab_size, d], dtype=np.int64))],
+             ["head.embed"])
+        node("Transpose", ["head.embed"], ["head.weight"], perm=[0, 2, 1])
+        last = [const(name, np.array([v], dtype=np.int64)) for name, v in (("last.start", -1), ("last.end", 2**62),
+                                                                              ("last.axis", 1))]
+        node("Slice", ["hidden", *last], ["hidden.last"])
+        node("MatMul", ["hidden.last", "head.weight"], ["head.logits"])
+        node("LogSoftmax", ["head.logits"], ["head.logprobs"], axis=-1)
+        node("Split", ["head.logprobs"], ["head.expert", "head.anti"], axis=0, num_outputs=2)
+        node("Sub", ["head.expert", "head.anti"], ["log_ratio"])
 
     graph = helper.make_graph(nodes, "detox_calibrator", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1)],
                               producer_name="detox")
-    helper.set_model_props(model, {"layout": LAYOUT, "rotary_positions": str(ROTARY_POSITIONS)})
+    helper.set_model_props(model, {"layout": LAYOUT, "rotary_positions": str(ROTARY_POSITIONS), "models": str(n)})
     return model  # not onnx.checker: it does not know ONNX Runtime's operators; the export check runs it instead
 
 
-def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True) -> Path:
-    """Write a :class:`~detox.calibrator.CalibratorLM` (torch) as one ONNX file with per-layer KV caches.
+def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True, anti: Any = None) -> Path:
+    """Write a :class:`~detox.calibrator.CalibratorLM` (torch) as one ONNX file with per-layer KV caches; with
+    ``anti`` (its anti-expert), the pair as one graph that gives their log-ratio (:func:`build_calibrator_graph`).
 
-    ``check`` compares the export with ``model`` on a cached run of three chunks when onnxruntime is installed
-    (raising ``RuntimeError`` if they differ).
+    ``check`` compares the export with the torch model(s) on a cached run of three chunks when onnxruntime is
+    installed (raising ``RuntimeError`` if they differ).
     """
     import onnx
 
-    weights = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    models = [model] if anti is None else [model, anti]
+    weights = [{k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()} for m in models]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_calibrator_graph(weights, model.config), str(out))
+    onnx.save(build_calibrator_graph(weights if anti is not None else weights[0], model.config), str(out))
     if check:
-        _check_export(model, out)
+        _check_export(models, out)
     return out
 
 
-def _check_export(model: Any, path: Path) -> None:
+def _check_export(models: list[Any], path: Path) -> None:
     try:
         import onnxruntime  # noqa: F401  (only checks that it is installed)
     except ImportError:
@@ -140,14 +181,22 @@ def _check_export(model: Any, path: Path) -> None:
 
     runner = OnnxRunner(path)
     state = runner.empty_state()
-    cache = model.empty_cache(1)
+    caches = [m.empty_cache(1) for m in models]
     g = torch.Generator().manual_seed(0)
     for n in (5, 1, 3):
-        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
-        hidden, state = runner.run(ids[0].tolist(), state)
+        ids = torch.randint(0, models[0].config.vocab_size, (1, n), generator=g)
+        got, state = runner.run(ids[0].tolist(), state)
+        hidden = []
         with torch.inference_mode():
-            expected, cache = model(ids, cache)
-        err = float(np.abs(hidden - expected[0, -1].float().numpy()).max())
+            for i, m in enumerate(models):
+                h, caches[i] = m(ids, caches[i])
+                hidden.append(h[0, -1].float())
+            if len(models) == 2:  # the log-ratio, as ContrastHead.prepare computes it
+                expert, anti = ((h @ m.embed.weight.float().T).log_softmax(-1) for h, m in zip(hidden, models))
+                expected = expert - anti
+            else:
+                expected = hidden[0]
+        err = float(np.abs(got - expected.numpy()).max())
         if not err <= 1e-3:
             raise RuntimeError(f"the ONNX export of the calibrator differs from the torch model (max error {err:.3g})")
 
@@ -169,7 +218,10 @@ def session_options(threads: int = 1) -> Any:
 
 class OnnxRunner:
     """Runs ``calibrator.onnx`` with ONNX Runtime, one chunk at a time (the :class:`~detox.stream.CalibratorRunner`
-    protocol); the state is a tuple of numpy caches ``(key_0, value_0, key_1, ...)``, each ``[1, heads, past, head_dim]``.
+    protocol); the state is a tuple of numpy caches ``(key_0, value_0, key_1, ...)``, each ``[models, heads, past,
+    head_dim]``. A graph of one model gives its hidden state ``[d_cal]``; the graph of an expert/anti-expert pair
+    gives their log-ratio over the calibrator vocabulary ``[vocab_cal]`` (``gives_log_ratio``), which is what
+    :meth:`detox.fusion.ContrastHead.prepare` makes of :class:`~detox.stream.PairRunner`'s stacked hidden states.
 
     One intra-op thread without spinning by default (:func:`session_options`).
     """
@@ -187,15 +239,18 @@ class OnnxRunner:
                 "detox artifacts reexport-onnx ARTIFACT --out NEW_DIR"
             )
         self.max_positions = int(meta["rotary_positions"])
+        self.gives_log_ratio = self.session.get_outputs()[0].name == "log_ratio"  # a contrast pair
         self.cache_names = [i.name for i in self.session.get_inputs()[1:]]
-        _, heads, _, head_dim = self.session.get_inputs()[1].shape
-        self.cache_shape = (1, int(heads), 0, int(head_dim))
+        models, heads, _, head_dim = self.session.get_inputs()[1].shape
+        self.models = int(models)
+        self.cache_shape = (self.models, int(heads), 0, int(head_dim))
 
     def empty_state(self) -> tuple[np.ndarray, ...]:
         return tuple(np.zeros(self.cache_shape, np.float32) for _ in self.cache_names)
 
     def run(self, ids: list[int], state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """Hidden state of the last id ``[d_cal]`` and the cache extended by ``ids``."""
+        """The output at the last id (the hidden state ``[d_cal]``; a pair's log-ratio ``[vocab_cal]``) and the cache
+        extended by ``ids``."""
         total = state[0].shape[2] + len(ids)
         if total > self.max_positions:
             raise ValueError(f"the calibrator can read at most {self.max_positions} tokens of text; this sequence "

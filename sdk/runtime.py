@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from detox.artifacts.manifest import ANTI_ONNX, CALIBRATOR_ONNX, Manifest, TargetFingerprint
+from detox.artifacts.manifest import CALIBRATOR_ONNX, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, load_artifact
 from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
 from detox.stream import CalibratorStream, PairRunner
@@ -112,24 +112,28 @@ class Calibrator:
         return TorchRunner(self.torch_model())
 
     def onnx_runner(self) -> Any:
-        """The calibrator as an :class:`~detox.onnx_calibrator.OnnxRunner` (torch-free; built once), or a
-        :class:`~detox.stream.PairRunner` of two for contrast artifacts.
+        """The calibrator as an :class:`~detox.onnx_calibrator.OnnxRunner` (torch-free; built once); for contrast
+        artifacts, the expert/anti-expert pair in one graph that gives their log-ratio.
 
-        Uses the ``calibrator.onnx`` (and ``anti_calibrator.onnx``) that ``detox align`` writes into aligned artifacts.
+        Uses the ``calibrator.onnx`` that ``detox align`` writes into aligned artifacts.
         """
         if self._onnx_runner is None:
-            needed = [CALIBRATOR_ONNX] + ([ANTI_ONNX] if self.has_anti_expert else [])
-            missing = [f for f in needed if f not in self.manifest.files]
-            if missing:
+            if CALIBRATOR_ONNX not in self.manifest.files:
                 raise ArtifactError(
-                    f"{self.path} has no {', '.join(missing)}, which torch-free backends (llama.cpp) need; it was "
+                    f"{self.path} has no {CALIBRATOR_ONNX}, which torch-free backends (llama.cpp) need; it was "
                     f"written without the onnx package. pip install onnx, then re-run the alignment once: "
                     f"detox align --target YOUR_MODEL --calibrator CALIBRATOR --out NEW_DIR"
                 )
             from detox.onnx_calibrator import OnnxRunner
 
             runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
-            self._onnx_runner = PairRunner(runner, OnnxRunner(self.path / ANTI_ONNX)) if self.has_anti_expert else runner
+            if runner.gives_log_ratio != self.has_anti_expert:
+                raise ArtifactError(
+                    f"{self.path / CALIBRATOR_ONNX} holds {'a contrast pair' if runner.gives_log_ratio else 'one model'} "
+                    f"but the artifact {'has' if self.has_anti_expert else 'has no'} anti-expert; export it again: "
+                    f"detox artifacts reexport-onnx {self.path} --out NEW_DIR"
+                )
+            self._onnx_runner = runner
         return self._onnx_runner
 
     def default_runner(self) -> Any:

@@ -9,7 +9,7 @@ import torch
 
 import detox
 from detox.artifacts import ArtifactError
-from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, Manifest
+from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, CALIBRATOR_ONNX, Manifest
 from detox.fusion import CONTRAST, ContrastHead, check_strength, contrast_fuse, top_candidates
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -130,17 +130,23 @@ def test_pair_artifact_holds_both_calibrators_and_one_alignment(contrast_llama, 
     assert m.alignment.default_strength == 8.0 and m.alignment.top_k == 20 and m.alignment.suppress_only and m.alignment.method == "token-map"
     assert set(cal.alignment_arrays()) == {"token_map"}
     assert m.anti_expert == Calibrator.load(tiny_anti).manifest.training
-    assert {ANTI_WEIGHTS, ANTI_ONNX} <= set(m.files)
-    # the pair runner gives both models' states, expert first, on ONNX Runtime and torch alike
+    assert ANTI_WEIGHTS in m.files and CALIBRATOR_ONNX in m.files and ANTI_ONNX not in m.files  # one graph for both
+    # torch: the pair runner gives both models' states, expert first; ONNX Runtime: the pair's graph gives the
+    # log-ratio the head computes from those states
     ids = cal.tokenizer.encode("The river runs").ids
     expert, anti = cal.torch_model(), cal.torch_model("anti")
     with torch.inference_mode():
         want = [mod(torch.tensor([[0] + ids]))[0][0, -1].numpy() for mod in (expert, anti)]
     assert np.abs(want[0] - want[1]).max() > 1e-3  # the anti-expert really is another model
-    for runner in (cal.onnx_runner(), cal.torch_runner()):
-        assert isinstance(runner, PairRunner)
-        h, _ = runner.run([0] + ids, runner.empty_state())
-        np.testing.assert_allclose(np.asarray(h), np.stack(want), rtol=1e-4, atol=1e-4)
+    runner = cal.torch_runner()
+    assert isinstance(runner, PairRunner)
+    h, _ = runner.run([0] + ids, runner.empty_state())
+    np.testing.assert_allclose(np.asarray(h), np.stack(want), rtol=1e-4, atol=1e-4)
+    onnx = cal.onnx_runner()
+    assert onnx.gives_log_ratio
+    ratio, _ = onnx.run([0] + ids, onnx.empty_state())
+    head = cal.fusion_head(np.zeros((cal.alignment_arrays()["token_map"].shape[0], 4), np.float32))
+    np.testing.assert_allclose(ratio, head.prepare(np.stack(want)), rtol=1e-4, atol=1e-4)
 
 
 def test_anti_expert_with_another_tokenizer_is_refused(tiny_calibrator, llama_target_dir, tmp_path):

@@ -106,8 +106,8 @@ def test_processor_usable_directly_with_generate(case):
 
 
 def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, monkeypatch):
-    """By default each step's calibrator work runs on the worker thread during the forward pass; same values as
-    inline (greedy and sampled), and switching ``overlap`` off runs it on the calling thread."""
+    """With ``overlap`` on, each step's calibrator work runs on the worker thread during the forward pass; same
+    values as inline (greedy and sampled, the default), which runs it on the calling thread."""
     import threading
 
     model, tok, aligned = case
@@ -120,7 +120,9 @@ def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, monke
 
     monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
     wrapped = detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=0.7)
-    assert wrapped.overlap and "overlap" not in model.__dict__  # a wrapper setting, not forwarded
+    assert not wrapped.overlap  # off by default on transformers (torch's own threads keep the cores busy)
+    wrapped.overlap = True
+    assert "overlap" not in model.__dict__  # a wrapper setting, not forwarded
     kw = dict(output_scores=True, return_dict_in_generate=True)
     overlapped = _greedy(wrapped, tok, PROMPTS, **kw)
     assert sum(t.startswith("detox-fusion") for t in threads) >= 12 - 1  # every step after the first

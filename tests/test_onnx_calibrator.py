@@ -46,15 +46,62 @@ def test_stream_on_onnx_matches_stream_on_torch(exported):
     assert a.tokens_run == b.tokens_run
 
 
-def test_export_uses_fused_operators(exported):
-    """The step's cost is per operator (it runs on cold caches at every target step): the graph must stay fused."""
-    cal, runner = exported
+@pytest.fixture(scope="module")
+def exported_pair(contrast_llama, tmp_path_factory):
+    """The expert/anti-expert pair of a contrast artifact exported as one graph."""
+    cal = Calibrator.load(contrast_llama)
+    path = export_calibrator_onnx(cal.torch_model(), tmp_path_factory.mktemp("onnx") / CALIBRATOR_ONNX,
+                                  anti=cal.torch_model("anti"))
+    return cal, OnnxRunner(path)
+
+
+def _pair_log_ratio(cal, hidden):
+    """What contrast fusion reads from the pair: log p_expert − log p_anti over the calibrator vocabulary."""
+    expert, anti = (h @ cal.torch_model(w).embed.weight.detach().T for h, w in zip(hidden, ("expert", "anti")))
+    return (expert.log_softmax(-1) - anti.log_softmax(-1)).numpy()
+
+
+def test_pair_graph_gives_the_log_ratio_of_the_two_torch_models(exported_pair):
+    cal, runner = exported_pair
+    assert runner.gives_log_ratio and runner.models == 2
+    torch_pair = cal.torch_runner()
+    s_onnx, s_torch = runner.empty_state(), torch_pair.empty_state()
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 1, 3, 1, 8):
+        ids = rng.integers(0, cal.manifest.calibrator.vocab_size, n).tolist()
+        got, s_onnx = runner.run(ids, s_onnx)
+        hidden, s_torch = torch_pair.run(ids, s_torch)
+        assert got.shape == (cal.manifest.calibrator.vocab_size,)
+        np.testing.assert_allclose(got, _pair_log_ratio(cal, hidden), atol=1e-4, rtol=1e-4)
+        for layer in range(cal.manifest.calibrator.num_layers):  # row 0: the expert's cache, row 1: the anti-expert's
+            for row, cache in enumerate(s_torch):
+                np.testing.assert_allclose(s_onnx[2 * layer][row], cache[0][layer][0].numpy(), atol=1e-4, rtol=1e-4)
+    head = cal.fusion_head(np.zeros((cal.alignment_arrays()["token_map"].shape[0], 4), np.float32))
+    np.testing.assert_allclose(head.prepare(hidden.numpy()), got, atol=1e-4, rtol=1e-4)  # the head would compute it
+
+
+def _optimized_operators(path, tmp_path):
+    """The operators ONNX Runtime runs for a graph (after its load-time folding), without the constant Casts."""
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(runner.path)).graph.node if n.op_type != "Cast"]
-    layers = cal.manifest.calibrator.num_layers
-    assert ops.count("MultiHeadAttention") == ops.count("Gelu") == layers
-    assert len(ops) <= 11 * layers + 10
+    from detox.onnx_calibrator import session_options
+
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_export_uses_fused_operators(exported, exported_pair, tmp_path):
+    """The step's cost is per operator (it runs on cold caches at every target step): the graph must stay fused, and
+    the pair must cost one model's operators plus its log-ratio head, not two models'."""
+    for (cal, runner), head_ops in ((exported, 0), (exported_pair, 6)):  # pair: ids offset + 5 for the log-ratio
+        ops = _optimized_operators(runner.path, tmp_path)
+        layers = cal.manifest.calibrator.num_layers
+        assert ops.count("MultiHeadAttention") == ops.count("Gelu") == layers
+        assert len(ops) <= 11 * layers + 4 + head_ops, ops
 
 
 def _graph_of_another_layout(path):

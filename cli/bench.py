@@ -76,6 +76,16 @@ def _llamacpp_runners(target: str, calibrator: str | None, strength: float | Non
     return (lambda: run(llm)), (lambda: run(fused)), fused.calibrator, target_params
 
 
+def runners_for(backend: str, target: str, calibrator, strength: float | None, tokens: int, prompt: str,
+                provider: str | None = "auto"):
+    """``(plain, fused, calibrator, target_params)`` for one backend: the two calls ``detox bench`` times."""
+    if backend == "onnx":
+        return _onnx_runners(target, calibrator, strength, tokens, prompt, provider)
+    if backend == "llamacpp":
+        return _llamacpp_runners(target, calibrator, strength, tokens, prompt)
+    return _hf_runners(target, calibrator, strength, tokens, prompt)
+
+
 @click.command("bench")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
               help="'llamacpp': --target is a .gguf file; 'onnx': a directory written by `detox export-onnx`.")
@@ -91,12 +101,7 @@ def bench_cmd(backend, target, calibrator, strength, tokens, repetitions, prompt
     """Print unfused and fused tokens/s at batch 1 and, as the last line, their time ratio."""
     from detox.bench import compare, format_result, peak_rss_mb
 
-    if backend == "onnx":
-        plain, fused, cal, target_params = _onnx_runners(target, calibrator, strength, tokens, prompt, provider)
-    elif backend == "llamacpp":
-        plain, fused, cal, target_params = _llamacpp_runners(target, calibrator, strength, tokens, prompt)
-    else:
-        plain, fused, cal, target_params = _hf_runners(target, calibrator, strength, tokens, prompt)
+    plain, fused, cal, target_params = runners_for(backend, target, calibrator, strength, tokens, prompt, provider)
     result = compare(plain, fused, repetitions=repetitions)
     cal_params = sum(int(v.size) for v in cal.artifact.calibrator_state.values())
     click.echo(f"calibrator: {cal.manifest.name}@{cal.manifest.version}, {cal_params / 1e6:.2f}M parameters "

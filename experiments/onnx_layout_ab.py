@@ -14,14 +14,13 @@ The current runner refuses the old layout, so this script carries a minimal runn
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
-from detox.cli import bench as cli_bench
+from ab_common import ab_parser, report, target_of
+from detox.bench import time_arms
+from detox.cli.bench import runners_for
 from detox.onnx_calibrator import session_options
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -47,44 +46,23 @@ class LegacyOnnxRunner:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ab_parser(__doc__)
     ap.add_argument("--legacy", required=True, type=Path, help="the 3.0.0 artifact directory (see above)")
-    ap.add_argument("--backend", choices=["hf", "onnx", "llamacpp"], default="hf")
-    ap.add_argument("--target", default=None, help="default: smollm2 (hf, llamacpp) or ~/.cache/detox/onnx/smollm2 (onnx)")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repetitions", type=int, default=5)
-    ap.add_argument("--prompt", default="The city council met on Tuesday to discuss")
     args = ap.parse_args()
 
     legacy = Calibrator.load(args.legacy)
     legacy._onnx_runner = PairRunner(LegacyOnnxRunner(args.legacy / "calibrator.onnx"),
                                      LegacyOnnxRunner(args.legacy / "anti_calibrator.onnx"))
-    target = args.target or (str(Path.home() / ".cache/detox/onnx/smollm2") if args.backend == "onnx" else "smollm2")
+    target = target_of(args)
 
-    def runners(calibrator: Calibrator | None):
-        if args.backend == "onnx":
-            return cli_bench._onnx_runners(target, calibrator, None, args.tokens, args.prompt, "cpu")
-        return getattr(cli_bench, f"_{args.backend}_runners")(target, calibrator, None, args.tokens, args.prompt)
-
-    plain, fused_new, new_cal, _ = runners(None)  # the shipped artifact matched by fingerprint
-    _, fused_old, _, _ = runners(legacy)
+    plain, fused_new, new_cal, _ = runners_for(args.backend, target, None, None, args.tokens, args.prompt, "cpu")
+    _, fused_old, _, _ = runners_for(args.backend, target, legacy, None, args.tokens, args.prompt, "cpu")
     arms = {"unfused": plain, f"fused, {legacy.manifest.version} graphs": fused_old,
             f"fused, {new_cal.manifest.version} graphs": fused_new}
-    for fn in arms.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(args.repetitions):
-        for name, fn in arms.items():
-            start = time.perf_counter()
-            n = fn()
-            times[name].append(time.perf_counter() - start)
-            if n != args.tokens:
-                raise RuntimeError(f"{name} generated {n} tokens instead of {args.tokens}")
-    base = statistics.median(times["unfused"])
-    print(f"backend {args.backend}, {args.tokens} tokens, {args.repetitions} repetitions (median)")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:24s} {args.tokens / med:6.2f} tok/s   {1000 * med / args.tokens:6.2f} ms/token   {med / base:.3f}x")
+    for name, fn in arms.items():  # warm-up; each arm must decode the requested number of tokens
+        if fn() != args.tokens:
+            raise RuntimeError(f"{name} did not generate {args.tokens} tokens")
+    report(args, time_arms(arms, args.repetitions))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ Greedy decoding of a fixed number of tokens; on transformers the fused arms must
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 from detox.artifacts.shipped import find_shipped_for
-from detox.cli import bench as cli_bench
+from ab_common import ab_parser, report, target_of
+from detox.bench import time_arms
+from detox.cli.bench import runners_for
 from detox.onnx_calibrator import OnnxRunner, export_calibrator_onnx
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -63,14 +62,9 @@ def hf_arms(target: str, shipped: Calibrator, old: Calibrator, tokens: int, prom
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["hf", "onnx", "llamacpp"], default="hf")
-    ap.add_argument("--target", default=None, help="default: smollm2 (hf, llamacpp) or ~/.cache/detox/onnx/smollm2 (onnx)")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repetitions", type=int, default=5)
-    ap.add_argument("--prompt", default="The city council met on Tuesday to discuss")
+    ap = ab_parser(__doc__)
     args = ap.parse_args()
-    target = args.target or (str(Path.home() / ".cache/detox/onnx/smollm2") if args.backend == "onnx" else "smollm2")
+    target = target_of(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.backend == "hf":
@@ -83,30 +77,16 @@ def main() -> None:
             shipped, old = Calibrator.load(shipped_path), two_graph_calibrator(shipped_path, Path(tmp))
             arms = hf_arms(target, shipped, old, args.tokens, args.prompt)
         else:
-            def runners(calibrator: Calibrator | None):
-                if args.backend == "onnx":
-                    return cli_bench._onnx_runners(target, calibrator, None, args.tokens, args.prompt, "cpu")
-                return cli_bench._llamacpp_runners(target, calibrator, None, args.tokens, args.prompt)
-
-            plain, fused_new, shipped, _ = runners(None)  # the shipped artifact matched by fingerprint
-            _, fused_old, _, _ = runners(two_graph_calibrator(shipped.path, Path(tmp)))
+            plain, fused_new, shipped, _ = runners_for(args.backend, target, None, None, args.tokens, args.prompt, "cpu")
+            old = two_graph_calibrator(shipped.path, Path(tmp))  # the shipped artifact, matched by fingerprint above
+            _, fused_old, _, _ = runners_for(args.backend, target, old, None, args.tokens, args.prompt, "cpu")
             arms = {"unfused": plain, "two graphs": fused_old, "pair graph": fused_new}
         print(f"calibrator: {shipped.manifest.name}@{shipped.manifest.version}")
         outputs = {name: fn() for name, fn in arms.items()}  # warm-up
         fused = {name: out for name, out in outputs.items() if name != "unfused" and isinstance(out, list)}
         if len({tuple(out) for out in fused.values()}) > 1:
             raise RuntimeError(f"the fused arms generated different tokens: {fused}")
-        times: dict[str, list[float]] = {name: [] for name in arms}
-        for _ in range(args.repetitions):
-            for name, fn in arms.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["unfused"])
-    print(f"backend {args.backend}, {args.tokens} tokens, {args.repetitions} repetitions (median)")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:20s} {args.tokens / med:6.2f} tok/s   {1000 * med / args.tokens:6.2f} ms/token   {med / base:.3f}x")
+        report(args, time_arms(arms, args.repetitions))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 
 @dataclass
@@ -52,6 +52,29 @@ def compare(plain: Callable[[], int], fused: Callable[[], int], repetitions: int
                 raise RuntimeError(f"runs generated different token counts ({n} vs {tokens}); force a fixed length")
             tokens = n
     return BenchResult(tokens=tokens, plain_seconds=p, fused_seconds=f)
+
+
+def time_arms(arms: Mapping[str, Callable[[], Any]], repetitions: int) -> dict[str, list[float]]:
+    """Wall time of each arm (name -> call), ``repetitions`` times, interleaved (a, b, c, a, b, c, ...) for the same
+    reason as :func:`compare`; warm the arms up first."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repetitions):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def format_arms(times: Mapping[str, list[float]], tokens: int, baseline: str = "unfused") -> str:
+    """One line per arm: tokens/s, ms per token and time relative to ``baseline`` (medians)."""
+    base = statistics.median(times[baseline])
+    width = max(len(name) for name in times) + 2
+    lines = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"{name:{width}s} {tokens / med:6.2f} tok/s   {1000 * med / tokens:6.2f} ms/token   {med / base:.3f}x")
+    return "\n".join(lines)
 
 
 def format_result(r: BenchResult, backend: str) -> str:

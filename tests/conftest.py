@@ -140,3 +140,22 @@ def aligned_gpt2(tiny_calibrator, gpt2_target_dir, tmp_path_factory) -> Path:
     align_artifact(str(tiny_calibrator), str(gpt2_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
                    progress=False, log=lambda m: None)
     return out
+
+
+@pytest.fixture
+def fusion_threads(monkeypatch) -> list[str]:
+    """Names of the threads that run the transformers processor's calibrator work, one entry per call (shows whether
+    the fusion really ran on the ``detox-fusion`` worker)."""
+    import threading
+
+    from detox.adapters.transformers import FusionLogitsProcessor
+
+    threads: list[str] = []
+    original = FusionLogitsProcessor.calibrator_hidden
+
+    def spy(self, input_ids):
+        threads.append(threading.current_thread().name)
+        return original(self, input_ids)
+
+    monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
+    return threads

@@ -105,20 +105,11 @@ def test_processor_usable_directly_with_generate(case):
     assert torch.equal(direct, wrapped)
 
 
-def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, monkeypatch):
+def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, fusion_threads):
     """With ``overlap`` on, each step's calibrator work runs on the worker thread during the forward pass; same
     values as inline (greedy and sampled, the default), which runs it on the calling thread."""
-    import threading
-
     model, tok, aligned = case
-    threads = []
-    original = FusionLogitsProcessor.calibrator_hidden
-
-    def spy(self, input_ids):
-        threads.append(threading.current_thread().name)
-        return original(self, input_ids)
-
-    monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
+    threads = fusion_threads
     wrapped = detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=0.7)
     assert not wrapped.overlap  # off by default on transformers (torch's own threads keep the cores busy)
     wrapped.overlap = True

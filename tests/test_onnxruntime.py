@@ -141,22 +141,12 @@ def test_fused_scores_equal_unfused_plus_fusion_term_at_every_step(ort, hf, alig
     assert changed > 1e-3  # the fusion term is not negligible
 
 
-def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(ort, aligned_llama, monkeypatch):
+def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(ort, aligned_llama, fusion_threads):
     """The default computes each step's term on a worker thread during the forward pass: same values as inline."""
-    import threading
-
     from detox.adapters.onnxruntime import wrap_ort
-    from detox.adapters.transformers import FusionLogitsProcessor
 
     model, tok = ort
-    threads = []
-    original = FusionLogitsProcessor.calibrator_hidden
-
-    def spy(self, input_ids):
-        threads.append(threading.current_thread().name)
-        return original(self, input_ids)
-
-    monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
+    threads = fusion_threads
     kw = dict(output_scores=True, return_dict_in_generate=True)
     inline = _greedy(wrap_ort(model, aligned_llama, 0.7, tok, overlap=False), tok, PROMPTS, **kw)
     assert threads and not any(t.startswith("detox-fusion") for t in threads)

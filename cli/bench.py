@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import click
 
 from detox.cli.errors import user_errors
@@ -76,8 +78,8 @@ def _llamacpp_runners(target: str, calibrator: str | None, strength: float | Non
     return (lambda: run(llm)), (lambda: run(fused)), fused.calibrator, target_params
 
 
-def runners_for(backend: str, target: str, calibrator, strength: float | None, tokens: int, prompt: str,
-                provider: str | None = "auto"):
+def runners_for(backend: str, target: str, calibrator: Any, strength: float | None, tokens: int, prompt: str,
+                provider: str | None = "auto") -> tuple[Callable[[], int], Callable[[], int], Any, int]:
     """``(plain, fused, calibrator, target_params)`` for one backend: the two calls ``detox bench`` times."""
     if backend == "onnx":
         return _onnx_runners(target, calibrator, strength, tokens, prompt, provider)

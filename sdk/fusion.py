@@ -251,10 +251,10 @@ class ContrastHead:
         return contrast_fuse(logits, idx, keep, ratio, strength)
 
 
-Head = FusionHead | ContrastHead
+Head = FusionHead | ContrastHead  # what Calibrator.fusion_head returns and every adapter fuses with
 
 
 def prepare_term(head: Head, output: Array, runner: Any) -> Array:
     """The fusion's part that needs no target logits, from what a calibrator runner gave: ``head.prepare(output)``,
     or ``output`` itself from a runner that computes it (the ONNX graph of a contrast pair gives the log-ratio)."""
-    return output if getattr(runner, "gives_log_ratio", False) else head.prepare(output)  # what Calibrator.fusion_head returns and every adapter fuses with
+    return output if getattr(runner, "gives_log_ratio", False) else head.prepare(output)

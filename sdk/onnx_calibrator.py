@@ -4,7 +4,8 @@ Backends that must not pull in torch (llama.cpp) run the calibrator from the ``c
 artifact carries. The graph computes what :class:`~detox.calibrator.CalibratorLM` computes for one sequence:
 ``(input_ids [1, t], past_key_i, past_value_i) -> (hidden [1, t, d], present_key_i, present_value_i)``, one cache
 pair per layer shaped ``[1, heads, past, head_dim]``, so each target step costs a few cached calibrator token steps,
-exactly as on the torch path.
+exactly as on the torch path. A contrast artifact's graph holds the expert and its anti-expert as batch rows 0 and 1
+(caches ``[2, heads, past, head_dim]``) and gives their next-token log-ratio ``[1, 1, vocab]`` instead of ``hidden``.
 
 The calibrator runs at every decoding step of the target, right after the target's forward pass has flushed the
 caches, and at this size ONNX Runtime's cost is per operator, not per multiply. So the graph is written with ONNX

@@ -130,7 +130,7 @@ class Calibrator:
             if runner.gives_log_ratio != self.has_anti_expert:
                 raise ArtifactError(
                     f"{self.path / CALIBRATOR_ONNX} holds {'a contrast pair' if runner.gives_log_ratio else 'one model'} "
-                    f"but the artifact {'has' if self.has_anti_expert else 'has no'} anti-expert; export it again: "
+                    f"but the artifact {'has an' if self.has_anti_expert else 'has no'} anti-expert; export it again: "
                     f"detox artifacts reexport-onnx {self.path} --out NEW_DIR"
                 )
             self._onnx_runner = runner

@@ -192,3 +192,14 @@ def test_reexport_onnx_brings_an_older_export_up_to_date(aligned_llama, tmp_path
     same = cli.invoke(main, ["artifacts", "reexport-onnx", str(tmp_path / "new"), "--out", str(tmp_path / "again"),
                              "--version", new.manifest.version])
     assert same.exit_code == 1 and "new version" in same.output and not (tmp_path / "again").exists()
+
+
+def test_a_contrast_artifact_whose_graph_holds_one_model_is_refused_with_the_fix(contrast_llama, exported, tmp_path):
+    """Its anti-expert would be silently ignored on ONNX Runtime and llama.cpp: refused instead, naming the re-export."""
+    cal = Calibrator.load(contrast_llama)
+    _, single = exported  # a one-model graph of the current layout
+    fields = cal.manifest.model_dump(exclude={"files", "format_version"})
+    save_artifact(tmp_path / "mixed", fields, cal.artifact.calibrator_state, cal.tokenizer, alignment=cal.artifact.alignment,
+                  anti_state=cal.artifact.anti_state, extra_files={CALIBRATOR_ONNX: single.path})
+    with pytest.raises(ArtifactError, match="holds one model but the artifact has an anti-expert.*reexport-onnx"):
+        Calibrator.load(tmp_path / "mixed").onnx_runner()

@@ -65,8 +65,9 @@ def main() -> None:
         pts = rows[1:]
         ax.plot([s["perplexity"] for _, s in pts], [s["toxicity_probability"] for _, s in pts], "o-", label="toxicity probability")
         ax.plot([s["perplexity"] for _, s in pts], [s["expected_max_toxicity"] for _, s in pts], "s-", label="expected max toxicity")
-        for name, s in pts:
-            ax.annotate(f"λ={name}", (s["perplexity"], s["toxicity_probability"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (name, s) in enumerate(pts):  # labels alternate above and below the curve: neighbours can be close
+            ax.annotate(f"λ={name}", (s["perplexity"], s["toxicity_probability"]), textcoords="offset points",
+                        xytext=(4, 6) if i % 2 == 0 else (4, -12), fontsize=8)
         ax.scatter([base["perplexity"]] * 2, [base["toxicity_probability"], base["expected_max_toxicity"]], c="k", marker="x",
                    label="no calibrator", zorder=3)
         ax.set(xlabel="perplexity of continuations (unfused target)", ylabel="toxicity",

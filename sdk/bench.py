@@ -32,6 +32,12 @@ class BenchResult:
         """Fused time over unfused time for the same number of tokens (1.00x = free)."""
         return statistics.median(self.fused_seconds) / statistics.median(self.plain_seconds)
 
+    @property
+    def added_ms_per_token(self) -> float:
+        """What fusion adds to each token, in milliseconds: comparable across machine states where the ratio is not
+        (the same added cost is a smaller ratio when the target itself runs slower)."""
+        return 1000.0 * (statistics.median(self.fused_seconds) - statistics.median(self.plain_seconds)) / self.tokens
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -82,5 +88,6 @@ def format_result(r: BenchResult, backend: str) -> str:
         f"backend: {backend}, {r.tokens} new tokens per run, {len(r.plain_seconds)} repetitions (median)",
         f"unfused: {r.plain_tps:.2f} tok/s",
         f"fused:   {r.fused_tps:.2f} tok/s",
+        f"fusion adds {r.added_ms_per_token:.2f} ms per token",
         f"fused/unfused time: {r.ratio:.2f}x",
     ])

@@ -10,7 +10,9 @@ def test_result_arithmetic_and_last_line():
     assert r.plain_tps == pytest.approx(5.0)
     assert r.fused_tps == pytest.approx(10 / 2.2)
     assert r.ratio == pytest.approx(1.1)
-    assert format_result(r, "hf").splitlines()[-1] == "fused/unfused time: 1.10x"
+    assert r.added_ms_per_token == pytest.approx(20.0)  # (2.2 s − 2.0 s) / 10 tokens
+    lines = format_result(r, "hf").splitlines()
+    assert lines[-2:] == ["fusion adds 20.00 ms per token", "fused/unfused time: 1.10x"]
 
 
 def test_compare_interleaves_and_counts():

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from detox.artifacts.shipped import find_shipped_for
 from ab_common import ab_parser, report, target_of
+from detox.artifacts.shipped import find_shipped_for
 from detox.bench import time_arms
 from detox.cli.bench import runners_for
 from detox.onnx_calibrator import OnnxRunner, export_calibrator_onnx
@@ -36,13 +36,12 @@ def two_graph_calibrator(path: Path, tmp: Path) -> Calibrator:
     return cal
 
 
-def hf_arms(target: str, shipped: Calibrator, old: Calibrator, tokens: int, prompt: str) -> dict[str, Callable[[], list[int]]]:
+def hf_arms(model: Any, tokenizer: Any, shipped: Calibrator, old: Calibrator, tokens: int,
+            prompt: str) -> dict[str, Callable[[], list[int]]]:
     import torch
 
     import detox
-    from detox.targets import load_hf_target
 
-    model, tokenizer = load_hf_target(target)
     inputs = tokenizer(prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
@@ -71,11 +70,10 @@ def main() -> None:
             from detox.fingerprint import fingerprint_hf
             from detox.targets import load_hf_target
 
-            model, tokenizer = load_hf_target(target)
+            model, tokenizer = load_hf_target(target)  # loaded once: it serves every arm
             shipped_path = find_shipped_for(fingerprint_hf(model, tokenizer))
-            del model
             shipped, old = Calibrator.load(shipped_path), two_graph_calibrator(shipped_path, Path(tmp))
-            arms = hf_arms(target, shipped, old, args.tokens, args.prompt)
+            arms = hf_arms(model, tokenizer, shipped, old, args.tokens, args.prompt)
         else:
             plain, fused_new, shipped, _ = runners_for(args.backend, target, None, None, args.tokens, args.prompt, "cpu")
             old = two_graph_calibrator(shipped.path, Path(tmp))  # the shipped artifact, matched by fingerprint above

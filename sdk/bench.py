@@ -43,26 +43,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def compare(plain: Callable[[], int], fused: Callable[[], int], repetitions: int = 5, warmup: int = 1) -> BenchResult:
-    """Run ``plain`` and ``fused`` (each returns the number of tokens it generated) alternately; time each call."""
-    for _ in range(warmup):
-        plain()
-        fused()
-    p, f, tokens = [], [], 0
-    for _ in range(repetitions):
-        for fn, out in ((plain, p), (fused, f)):
-            t0 = time.perf_counter()
-            n = fn()
-            out.append(time.perf_counter() - t0)
-            if tokens and n != tokens:
-                raise RuntimeError(f"runs generated different token counts ({n} vs {tokens}); force a fixed length")
-            tokens = n
-    return BenchResult(tokens=tokens, plain_seconds=p, fused_seconds=f)
-
-
 def time_arms(arms: Mapping[str, Callable[[], Any]], repetitions: int) -> dict[str, list[float]]:
-    """Wall time of each arm (name -> call), ``repetitions`` times, interleaved (a, b, c, a, b, c, ...) for the same
-    reason as :func:`compare`; warm the arms up first."""
+    """Wall time of each arm (name -> call), ``repetitions`` times, interleaved (a, b, c, a, b, c, ...) so that slow
+    drifts of the machine favour none; warm the arms up first."""
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repetitions):
         for name, fn in arms.items():
@@ -70,6 +53,25 @@ def time_arms(arms: Mapping[str, Callable[[], Any]], repetitions: int) -> dict[s
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def compare(plain: Callable[[], int], fused: Callable[[], int], repetitions: int = 5, warmup: int = 1) -> BenchResult:
+    """Run ``plain`` and ``fused`` (each returns the number of tokens it generated) alternately; time each call."""
+    for _ in range(warmup):
+        plain()
+        fused()
+    counts: list[int] = []
+
+    def counted(fn: Callable[[], int]) -> Callable[[], None]:
+        def run() -> None:
+            counts.append(fn())
+            if counts[-1] != counts[0]:
+                raise RuntimeError(f"runs generated different token counts ({counts[-1]} vs {counts[0]}); "
+                                   "force a fixed length")
+        return run
+
+    times = time_arms({"plain": counted(plain), "fused": counted(fused)}, repetitions)
+    return BenchResult(tokens=counts[0], plain_seconds=times["plain"], fused_seconds=times["fused"])
 
 
 def format_arms(times: Mapping[str, list[float]], tokens: int, baseline: str = "unfused") -> str:

@@ -176,6 +176,12 @@ def _log_softmax(x: Array) -> Array:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def pair_log_ratio(hidden: Array, expert_out: Array, anti_out: Array) -> Array:
+    """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
+    ``[..., 2, d_cal]`` (expert first) and the two models' tied output embeddings ``[vocab_cal, d_cal]``."""
+    return _log_softmax(hidden[..., 0, :] @ expert_out.T) - _log_softmax(hidden[..., 1, :] @ anti_out.T)
+
+
 def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, strength: float) -> Array:
     """``logits[v] + λ·log_ratio[v]`` on the target's plausible candidates ``idx[keep]``, ``-inf`` elsewhere.
 
@@ -227,9 +233,7 @@ class ContrastHead:
     def prepare(self, hidden: Array) -> Array:
         """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
         ``[..., 2, d_cal]`` (expert first); needs no target logits, so backends overlap it with the target's step."""
-        expert = _log_softmax(hidden[..., 0, :] @ self.expert_out.T)
-        anti = _log_softmax(hidden[..., 1, :] @ self.anti_out.T)
-        return expert - anti
+        return pair_log_ratio(hidden, self.expert_out, self.anti_out)
 
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
         """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""

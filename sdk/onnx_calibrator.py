@@ -37,7 +37,7 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
                            config: CalibratorConfig) -> Any:
     """The calibrator as an ``onnx.ModelProto``, from its state dict (numpy arrays, names as in ``CalibratorLM``).
 
-    ``weights`` may also be a pair of state dicts, ``[expert, anti_expert]`` (same ``config``): the graph then runs
+    ``weights`` may also be a list of one state dict, or a pair, ``[expert, anti_expert]`` (same ``config``): the graph then runs
     both on the same ids as one batch (model ``i`` is batch row ``i`` of the caches), so the pair costs one run of
     11 operators per layer instead of two, and its output is what contrast fusion reads, computed in the graph too:
     ``log_ratio`` ``[1, 1, vocab_cal]``, ``log p_expert − log p_anti`` of the next token after the last id (each model's
@@ -167,7 +167,7 @@ def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool
     weights = [{k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()} for m in models]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_calibrator_graph(weights if anti is not None else weights[0], model.config), str(out))
+    onnx.save(build_calibrator_graph(weights, model.config), str(out))
     if check:
         _check_export(models, out)
     return out
@@ -179,6 +179,8 @@ def _check_export(models: list[Any], path: Path) -> None:
     except ImportError:
         return
     import torch
+
+    from detox.fusion import pair_log_ratio
 
     runner = OnnxRunner(path)
     state = runner.empty_state()
@@ -193,8 +195,7 @@ def _check_export(models: list[Any], path: Path) -> None:
                 h, caches[i] = m(ids, caches[i])
                 hidden.append(h[0, -1].float())
             if len(models) == 2:  # the log-ratio, as ContrastHead.prepare computes it
-                expert, anti = ((h @ m.embed.weight.float().T).log_softmax(-1) for h, m in zip(hidden, models))
-                expected = expert - anti
+                expected = pair_log_ratio(torch.stack(hidden), *(m.embed.weight.float() for m in models))
             else:
                 expected = hidden[0]
         err = float(np.abs(got - expected.numpy()).max())

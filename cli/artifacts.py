@@ -133,17 +133,20 @@ def pack_cmd(src: str, out: str, overwrite: bool) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the re-exported artifact.")
 @click.option("--version", default=None, help="Version of the copy (default: the next patch version of SRC).")
+@click.option("--onnx-weights", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+              help="How calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read per step, "
+                   "about 1% error) or float32 (exact).")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def reexport_onnx_cmd(src: str, out: str, version: str | None, overwrite: bool) -> None:
+def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str, overwrite: bool) -> None:
     """Copy aligned artifact SRC with its ONNX calibrators exported again by this detox (same weights).
 
-    For artifacts exported by an older detox, whose calibrator.onnx this one refuses; needs no target model.
-    The copy is unsigned: sign it again with `detox artifacts sign`.
+    For artifacts exported by an older detox, whose calibrator.onnx this one refuses, or to change
+    --onnx-weights; needs no target model. The copy is unsigned: sign it again with `detox artifacts sign`.
     """
     from detox.alignment import reexport_onnx
 
-    m = reexport_onnx(src, out, version=version, overwrite=overwrite)
+    m = reexport_onnx(src, out, version=version, overwrite=overwrite, onnx_weights=onnx_weights)
     click.echo(f"wrote {out} ({m.name}@{m.version})")
 
 

@@ -47,6 +47,7 @@ class AlignSettings:
     top_k: int = 64  # contrast fusion: candidate tokens per step ...
     plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
     suppress_only: bool = True  # contrast fusion: only push down what the anti-expert prefers
+    onnx_weights: str = "int8"  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
     seed: int = 0
 
 
@@ -400,8 +401,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "suppress_only": s.suppress_only,
             "seed": s.seed,
             "metrics": metrics,
-            "settings": {} if anti is not None else {  # a token map has no training settings
-                "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs, "vocab_negatives": s.vocab_negatives,
+            "settings": {"onnx_weights": s.onnx_weights} if anti is not None else {  # a token map: no training
+                "onnx_weights": s.onnx_weights, "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs, "vocab_negatives": s.vocab_negatives,
                 "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
             },
         },
@@ -410,15 +411,17 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # torch-free backends (llama.cpp) run the calibrator from ONNX
-        extra = onnx_exports(calibrator.torch_model(), anti[2] if anti is not None else None, tmp, log)
+        extra = onnx_exports(calibrator.torch_model(), anti[2] if anti is not None else None, tmp, log, s.onnx_weights)
         return save_artifact(out_dir, fields, calibrator.artifact.calibrator_state, calibrator.tokenizer,
                              alignment=arrays, overwrite=overwrite, extra_files=extra,
                              anti_state=anti[1] if anti is not None else None)
 
 
-def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph) written into ``tmp_dir``, as
-    ``save_artifact``'s ``extra_files``; none, with a note, when the ``onnx`` package is missing."""
+def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print,
+                 weights_dtype: str = "int8") -> dict[str, Any]:
+    """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph; products' weights stored as
+    ``weights_dtype``) written into ``tmp_dir``, as ``save_artifact``'s ``extra_files``; none, with a note, when the
+    ``onnx`` package is missing."""
     import importlib.util
     from pathlib import Path
 
@@ -428,14 +431,18 @@ def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str
     if importlib.util.find_spec("onnx") is None:
         log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
         return {}
-    return {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX, anti=anti)}
+    return {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX, anti=anti,
+                                                    weights_dtype=weights_dtype)}
 
 
-def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False) -> Any:
-    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox.
+def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False,
+                  onnx_weights: str = "int8") -> Any:
+    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox,
+    the products' weights stored as ``onnx_weights`` (``"int8"`` or ``"float32"``, see
+    :func:`detox.onnx_calibrator.build_calibrator_graph`).
 
-    Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) change, so the
-    copy gets a new ``version`` (default: the next patch version). This is how an artifact exported by an older
+    Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) and the
+    alignment's ``onnx_weights`` setting change, so the copy gets a new ``version`` (default: the next patch version). This is how an artifact exported by an older
     detox, whose graph layout this one no longer runs, is brought up to date without its target model. The copy is
     unsigned (its manifest differs): sign it again with ``detox artifacts sign``. Returns the new manifest.
     """
@@ -457,9 +464,10 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
         raise ArtifactError(f"the re-exported artifact must get a new version (artifacts are immutable); {src} is {version}")
     fields = m.model_dump(exclude={"files", "format_version"})
     fields.update(version=version, created_at=datetime.now(timezone.utc))
+    fields["alignment"]["settings"]["onnx_weights"] = onnx_weights
     anti = cal.torch_model("anti") if cal.has_anti_expert else None
     with tempfile.TemporaryDirectory() as tmp:
-        extra = onnx_exports(cal.torch_model(), anti, tmp)
+        extra = onnx_exports(cal.torch_model(), anti, tmp, weights_dtype=onnx_weights)
         if not extra:
             raise ArtifactError("re-exporting needs the onnx package: pip install onnx")
         return save_artifact(out_dir, fields, cal.artifact.calibrator_state, cal.tokenizer,

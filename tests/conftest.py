@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_TEXT = FIXTURES / "nontoxic_sample.txt"
+# the aligned fixtures' calibrator.onnx keeps float32 weights, so the fusion-rule tests compare every backend with a
+# float reference at 1e-4; the int8 default is tested on its own (test_onnx_calibrator.py, test_cli.py)
+EXACT = "float32"
 
 
 def _train_target_tokenizer(kind: str, vocab_size: int):
@@ -114,7 +117,7 @@ def contrast_llama(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path_factor
     from detox.alignment import AlignSettings, align_artifact
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-llama-contrast"
-    s = AlignSettings(top_k=20, plausibility=0.001)
+    s = AlignSettings(top_k=20, plausibility=0.001, onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), settings=s,
                    progress=False, log=lambda m: None, anti_expert=str(tiny_anti))
     return out
@@ -125,7 +128,7 @@ def aligned_llama(tiny_calibrator, llama_target_dir, tmp_path_factory) -> Path:
     from detox.alignment import AlignSettings, align_artifact
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-llama"
-    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4)
+    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4, onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
                    progress=False, log=lambda m: None)
     return out
@@ -136,7 +139,7 @@ def aligned_gpt2(tiny_calibrator, gpt2_target_dir, tmp_path_factory) -> Path:
     from detox.alignment import AlignSettings, align_artifact
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-gpt2"
-    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4)
+    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4, onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(gpt2_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
                    progress=False, log=lambda m: None)
     return out

@@ -32,6 +32,10 @@ def test_train_align_generate(tmp_path, llama_target_dir):
     assert r.exit_code == 0, r.output
     m = load_artifact(aligned).manifest
     assert m.kind == "aligned" and m.alignment.default_strength == 0.5
+    assert m.alignment.settings["onnx_weights"] == "int8"  # the default: the calibrator graph reads 8-bit weights
+    from detox.runtime import Calibrator
+
+    assert Calibrator.load(aligned).onnx_runner().weights_dtype == "int8"
     plain = runner.invoke(main, ["generate", "The weather is", "--target", str(llama_target_dir), "--no-calibrator",
                                  "--max-new-tokens", "8"])
     fused = runner.invoke(main, ["generate", "The weather is", "--target", str(llama_target_dir), "--calibrator", str(aligned),

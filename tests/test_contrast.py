@@ -143,7 +143,7 @@ def test_pair_artifact_holds_both_calibrators_and_one_alignment(contrast_llama, 
     h, _ = runner.run([0] + ids, runner.empty_state())
     np.testing.assert_allclose(np.asarray(h), np.stack(want), rtol=1e-4, atol=1e-4)
     onnx = cal.onnx_runner()
-    assert onnx.gives_log_ratio
+    assert onnx.gives_log_ratio and onnx.weights_dtype == m.alignment.settings["onnx_weights"] == "float32"
     ratio, _ = onnx.run([0] + ids, onnx.empty_state())
     head = cal.fusion_head(np.zeros((cal.alignment_arrays()["token_map"].shape[0], 4), np.float32))
     np.testing.assert_allclose(ratio, head.prepare(np.stack(want)), rtol=1e-4, atol=1e-4)

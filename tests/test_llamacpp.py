@@ -29,6 +29,7 @@ from detox.artifacts import ArtifactError  # noqa: E402
 from detox.fingerprint import fingerprint_gguf, gguf_vocab_and_output  # noqa: E402
 from detox.runtime import Calibrator, TargetMismatchError  # noqa: E402
 from detox.targets import TargetNotFoundError, packaged_smollm2_gguf  # noqa: E402
+from conftest import EXACT  # noqa: E402
 
 PROMPT = "The weather today is"
 N_TOKENS = 16
@@ -88,7 +89,7 @@ def aligned_smollm2(tiny_calibrator, smollm2_gguf, tmp_path_factory):
     from detox.alignment import AlignSettings
 
     return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2",
-                          AlignSettings(method="vocab", vocab_epochs=1, default_strength=0.5))
+                          AlignSettings(method="vocab", vocab_epochs=1, default_strength=0.5, onnx_weights=EXACT))
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +98,7 @@ def contrast_smollm2(tiny_calibrator, tiny_anti, smollm2_gguf, tmp_path_factory)
     from detox.alignment import AlignSettings
 
     return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2-contrast",
-                          AlignSettings(method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001),
+                          AlignSettings(method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001, onnx_weights=EXACT),
                           anti_expert=str(tiny_anti))
 
 

@@ -9,7 +9,7 @@ pytest.importorskip("onnxruntime")
 
 from detox.artifacts import ArtifactError, save_artifact  # noqa: E402
 from detox.artifacts.manifest import CALIBRATOR_ONNX  # noqa: E402
-from detox.onnx_calibrator import OnnxRunner, export_calibrator_onnx  # noqa: E402
+from detox.onnx_calibrator import OnnxRunner, export_calibrator_onnx, export_tolerance  # noqa: E402
 from detox.runtime import Calibrator, TorchRunner  # noqa: E402
 
 
@@ -147,6 +147,7 @@ def test_aligned_artifacts_carry_the_onnx_calibrator(aligned_llama, tmp_path):
     assert CALIBRATOR_ONNX in cal.manifest.files
     runner = cal.onnx_runner()
     assert runner is cal.onnx_runner()  # built once
+    assert runner.weights_dtype == cal.manifest.alignment.settings["onnx_weights"]  # what alignment asked for
     ids = [cal.manifest.calibrator.bos_token_id, 5, 6, 7]
     h_onnx, _ = runner.run(ids, runner.empty_state())
     with torch.inference_mode():
@@ -186,8 +187,19 @@ def test_reexport_onnx_brings_an_older_export_up_to_date(aligned_llama, tmp_path
             assert new.manifest.files[name] == entry
     ids = [cal.manifest.calibrator.bos_token_id, 5, 6]
     h_new, _ = new.onnx_runner().run(ids, new.onnx_runner().empty_state())
-    h_ref, _ = cal.onnx_runner().run(ids, cal.onnx_runner().empty_state())
-    np.testing.assert_allclose(h_new, h_ref, atol=1e-5)
+    h_ref, _ = cal.onnx_runner().run(ids, cal.onnx_runner().empty_state())  # the fixture's float32 graph
+    assert new.onnx_runner().weights_dtype == new.manifest.alignment.settings["onnx_weights"] == "int8"  # the default
+    assert 0 < np.abs(h_new - h_ref).max() <= export_tolerance(h_ref, "int8")
+
+    exact = cli.invoke(main, ["artifacts", "reexport-onnx", str(tmp_path / "older"), "--out", str(tmp_path / "f32"),
+                              "--onnx-weights", "float32"])
+    assert exact.exit_code == 0, exact.output
+    f32 = Calibrator.load(tmp_path / "f32")
+    assert f32.manifest.alignment.settings["onnx_weights"] == f32.onnx_runner().weights_dtype == "float32"
+    h_f32, _ = f32.onnx_runner().run(ids, f32.onnx_runner().empty_state())
+    with torch.inference_mode():
+        h_torch = cal.torch_model()(torch.tensor([ids]))[0][0, -1].numpy()
+    np.testing.assert_allclose(h_f32, h_torch, atol=1e-4, rtol=1e-4)
 
     same = cli.invoke(main, ["artifacts", "reexport-onnx", str(tmp_path / "new"), "--out", str(tmp_path / "again"),
                              "--version", new.manifest.version])
@@ -203,3 +215,50 @@ def test_a_contrast_artifact_whose_graph_holds_one_model_is_refused_with_the_fix
                   anti_state=cal.artifact.anti_state, extra_files={CALIBRATOR_ONNX: single.path})
     with pytest.raises(ArtifactError, match="holds one model but the artifact has an anti-expert.*reexport-onnx"):
         Calibrator.load(tmp_path / "mixed").onnx_runner()
+
+
+@pytest.fixture(scope="module")
+def exported_pair_int8(contrast_llama, tmp_path_factory):
+    cal = Calibrator.load(contrast_llama)
+    path = export_calibrator_onnx(cal.torch_model(), tmp_path_factory.mktemp("onnx") / CALIBRATOR_ONNX,
+                                  anti=cal.torch_model("anti"), weights_dtype="int8")
+    return cal, OnnxRunner(path)
+
+
+def test_int8_pair_graph_stays_within_the_export_tolerance_over_an_incremental_run(exported_pair_int8):
+    cal, runner = exported_pair_int8
+    assert runner.gives_log_ratio and runner.weights_dtype == "int8"
+    torch_pair = cal.torch_runner()
+    s_onnx, s_torch = runner.empty_state(), torch_pair.empty_state()
+    rng = np.random.default_rng(1)
+    errors = []
+    for n in (1, 5, 1, 3, 1, 8):
+        ids = rng.integers(0, cal.manifest.calibrator.vocab_size, n).tolist()
+        got, s_onnx = runner.run(ids, s_onnx)
+        hidden, s_torch = torch_pair.run(ids, s_torch)
+        expected = _pair_log_ratio(cal, hidden)
+        errors.append(np.abs(got - expected).max())
+        assert errors[-1] <= export_tolerance(expected, "int8")
+    assert s_onnx[0].shape[2] == 19
+    assert max(errors) > 1e-6  # the weights really are quantized (a float graph is exact to rounding)
+
+
+def test_int8_graph_runs_every_product_on_8_bit_weights(exported_pair_int8, tmp_path):
+    """Every product (4 per layer and the log-ratio head, for each model) reads 8-bit blocks, so a step reads under
+    0.3 of the float32 weight bytes (a byte per weight, plus a float32 scale and a zero point per 32); the rest of
+    the graph stays fused."""
+    import onnx
+
+    cal, runner = exported_pair_int8
+    layers = cal.manifest.calibrator.num_layers
+    ops = _optimized_operators(runner.path, tmp_path)
+    assert "MatMul" not in ops and ops.count("MatMulNBits") == 2 * (4 * layers + 1)
+    assert ops.count("MultiHeadAttention") == ops.count("Gelu") == layers
+
+    model = onnx.load(str(runner.path))
+    sizes = {i.name: len(i.raw_data) for i in model.graph.initializer}
+    products = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    int8_bytes = sum(sizes[name] for n in products for name in n.input[1:])
+    shapes = [{a.name: a.i for a in n.attribute} for n in products]
+    float_bytes = sum(4 * shape["K"] * shape["N"] for shape in shapes)
+    assert int8_bytes < 0.3 * float_bytes

@@ -11,7 +11,8 @@ The calibrator runs at every decoding step of the target, right after the target
 caches, and at this size ONNX Runtime's cost is per operator, not per multiply. So the graph is written with ONNX
 Runtime's fused transformer operators (``MultiHeadAttention`` with its KV cache, ``RotaryEmbedding``,
 ``SkipSimplifiedLayerNormalization``, ``Gelu``): 11 operators per layer instead of the ~45 a traced export
-left after ONNX Runtime's own fusions (measured in docs/benchmarks.md).
+left after ONNX Runtime's own fusions (measured in docs/benchmarks.md). What remains is reading the weights of its
+matrix-vector products, so aligned artifacts store those as int8 blocks by default (``weights_dtype``).
 
 Building the graph needs only numpy and ``onnx``; :func:`export_calibrator_onnx` (called by ``detox align``) takes the
 torch module and checks the export against it. Using :class:`OnnxRunner` needs only numpy and onnxruntime.
@@ -38,7 +39,7 @@ QUANTIZED_TOLERANCE = 0.05  # export check: a quantized graph's largest error, a
 
 
 def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-                           config: CalibratorConfig, weights_dtype: str = "float32") -> Any:
+                           config: CalibratorConfig, weights_dtype: str = FLOAT32) -> Any:
     """The calibrator as an ``onnx.ModelProto``, from its state dict (numpy arrays, names as in ``CalibratorLM``).
 
     ``weights`` may also be a list of one state dict, or a pair, ``[expert, anti_expert]`` (same ``config``): the graph then runs

@@ -52,6 +52,13 @@ class AlignSettings:
 
 
 DEFAULT_STRENGTH = {"interpolate": 0.3, "contrast": 8.0}
+ONNX_WEIGHTS = ("int8", "float32")  # how calibrator.onnx may store its weights (detox.onnx_calibrator)
+
+
+def check_onnx_weights(value: str) -> None:
+    """Refuse an unknown ``onnx_weights`` before any work is done (the export comes last)."""
+    if value not in ONNX_WEIGHTS:
+        raise ValueError(f"onnx_weights must be one of {', '.join(ONNX_WEIGHTS)}, got {value!r}")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -353,6 +360,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
 
     check_name_version(name, version)
     s = settings or AlignSettings()
+    check_onnx_weights(s.onnx_weights)
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     anti: tuple[Any, dict[str, Any], Any] | None = None  # (training info, weights, torch model)
@@ -402,8 +410,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "seed": s.seed,
             "metrics": metrics,
             "settings": {"onnx_weights": s.onnx_weights} if anti is not None else {  # a token map: no training
-                "onnx_weights": s.onnx_weights, "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs, "vocab_negatives": s.vocab_negatives,
-                "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
+                "onnx_weights": s.onnx_weights, "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs,
+                "vocab_negatives": s.vocab_negatives, "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
             },
         },
         "anti_expert": anti[0] if anti is not None else None,
@@ -442,9 +450,10 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
     :func:`detox.onnx_calibrator.build_calibrator_graph`).
 
     Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) and the
-    alignment's ``onnx_weights`` setting change, so the copy gets a new ``version`` (default: the next patch version). This is how an artifact exported by an older
-    detox, whose graph layout this one no longer runs, is brought up to date without its target model. The copy is
-    unsigned (its manifest differs): sign it again with ``detox artifacts sign``. Returns the new manifest.
+    alignment's ``onnx_weights`` setting change, so the copy gets a new ``version`` (default: the next patch
+    version). This is how an artifact exported by an older detox, whose graph layout this one no longer runs, is
+    brought up to date without its target model. The copy is unsigned (its manifest differs): sign it again with
+    ``detox artifacts sign``. Returns the new manifest.
     """
     import tempfile
     from datetime import datetime, timezone
@@ -452,6 +461,7 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
     from detox.artifacts.semver import Version
     from detox.artifacts.store import ArtifactError, save_artifact
 
+    check_onnx_weights(onnx_weights)
     cal = Calibrator.load(src)
     m = cal.manifest
     if m.kind != "aligned":

@@ -262,3 +262,11 @@ def test_int8_graph_runs_every_product_on_8_bit_weights(exported_pair_int8, tmp_
     shapes = [{a.name: a.i for a in n.attribute} for n in products]
     float_bytes = sum(4 * shape["K"] * shape["N"] for shape in shapes)
     assert int8_bytes < 0.3 * float_bytes
+
+
+def test_an_unknown_weights_dtype_is_refused_before_anything_is_written(aligned_llama, tmp_path):
+    from detox.alignment import reexport_onnx
+
+    with pytest.raises(ValueError, match="onnx_weights must be one of int8, float32, got 'int4'"):
+        reexport_onnx(str(aligned_llama), str(tmp_path / "out"), onnx_weights="int4")
+    assert not (tmp_path / "out").exists()

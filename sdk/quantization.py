@@ -5,7 +5,7 @@ weight bytes they read, not by arithmetic: the float32 pair reads 27 MB per step
 products read a quarter of that, and ONNX Runtime's ``MatMulNBits`` kernel runs them as integer dot products
 (docs/benchmarks.md). Each block of ``block_size`` consecutive input rows of one output column gets its own scale and
 zero point (asymmetric, with 0 exactly representable), so a block's error is at most half a step of its own range.
-(4 bits were measured too: ten times the error in the shipped pair's log-ratio for 0.4 ms less per step, so not
+(4 bits were measured too: ten times the error in the shipped pair's log-ratio for 0.36 ms less per step, so not
 offered.) The fast 8-bit kernels are ONNX Runtime's integer ones (``accuracy_level=4``; x86 since 1.22): where a
 build lacks them, its float fallback ran the pair's products in 10.9 ms instead of 1.0 ms here, so export with
 ``--onnx-weights float32`` for such platforms.

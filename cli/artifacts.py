@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from detox.cli.errors import user_errors
+from detox.cli.options import onnx_weights_option
 
 _REGISTRY = click.option(
     "--registry", envvar="DETOX_REGISTRY", default=None, metavar="REG",
@@ -133,9 +134,7 @@ def pack_cmd(src: str, out: str, overwrite: bool) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the re-exported artifact.")
 @click.option("--version", default=None, help="Version of the copy (default: the next patch version of SRC).")
-@click.option("--onnx-weights", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
-              help="How calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read per step, "
-                   "about 1% error) or float32 (exact).")
+@onnx_weights_option
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str, overwrite: bool) -> None:

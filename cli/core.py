@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from detox.cli.errors import user_errors
+from detox.cli.options import onnx_weights_option
 
 
 @click.command("train")
@@ -75,9 +76,7 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
               help="Contrast fusion: candidates need p ≥ plausibility · max p under the target.")
 @click.option("--suppress-only/--two-sided", default=True, show_default=True,
               help="Contrast fusion: only push down tokens the anti-expert prefers (min(0, log-ratio)).")
-@click.option("--onnx-weights", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
-              help="How the artifact's calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read "
-                   "per decoding step, about 1% error) or float32 (exact).")
+@onnx_weights_option
 @click.option("--vocab-epochs", default=8, show_default=True)
 @click.option("--context-epochs", default=3, show_default=True)
 @click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")

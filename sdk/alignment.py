@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from detox.artifacts.manifest import check_name_version
+from detox.onnx_calibrator import INT8, check_weights_dtype
 from detox.runtime import Calibrator
 
 
@@ -47,18 +48,11 @@ class AlignSettings:
     top_k: int = 64  # contrast fusion: candidate tokens per step ...
     plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
     suppress_only: bool = True  # contrast fusion: only push down what the anti-expert prefers
-    onnx_weights: str = "int8"  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
+    onnx_weights: str = INT8  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
     seed: int = 0
 
 
 DEFAULT_STRENGTH = {"interpolate": 0.3, "contrast": 8.0}
-ONNX_WEIGHTS = ("int8", "float32")  # how calibrator.onnx may store its weights (detox.onnx_calibrator)
-
-
-def check_onnx_weights(value: str) -> None:
-    """Refuse an unknown ``onnx_weights`` before any work is done (the export comes last)."""
-    if value not in ONNX_WEIGHTS:
-        raise ValueError(f"onnx_weights must be one of {', '.join(ONNX_WEIGHTS)}, got {value!r}")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -360,7 +354,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
 
     check_name_version(name, version)
     s = settings or AlignSettings()
-    check_onnx_weights(s.onnx_weights)
+    check_weights_dtype(s.onnx_weights, "onnx_weights")
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     anti: tuple[Any, dict[str, Any], Any] | None = None  # (training info, weights, torch model)
@@ -390,6 +384,10 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
     metrics["align_seconds"] = time.perf_counter() - t0
     m = calibrator.manifest
+    recorded: dict[str, Any] = {"onnx_weights": s.onnx_weights}  # the manifest's alignment.settings
+    if anti is None:  # a contrast pair's token map has no training settings
+        recorded.update(ln_eps=s.ln_eps, vocab_epochs=s.vocab_epochs, vocab_negatives=s.vocab_negatives,
+                        context_epochs=s.context_epochs, data_sha256=sha256_files(data))
     fields = {
         "kind": "aligned",
         "name": name or m.name,
@@ -409,10 +407,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "suppress_only": s.suppress_only,
             "seed": s.seed,
             "metrics": metrics,
-            "settings": {"onnx_weights": s.onnx_weights} if anti is not None else {  # a token map: no training
-                "onnx_weights": s.onnx_weights, "ln_eps": s.ln_eps, "vocab_epochs": s.vocab_epochs,
-                "vocab_negatives": s.vocab_negatives, "context_epochs": s.context_epochs, "data_sha256": sha256_files(data),
-            },
+            "settings": recorded,
         },
         "anti_expert": anti[0] if anti is not None else None,
     }
@@ -426,7 +421,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
 
 
 def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print,
-                 weights_dtype: str = "int8") -> dict[str, Any]:
+                 weights_dtype: str = INT8) -> dict[str, Any]:
     """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph; products' weights stored as
     ``weights_dtype``) written into ``tmp_dir``, as ``save_artifact``'s ``extra_files``; none, with a note, when the
     ``onnx`` package is missing."""
@@ -444,7 +439,7 @@ def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str
 
 
 def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False,
-                  onnx_weights: str = "int8") -> Any:
+                  onnx_weights: str = INT8) -> Any:
     """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox,
     the products' weights stored as ``onnx_weights`` (``"int8"`` or ``"float32"``, see
     :func:`detox.onnx_calibrator.build_calibrator_graph`).
@@ -461,7 +456,7 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
     from detox.artifacts.semver import Version
     from detox.artifacts.store import ArtifactError, save_artifact
 
-    check_onnx_weights(onnx_weights)
+    check_weights_dtype(onnx_weights, "onnx_weights")
     cal = Calibrator.load(src)
     m = cal.manifest
     if m.kind != "aligned":

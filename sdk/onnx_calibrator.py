@@ -34,6 +34,7 @@ ROTARY_POSITIONS = 32768  # rows of the rotary cos/sin tables: the longest text 
 LAYOUT = "detox-calibrator-onnx-3"  # metadata_props["layout"]: per-layer caches, fused operators, models as batch rows
 _MS = "com.microsoft"
 FLOAT32, INT8 = "float32", "int8"  # weights_dtype: how the graph stores its products' weights
+WEIGHTS_DTYPES = (INT8, FLOAT32)
 QUANT_BLOCK = 32  # rows per quantization block of an int8 MatMulNBits weight
 QUANTIZED_TOLERANCE = 0.05  # export check: a quantized graph's largest error, as a fraction of the output's magnitude
 
@@ -58,8 +59,7 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    if weights_dtype not in (FLOAT32, INT8):
-        raise ValueError(f"weights_dtype must be {FLOAT32!r} or {INT8!r}, got {weights_dtype!r}")
+    check_weights_dtype(weights_dtype)
     models = [weights] if isinstance(weights, Mapping) else list(weights)
     n = len(models)
     if n not in (1, 2):
@@ -195,6 +195,13 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
     helper.set_model_props(model, {"layout": LAYOUT, "rotary_positions": str(ROTARY_POSITIONS), "models": str(n),
                                    "weights_dtype": weights_dtype})
     return model  # not onnx.checker: it does not know ONNX Runtime's operators; the export check runs it instead
+
+
+def check_weights_dtype(value: str, name: str = "weights_dtype") -> None:
+    """Refuse a ``weights_dtype`` (called ``name`` where the user gave it) that no graph can be built with; callers
+    that export last (``detox align``, ``reexport-onnx``) check it before any work is done."""
+    if value not in WEIGHTS_DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(WEIGHTS_DTYPES)}, got {value!r}")
 
 
 def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True, anti: Any = None,

@@ -46,13 +46,17 @@ def test_stream_on_onnx_matches_stream_on_torch(exported):
     assert a.tokens_run == b.tokens_run
 
 
+def _export_pair(contrast_artifact, tmp_path_factory, weights_dtype):
+    """The expert/anti-expert pair of a contrast artifact exported as one graph."""
+    cal = Calibrator.load(contrast_artifact)
+    path = export_calibrator_onnx(cal.torch_model(), tmp_path_factory.mktemp("onnx") / CALIBRATOR_ONNX,
+                                  anti=cal.torch_model("anti"), weights_dtype=weights_dtype)
+    return cal, OnnxRunner(path)
+
+
 @pytest.fixture(scope="module")
 def exported_pair(contrast_llama, tmp_path_factory):
-    """The expert/anti-expert pair of a contrast artifact exported as one graph."""
-    cal = Calibrator.load(contrast_llama)
-    path = export_calibrator_onnx(cal.torch_model(), tmp_path_factory.mktemp("onnx") / CALIBRATOR_ONNX,
-                                  anti=cal.torch_model("anti"))
-    return cal, OnnxRunner(path)
+    return _export_pair(contrast_llama, tmp_path_factory, "float32")
 
 
 def _pair_log_ratio(cal, hidden):
@@ -219,10 +223,7 @@ def test_a_contrast_artifact_whose_graph_holds_one_model_is_refused_with_the_fix
 
 @pytest.fixture(scope="module")
 def exported_pair_int8(contrast_llama, tmp_path_factory):
-    cal = Calibrator.load(contrast_llama)
-    path = export_calibrator_onnx(cal.torch_model(), tmp_path_factory.mktemp("onnx") / CALIBRATOR_ONNX,
-                                  anti=cal.torch_model("anti"), weights_dtype="int8")
-    return cal, OnnxRunner(path)
+    return _export_pair(contrast_llama, tmp_path_factory, "int8")
 
 
 def test_int8_pair_graph_stays_within_the_export_tolerance_over_an_incremental_run(exported_pair_int8):

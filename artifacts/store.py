@@ -185,7 +185,11 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{root} has no {MANIFEST_NAME} (as a regular file); it is not a detox artifact")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    return parse_manifest(mpath.read_bytes(), root)
+    try:
+        data = mpath.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"cannot read {mpath}: {err.strerror or err}") from None
+    return parse_manifest(data, root)
 
 
 def parse_manifest(data: bytes, root: str | os.PathLike[str]) -> Manifest:
@@ -236,7 +240,11 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         p = root / name
         if p.is_symlink() or not p.is_file():
             raise ArtifactError(f"{root}: {name} is not a regular file")
-        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+        try:
+            digest = sha256_file(p) if p.stat().st_size == entry.size else None
+        except OSError as err:
+            raise ArtifactError(f"cannot read {p}: {err.strerror or err}") from None
+        if digest != entry.sha256:
             raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest (corrupted or tampered)")
 
 

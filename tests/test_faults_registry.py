@@ -403,6 +403,32 @@ def test_an_oversized_architecture_is_refused_before_anything_is_allocated(align
         Calibrator.load(art)
 
 
+def test_a_calibrator_built_in_memory_is_checked_before_its_model_is_allocated(aligned_llama):
+    from detox.runtime import Calibrator
+
+    artifact = load_artifact(aligned_llama)
+    huge = artifact.manifest.calibrator.model_copy(update=dict(num_layers=64, hidden_size=8192, num_heads=64, ffn_size=32768))
+    artifact.manifest = artifact.manifest.model_copy(update={"calibrator": huge})
+    with pytest.raises(ArtifactError, match="does not match the manifest's calibrator architecture"):
+        Calibrator(artifact).torch_model()
+
+
+@pytest.mark.parametrize("bad_id", [10**6, -2])
+def test_token_map_ids_outside_the_calibrator_vocabulary_are_refused_at_load(bad_id, contrast_llama, tmp_path):
+    """A contrast artifact's token map indexes the calibrator's embeddings at generation time: checked at load."""
+    from safetensors.numpy import load_file, save_file
+
+    art = shutil.copytree(contrast_llama, tmp_path / "art")
+    arrays = load_file(str(art / "alignment.safetensors"))
+    arrays["token_map"][3] = bad_id
+    save_file(arrays, str(art / "alignment.safetensors"))
+    raw = json.loads((art / "manifest.json").read_text())  # the attacker rewrites the manifest's hash too
+    raw["files"]["alignment.safetensors"] = {"sha256": sha256_file(art / "alignment.safetensors"),
+                                             "size": (art / "alignment.safetensors").stat().st_size}
+    (art / "manifest.json").write_text(json.dumps(raw))
+    one_line_error(["artifacts", "verify", art], "alignment.safetensors", "token_map holds ids outside")
+
+
 def test_calibrator_config_state_shapes_match_the_torch_model():
     import torch
 

@@ -569,8 +569,7 @@ class DirectoryRegistry(Registry):
             # (a push killed between the two steps) is ignored by readers and dropped by the next write
             records.setdefault(entry.name, {})[entry.version] = entry
             self._sync(records, keep={(entry.name, entry.version)})
-            self._write_records(records)
-            fault_point("push:indexed")
+            self._write_records(records)  # (fault point "index:written": recorded, not yet visible)
             final.parent.mkdir(parents=True, exist_ok=True)
             _link_exclusive(archive, final, self.url)
             _fsync_dir(final.parent)

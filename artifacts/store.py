@@ -47,7 +47,7 @@ def fault_point(name: str) -> None:
 
     Only the fault-injection tests set it (tests/test_faults_registry.py): they kill pushes, pulls and removals
     at each of these points and check that re-running the command converges. Points: ``push:staged``,
-    ``push:indexed``, ``push:published``, ``index:written``, ``rm:unlinked``, ``cache:blob``, ``cache:unpacked``.
+    ``index:written``, ``push:published``, ``rm:unlinked``, ``cache:blob``, ``cache:unpacked``.
     """
     if os.environ.get("DETOX_FAULT_POINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -122,7 +123,6 @@ def run_detox(args: list, cache: Path, fault: str | None = None) -> subprocess.C
 @pytest.mark.parametrize("fault,visible_after_kill", [
     ("push:staged", False),      # archive packed in REG/.tmp, nothing recorded
     ("index:written", False),    # the new record is in index.json, the archive not yet visible
-    ("push:indexed", False),     # same step, seen from the push
     ("push:published", True),    # archive linked into place, the push never reported back
     ("cache:unpacked", False),   # pushing a .detox file: killed while validating it in the cache
 ])
@@ -247,7 +247,7 @@ def test_list_and_pull_skip_and_report_what_they_cannot_read_and_rm_removes_it(a
     assert all(line.startswith("warning: skipping") for line in exact.stderr.splitlines()[:-1])
 
     # every warning names the command that removes the entry; run it as printed, through a shell
-    detox = f"{shlex_quote(sys.executable)} -m detox.cli.main"
+    detox = f"{shlex.quote(sys.executable)} -m detox.cli.main"
     for line in warnings:
         command = line.split("remove it with: ", 1)[1]
         assert command.startswith("detox artifacts rm ")
@@ -258,12 +258,6 @@ def test_list_and_pull_skip_and_report_what_they_cannot_read_and_rm_removes_it(a
     assert not (reg / "team-cal\n").exists()
     assert_consistent(reg, ["team-cal/1.0.0", "team-cal/2.0.0"])
     assert cli("artifacts", "list", "--registry", reg).stderr == ""
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def test_python_api_warns_and_raises_artifact_errors_only(aligned_llama, reg, tmp_path):

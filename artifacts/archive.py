@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -175,10 +176,12 @@ def _octal(field: bytes, where: Path, what: str) -> int:
             raise ArtifactError(f"{where}: tar size uses base-256 encoding (member too large for a detox artifact)")
         raise ArtifactError(f"{where}: corrupt tar header ({what} field); not a valid .detox archive")
     text = field.replace(b"\x00", b" ").strip()
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
-        raise ArtifactError(f"{where}: corrupt tar header ({what} field {field!r}); not a valid .detox archive") from None
+    # octal digits only: int(..., 8) alone would also take "-1", "+7" or "1_0", and a negative size then read the
+    # whole rest of the file as one member
+    if not re.fullmatch(rb"[0-7]*", text):
+        raise ArtifactError(f"{where}: corrupt tar header ({what} field {bytes(field)!r} is not an octal number); "
+                            "not a valid .detox archive")
+    return int(text or b"0", 8)
 
 
 def _open_checked(archive: Path) -> BinaryIO:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from detox.artifacts.store import ArtifactError, load_artifact, sha256_file
+from detox.artifacts.store import ArtifactError, fault_point, load_artifact, sha256_file
 
 
 def cache_root() -> Path:
@@ -49,6 +49,7 @@ def add_blob(src: str | os.PathLike[str], expected_sha256: str | None = None) ->
         if expected_sha256 and digest != expected_sha256:
             raise ArtifactError(f"{src}: sha256 {digest[:16]}… differs from the registry's record {expected_sha256[:16]}… "
                                 "(changed or corrupted after it was published); ask the publisher to re-push it")
+        fault_point("cache:blob")
         os.replace(tmp, blob_path(digest))
         return blob_path(digest)
     except BaseException:
@@ -72,6 +73,7 @@ def unpack_cached(archive: str | os.PathLike[str]) -> Path:
         if read != digest:
             raise ArtifactError(f"{archive} changed while it was being read; try again")
         load_artifact(tmp)  # full validation before anything becomes visible in the cache
+        fault_point("cache:unpacked")
         try:
             os.rename(tmp, final)
         except OSError:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from detox.artifacts.semver import MAX_VERSION_CHARS, is_version
 from detox.config import CalibratorConfig
 
 FORMAT_VERSION = 1
@@ -26,17 +27,28 @@ ANTI_ONNX = "anti_calibrator.onnx"  # written before graph layout 3 (now the pai
 SIGNATURE_NAME = "signature.ed25519"  # optional; signs manifest.json, so the manifest cannot list it
 UNLISTED_FILES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})  # the only files an artifact may hold beyond manifest.files
 
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+# Names and versions become registry paths (NAME/VERSION.detox), so they are validated with re.fullmatch: a "$"
+# anchor would also accept a trailing newline ("9.9.9\n"), which once made an entry nobody could list or remove.
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,127}"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def is_artifact_name(text: object) -> bool:
+    """True for a valid artifact name: the one check used by manifests, registries and ``NAME@RANGE`` references."""
+    return isinstance(text, str) and _NAME.fullmatch(text) is not None
 
 
 def check_name_version(name: str | None = None, version: str | None = None) -> None:
     """Raise ValueError unless ``name``/``version`` (when given) are valid artifact metadata; commands call it before
     long work so a bad --name fails at once, not when the result is saved."""
-    if name is not None and not _NAME.match(name):
+    if name is not None and not is_artifact_name(name):
         raise ValueError(f"artifact name {name!r}: use lower-case letters, digits, '.', '_' or '-' (max 128 chars)")
-    if version is not None and not _SEMVER.match(version):
-        raise ValueError(f"version {version!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
+    if version is not None and not is_version(version):
+        raise ValueError(f"version {version!r} is not semantic versioning (MAJOR.MINOR.PATCH, at most {MAX_VERSION_CHARS} characters)")
+
+
+MAX_TARGET_VOCAB = 1 << 21  # target models: 2,097,152 tokens (today's largest vocabularies are ~262k)
+MAX_TARGET_HIDDEN = 1 << 16  # 65,536
 
 
 class _Strict(BaseModel):
@@ -52,8 +64,8 @@ class TargetFingerprint(_Strict):
     """Identity of a target model: what an aligned calibrator is bound to."""
 
     vocab_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    vocab_size: int = Field(ge=1)
-    hidden_size: int = Field(ge=1)
+    vocab_size: int = Field(ge=1, le=MAX_TARGET_VOCAB)
+    hidden_size: int = Field(ge=1, le=MAX_TARGET_HIDDEN)
     output_embedding_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     name: str = ""  # informative only (e.g. the path it was computed from); not compared
 

@@ -10,7 +10,8 @@ import json
 import sys
 from typing import Any
 
-from detox.artifacts.manifest import _NAME, _SEMVER, FORMAT_VERSION, Manifest
+from detox.artifacts.manifest import FORMAT_VERSION, NAME_PATTERN, Manifest
+from detox.artifacts.semver import MAX_VERSION_CHARS, VERSION_PATTERN
 
 
 def manifest_schema() -> dict[str, Any]:
@@ -23,8 +24,11 @@ def manifest_schema() -> dict[str, Any]:
     )
     props = schema["properties"]
     props["format_version"]["const"] = FORMAT_VERSION
-    props["name"]["pattern"] = _NAME.pattern  # enforced by validators in code; mirrored here for other tools
-    props["version"]["pattern"] = _SEMVER.pattern
+    # enforced by validators in code (re.fullmatch); mirrored here for other tools. JSON Schema patterns are ECMA-262,
+    # where "$" without the m flag is the end of the input, so "^...$" is a full match there.
+    props["name"]["pattern"] = f"^{NAME_PATTERN}$"
+    props["version"]["pattern"] = f"^{VERSION_PATTERN}$"
+    props["version"]["maxLength"] = MAX_VERSION_CHARS
     return schema
 
 

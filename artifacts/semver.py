@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from functools import total_ordering
 from typing import Iterable
 
-_VERSION = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
-)
-_PARTIAL = re.compile(r"^v?(\d+|[xX*])(?:\.(\d+|[xX*]))?(?:\.(\d+|[xX*]))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_COMPARATOR = re.compile(r"^(\^|~|>=|<=|>|<|=)?\s*(.+)$")
+# Every pattern here is used with re.fullmatch, never .match with "$" (which also matches before a trailing newline:
+# "9.9.9\n" would pass and become a file name). VERSION_PATTERN has no anchors so schema.py can mirror it.
+VERSION_PATTERN = (r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+                   r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?")
+MAX_VERSION_CHARS = 128  # versions become file names (VERSION.detox); keep them well under NAME_MAX
+_VERSION = re.compile(VERSION_PATTERN)
+_PARTIAL = re.compile(r"v?(\d+|[xX*])(?:\.(\d+|[xX*]))?(?:\.(\d+|[xX*]))?(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
+                      r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?")
+_COMPARATOR = re.compile(r"(\^|~|>=|<=|>|<|=)?(\S+)")
 
 
 class RangeError(ValueError):
@@ -34,7 +38,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> "Version":
-        m = _VERSION.match(text.strip())
+        m = _VERSION.fullmatch(text) if isinstance(text, str) and len(text) <= MAX_VERSION_CHARS else None
         if not m:
             raise RangeError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.2.0)")
         pre = tuple(m.group(4).split(".")) if m.group(4) else ()
@@ -76,8 +80,17 @@ class _Cmp:
         return {">=": v >= self.version, ">": v > self.version, "<": v < self.version, "<=": v <= self.version}[self.op]
 
 
+def is_version(text: object) -> bool:
+    """True for a complete semantic version (the only strings registries turn into file names)."""
+    try:
+        Version.parse(text)  # type: ignore[arg-type]
+    except RangeError:
+        return False
+    return True
+
+
 def _partial(text: str) -> tuple[list[int | None], tuple[str, ...]]:
-    m = _PARTIAL.match(text)
+    m = _PARTIAL.fullmatch(text)
     if not m:
         raise RangeError(f"{text!r} is not a version or partial version (e.g. 1, 1.2, 1.2.3, 1.x)")
     parts: list[int | None] = []
@@ -108,7 +121,7 @@ def _bump(parts: list[int | None], index: int, upper: bool = True) -> Version:
 
 
 def _comparators(token: str) -> list[_Cmp]:
-    m = _COMPARATOR.match(token)
+    m = _COMPARATOR.fullmatch(token)
     if not m:
         raise RangeError(f"cannot parse range item {token!r}")
     op, rest = m.group(1) or "", m.group(2)
@@ -143,13 +156,21 @@ class Range:
 
     @classmethod
     def parse(cls, text: str) -> "Range":
-        text = (text or "*").strip()
+        """Parse a range; an empty alternative (``"1.0.0 ||"``, ``"|| 2"``) or any junk is an error, never ``*``:
+        a stray ``||`` must not widen a pinned version. Only a wholly empty range means ``*`` (latest)."""
+        if not isinstance(text, str):
+            raise RangeError(f"a version range must be text, not {type(text).__name__}")
+        text = text.strip() or "*"
+        if len(text) > 4 * MAX_VERSION_CHARS:
+            raise RangeError(f"version range {text[:40]!r}... is too long")
         alternatives = []
         for alt in text.split("||"):
-            # "1.2.3 - 2.0.0" hyphen ranges are rare for calibrators; not supported
+            # "1.2.3 - 2.0.0" hyphen ranges are rare for calibrators; not supported ("-" is refused below)
             tokens = re.sub(r"(\^|~|>=|<=|>|<|=)\s+", r"\1", alt.replace(",", " ")).split()
+            if not tokens:
+                raise RangeError(f"{text!r} has an empty alternative around '||'; write e.g. 1.0.0 || ^2")
             cmps: list[_Cmp] = []
-            for token in tokens or ["*"]:
+            for token in tokens:
                 cmps.extend(_comparators(token))
             alternatives.append(tuple(cmps))
         return cls(text, tuple(alternatives))

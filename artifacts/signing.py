@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detox.artifacts.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
-from detox.artifacts.store import MAX_MANIFEST_BYTES, Artifact, ArtifactError, load_artifact, parse_manifest, verify_files
+from detox.artifacts.store import (
+    MAX_MANIFEST_BYTES, Artifact, ArtifactError, load_artifact, parse_json, parse_manifest, validation_summary, verify_files,
+)
 
 CONTEXT = b"detox-artifact-signature-v1\n"
 MAX_SIGNATURE_BYTES = 4096
@@ -203,9 +204,13 @@ def read_signature(root: Path) -> SignatureFile | None:
     if p.is_symlink() or not p.is_file() or p.stat().st_size > MAX_SIGNATURE_BYTES:
         raise SignatureError(f"{root}: {SIGNATURE_NAME} is not a regular file of at most {MAX_SIGNATURE_BYTES} bytes")
     try:
-        return SignatureFile.model_validate(json.loads(p.read_text(encoding="utf-8")))
-    except (ValueError, ValidationError) as err:
-        raise SignatureError(f"{root}: {SIGNATURE_NAME} is malformed ({err}); re-sign the artifact") from err
+        raw = parse_json(p.read_bytes(), p)
+    except ArtifactError as err:
+        raise SignatureError(f"{p} is malformed ({getattr(err, 'reason', err)}); re-sign the artifact") from None
+    try:
+        return SignatureFile.model_validate(raw, strict=True)
+    except ValidationError as err:
+        raise SignatureError(f"{p} is malformed ({validation_summary(err)}); re-sign the artifact") from None
 
 
 def verify_signature(path: str | os.PathLike[str], keys: TrustedKeys) -> Manifest:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,48 @@ from detox.artifacts.manifest import (
 )
 
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_SAFETENSORS_HEADER = 1 << 20  # header of one weights file: a JSON table of names, dtypes, shapes and offsets
 
 
 class ArtifactError(ValueError):
     """An artifact is missing, malformed, tampered with, or does not belong where it is used."""
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a crash or ``kill -9`` would, when ``$DETOX_FAULT_POINT`` names this point.
+
+    Only the fault-injection tests set it (tests/test_faults_registry.py): they kill pushes, pulls and removals
+    at each of these points and check that re-running the command converges. Points: ``push:staged``,
+    ``index:written``, ``push:published``, ``rm:unlinked``, ``cache:blob``, ``cache:unpacked``.
+    """
+    if os.environ.get("DETOX_FAULT_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parse_json(data: bytes | str, where: str | os.PathLike[str]) -> Any:
+    """JSON from an artifact or registry file, or :class:`ArtifactError` "``where`` is <reason>" (the reason alone in
+    its ``reason`` attribute): never a RecursionError (deeply nested input) or an error without a file name."""
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        reason = "JSON nested too deeply (not written by detox)"
+    except UnicodeDecodeError as err:
+        reason = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    except json.JSONDecodeError as err:
+        reason = f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+    error = ArtifactError(f"{where} is {reason}")
+    error.reason = reason  # type: ignore[attr-defined]
+    raise error
+
+
+def validation_summary(err: ValidationError) -> str:
+    """A pydantic error as one line ("field.sub: problem; ..."), for one-line CLI messages."""
+    parts = []
+    for e in err.errors(include_url=False)[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "(top level)"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    more = len(err.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -126,7 +165,7 @@ def save_artifact(
         try:
             manifest = Manifest(format_version=FORMAT_VERSION, files=files, **manifest_fields)
         except ValidationError as err:
-            raise ArtifactError(f"invalid artifact metadata: {err}") from err
+            raise ArtifactError(f"invalid artifact metadata: {validation_summary(err)}") from None
         _check_file_set(set(files), manifest, out)
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         publish_directory(tmp, out)
@@ -146,7 +185,11 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{root} has no {MANIFEST_NAME} (as a regular file); it is not a detox artifact")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    return parse_manifest(mpath.read_bytes(), root)
+    try:
+        data = mpath.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"cannot read {mpath}: {err.strerror or err}") from None
+    return parse_manifest(data, root)
 
 
 def parse_manifest(data: bytes, root: str | os.PathLike[str]) -> Manifest:
@@ -154,12 +197,9 @@ def parse_manifest(data: bytes, root: str | os.PathLike[str]) -> Manifest:
     root, mpath = Path(root), Path(root) / MANIFEST_NAME
     if len(data) > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{mpath} is not valid JSON: {err}") from err
+    raw = parse_json(data, mpath)
     version = raw.get("format_version") if isinstance(raw, dict) else None
-    if not isinstance(version, int):
+    if type(version) is not int:  # noqa: E721 -- bool is an int subclass: "format_version": true is refused
         raise ArtifactError(f"{mpath} has no integer format_version")
     if version > FORMAT_VERSION:
         raise ArtifactError(
@@ -167,10 +207,10 @@ def parse_manifest(data: bytes, root: str | os.PathLike[str]) -> Manifest:
         )
     if version < FORMAT_VERSION:
         raise ArtifactError(f"{root} uses old artifact format {version}; re-export it with this detox version")
-    try:
-        return Manifest.model_validate(raw)
+    try:  # strict: no true for 1, "1" for 1 or 1.0 for 1; the JSON text itself is validated
+        return Manifest.model_validate_json(data, strict=True)
     except ValidationError as err:
-        raise ArtifactError(f"{mpath} is invalid: {err}") from err
+        raise ArtifactError(f"{mpath} is invalid: {validation_summary(err)}") from None
 
 
 def _check_file_set(names: set[str], manifest: Manifest, where: Path) -> None:
@@ -200,8 +240,84 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         p = root / name
         if p.is_symlink() or not p.is_file():
             raise ArtifactError(f"{root}: {name} is not a regular file")
-        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+        try:
+            digest = sha256_file(p) if p.stat().st_size == entry.size else None
+        except OSError as err:
+            raise ArtifactError(f"cannot read {p}: {err.strerror or err}") from None
+        if digest != entry.sha256:
             raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest (corrupted or tampered)")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, without reading (or allocating) any tensor data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_SAFETENSORS_HEADER, os.fstat(f.fileno()).st_size - 8):
+                raise ArtifactError(f"could not read artifact files: {path} is not a safetensors file (header length {n}); "
+                                    "re-export the artifact")
+            header = parse_json(f.read(n), path)
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: its safetensors header is not a JSON object")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= 1 << 40 for d in shape):  # noqa: E721
+            raise ArtifactError(f"{path}: tensor {name!r} has no valid shape in the safetensors header")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def check_state_shapes(shapes: dict[str, tuple[int, ...]], manifest: Manifest, where: Path | str) -> None:
+    """Refuse calibrator weights whose names/shapes differ from the manifest's architecture: building the model
+    allocates what the manifest declares, so it must be exactly what the (size-checked) weights hold."""
+    expected = manifest.calibrator.state_shapes()
+    if shapes == expected:
+        return
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{k} is {list(shapes[k])}, not {list(expected[k])}" for k in sorted(set(shapes) & set(expected))
+             if shapes[k] != expected[k]]
+    problems = ([f"missing {missing[:3]}" + ("..." if len(missing) > 3 else "")] if missing else []) + \
+               ([f"unexpected {extra[:3]}" + ("..." if len(extra) > 3 else "")] if extra else []) + wrong[:3]
+    c = manifest.calibrator
+    raise ArtifactError(f"{where} does not match the manifest's calibrator architecture (vocab_size {c.vocab_size}, "
+                        f"hidden_size {c.hidden_size}, num_layers {c.num_layers}, ffn_size {c.ffn_size}): "
+                        f"{'; '.join(problems)}; the artifact is corrupted or was edited by hand")
+
+
+def _check_alignment_shapes(shapes: dict[str, tuple[int, ...]], manifest: Manifest, where: Path) -> None:
+    al = manifest.alignment
+    if al is None:
+        return
+    d_cal, d_tgt, v_tgt = manifest.calibrator.hidden_size, al.target.hidden_size, al.target.vocab_size
+    if al.fusion == "contrast":
+        expected = {"token_map": None}
+    else:
+        expected = {"A": (d_cal, d_tgt), "ln_weight": (d_tgt,), "ln_bias": (d_tgt,)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ArtifactError(f"{where} has no {name!r} tensor, which {al.fusion} fusion needs; re-run detox align")
+        if shape is not None and shapes[name] != shape:
+            raise ArtifactError(f"{where}: {name} is {list(shapes[name])}, but the manifest's calibrator (hidden_size "
+                                f"{d_cal}) and target (hidden_size {d_tgt}) need {list(shape)}; re-run detox align")
+    if al.fusion == "contrast" and (len(shapes["token_map"]) != 1 or shapes["token_map"][0] > v_tgt):
+        raise ArtifactError(f"{where}: token_map is {list(shapes['token_map'])}, but the target has {v_tgt} tokens")
+
+
+def _check_token_map(alignment: dict[str, np.ndarray] | None, manifest: Manifest, where: Path) -> None:
+    """Token ids index the calibrator's vocabulary at generation time: check them at load instead."""
+    tm = (alignment or {}).get("token_map")
+    if tm is None:
+        return
+    vocab = manifest.calibrator.vocab_size
+    if not np.issubdtype(tm.dtype, np.integer) or (tm.size and (int(tm.min()) < -1 or int(tm.max()) >= vocab)):
+        raise ArtifactError(f"{where}: token_map holds ids outside the calibrator's {vocab}-token vocabulary "
+                            "(-1 marks unmapped tokens); re-run detox align")
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
@@ -216,6 +332,12 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         root = unpack_cached(root)
     manifest = read_manifest(root)
     verify_files(root, manifest)
+    # shapes from the headers before any tensor is read: a manifest must not make loading allocate what it declares
+    check_state_shapes(safetensors_shapes(root / CALIBRATOR_WEIGHTS), manifest, root / CALIBRATOR_WEIGHTS)
+    if manifest.anti_expert is not None:
+        check_state_shapes(safetensors_shapes(root / ANTI_WEIGHTS), manifest, root / ANTI_WEIGHTS)
+    if manifest.kind == "aligned":
+        _check_alignment_shapes(safetensors_shapes(root / ALIGNMENT_WEIGHTS), manifest, root / ALIGNMENT_WEIGHTS)
     try:
         state = load_file(str(root / CALIBRATOR_WEIGHTS))
         tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
@@ -225,5 +347,6 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         raise ArtifactError(f"{root}: could not read artifact files: {err}") from err
     if tokenizer.get_vocab_size() != manifest.calibrator.vocab_size:
         raise ArtifactError(f"{root}: tokenizer has {tokenizer.get_vocab_size()} tokens, manifest says {manifest.calibrator.vocab_size}")
+    _check_token_map(alignment, manifest, root / ALIGNMENT_WEIGHTS)
     return Artifact(path=root, manifest=manifest, calibrator_state=state, tokenizer=tokenizer, alignment=alignment,
                     anti_state=anti_state)

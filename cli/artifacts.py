@@ -24,6 +24,15 @@ _REGISTRY = click.option(
 )
 
 
+def _open(registry: str | None) -> Any:
+    """The registry, with entries it must skip (unreadable) reported as one ``warning:`` line each on stderr."""
+    from detox.artifacts.registry import open_registry
+
+    reg = open_registry(registry)
+    reg.warn = lambda message: click.echo(f"warning: {message}", err=True)
+    return reg
+
+
 def _short(key_id: str | None) -> str:
     return key_id[:16] if key_id else "-"
 
@@ -46,12 +55,12 @@ def _target_fingerprint(spec: str) -> Any:
 
 def _local_or_pulled(art: str, registry: str | None) -> tuple[Path, str]:
     """An existing path as is; otherwise ``NAME@RANGE`` pulled (validated) from the registry."""
-    from detox.artifacts.registry import looks_like_ref, open_registry
+    from detox.artifacts.registry import looks_like_ref
 
     if os.path.exists(art):
         return Path(art), art
     if looks_like_ref(art):
-        reg = open_registry(registry)
+        reg = _open(registry)
         entry, _, directory = reg.pull(art)
         return directory, reg.url
     raise click.ClickException(f"{art} is neither an artifact path nor NAME@VERSION_RANGE")
@@ -177,11 +186,12 @@ def schema_cmd(out: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @user_errors
 def list_cmd(name: str | None, registry: str | None, as_json: bool) -> None:
-    """List artifacts (or the versions of NAME) in a registry, newest first."""
-    from detox.artifacts.registry import open_registry
+    """List artifacts (or the versions of NAME) in a registry, newest first.
 
-    reg = open_registry(registry)
-    entries = [reg.entry(n, v) for n in ([name] if name else reg.names()) for v in reg.versions(n)]
+    An entry that cannot be read is skipped with one warning line on stderr (with the command that removes it).
+    """
+    reg = _open(registry)
+    entries = reg.entries(name)
     if as_json:
         click.echo(json.dumps([e.to_json() for e in entries], indent=2))
         return
@@ -201,7 +211,7 @@ def list_cmd(name: str | None, registry: str | None, as_json: bool) -> None:
 def show_cmd(art: str, registry: str | None) -> None:
     """Print the manifest of ART (directory, .detox, or NAME@RANGE in the registry) as JSON, without loading weights."""
     from detox.artifacts.archive import read_archive_head
-    from detox.artifacts.registry import looks_like_ref, open_registry
+    from detox.artifacts.registry import looks_like_ref
     from detox.artifacts.store import read_manifest
 
     extra: dict[str, Any] = {}
@@ -210,7 +220,7 @@ def show_cmd(art: str, registry: str | None) -> None:
     elif os.path.isfile(art):
         manifest, _ = read_archive_head(art)
     elif looks_like_ref(art):
-        reg = open_registry(registry)
+        reg = _open(registry)
         entry = reg.resolve(art)
         manifest, _ = read_archive_head(reg.local_archive(entry))
         extra = {"registry": reg.url, "sha256": entry.sha256, "size": entry.size, "signed_by": entry.signed_by}
@@ -227,12 +237,16 @@ def show_cmd(art: str, registry: str | None) -> None:
               help="Refuse to push unless ART is signed by this public key. Repeatable.")
 @user_errors
 def push_cmd(art: str, registry: str | None, keys: tuple[str, ...]) -> None:
-    """Publish ART (directory or .detox) as NAME@VERSION from its manifest; versions are immutable."""
-    from detox.artifacts.registry import open_registry
+    """Publish ART (directory or .detox) as NAME@VERSION from its manifest; versions are immutable.
 
-    reg = open_registry(registry)
-    entry = reg.push(art, require_signature=list(keys) or None)
-    click.echo(f"pushed {entry.ref} to {reg.url} (sha256 {entry.sha256})")
+    Re-running a push (e.g. after it was interrupted) is safe: identical bytes already published are not an error.
+    """
+    reg = _open(registry)
+    entry, published = reg.push(art, require_signature=list(keys) or None)
+    if published:
+        click.echo(f"pushed {entry.ref} to {reg.url} (sha256 {entry.sha256})")
+    else:
+        click.echo(f"{entry.ref} is already in {reg.url} with identical contents (sha256 {entry.sha256}); nothing to do")
 
 
 @artifacts_group.command("pull")
@@ -248,10 +262,9 @@ def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, k
     """Fetch REF (NAME, NAME@1.2.3, NAME@^1.2, NAME@~1.2, NAME@>=1.2) into the local cache; print its path."""
     from detox.artifacts.archive import ARCHIVE_SUFFIX, unpack
     from detox.artifacts.store import make_shareable
-    from detox.artifacts.registry import open_registry
     from detox.artifacts.signing import verify_signature
 
-    reg = open_registry(registry)
+    reg = _open(registry)
     entry, blob, directory = reg.pull(ref, _target_fingerprint(target) if target else None)
     if keys:
         verify_signature(directory, list(keys))
@@ -282,15 +295,42 @@ def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, k
 @_REGISTRY
 @user_errors
 def rm_cmd(ref: str, registry: str | None) -> None:
-    """Remove exactly NAME@X.Y.Z from a registry (ranges are refused: removal is never a guess)."""
-    from detox.artifacts.registry import RegistryError, open_registry
-    from detox.artifacts.semver import RangeError, Version
+    """Remove exactly NAME@X.Y.Z from a registry (ranges are refused: removal is never a guess).
 
+    An entry that list/pull skip as unreadable is removed with the exact reference they print.
+    """
+    from detox.artifacts.manifest import is_artifact_name
+    from detox.artifacts.registry import DirectoryRegistry, RegistryError, shell_quote
+    from detox.artifacts.semver import is_version
+
+    reg = _open(registry)
     name, _, version = ref.partition("@")
-    try:
-        Version.parse(version)
-    except RangeError:
-        raise RegistryError(f"rm needs an exact NAME@X.Y.Z, not {ref!r}") from None
-    reg = open_registry(registry)
+    if not (is_artifact_name(name) and is_version(version)):
+        listed = reg.find_listed(ref) if isinstance(reg, DirectoryRegistry) else None
+        if listed is None:
+            raise RegistryError(f"rm needs an exact NAME@X.Y.Z (or an unreadable entry exactly as list printed it), not {ref!r}")
+        name, version = listed
     reg.remove(name, version)
-    click.echo(f"removed {name}@{version} from {reg.url}")
+    click.echo(f"removed {shell_quote(ref)} from {reg.url}")
+
+
+@artifacts_group.command("repair")
+@_REGISTRY
+@user_errors
+def repair_cmd(registry: str | None) -> None:
+    """Rebuild a directory registry's index.json from its archives (after a crash, a hand edit or an old detox).
+
+    Records missing ones from the archives present (sha256 of the bytes there now), drops records without an
+    archive or that cannot be read, and reports archives that no longer match their record or cannot be read,
+    each with the command that removes it. Never deletes an archive.
+    """
+    from detox.artifacts.registry import DirectoryRegistry, RegistryError
+
+    reg = _open(registry)
+    if not isinstance(reg, DirectoryRegistry):
+        raise RegistryError(f"repair works on directory registries; {reg.url} commits archive and index together")
+    lines = reg.repair()
+    for line in lines:
+        click.echo(line)
+    click.echo(f"{reg.url}: index.json describes {sum(len(reg.versions(n)) for n in reg.names())} archive(s)"
+               + ("" if lines else "; nothing to repair"))

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from detox.artifacts.manifest import CALIBRATOR_ONNX, Manifest, TargetFingerprint
-from detox.artifacts.store import Artifact, ArtifactError, load_artifact
+from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes, load_artifact
 from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
 from detox.stream import CalibratorStream, PairRunner
 
@@ -97,6 +97,8 @@ class Calibrator:
             weights = self.artifact.calibrator_state if which == "expert" else self.artifact.anti_state
             if weights is None:
                 raise ArtifactError(f"{self.path} has no anti-expert; only contrast-fusion artifacts do")
+            # load_artifact checked the files' headers; this covers Artifacts built in memory, before allocating
+            check_state_shapes({k: tuple(v.shape) for k, v in weights.items()}, self.manifest, f"{self.path} ({which} weights)")
             model = CalibratorLM(self.manifest.calibrator)
             state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
             missing, unexpected = model.load_state_dict(state, strict=False)

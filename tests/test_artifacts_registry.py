@@ -121,7 +121,10 @@ def test_push_list_show_pull_verify_rm(aligned_llama, aligned_gpt2, reg, tmp_pat
 def test_push_refuses_what_it_must_not_publish(aligned_llama, reg, tmp_path):
     art = retag(aligned_llama, tmp_path / "a", "1.0.0")
     ok("artifacts", "push", art, "--registry", reg)
-    refused(["artifacts", "push", art, "--registry", reg], "already exists")  # versions are immutable
+    assert "identical contents" in ok("artifacts", "push", art, "--registry", reg)  # a retry converges
+    other = retag(aligned_llama, tmp_path / "a2", "1.0.0")
+    (other / "manifest.json").write_text((other / "manifest.json").read_text().replace('"description": "', '"description": "x', 1))
+    refused(["artifacts", "push", other, "--registry", reg], "already exists")  # other bytes: versions are immutable
     broken = retag(aligned_llama, tmp_path / "b", "1.0.1")
     (broken / "alignment.safetensors").write_bytes(b"x")
     refused(["artifacts", "push", broken, "--registry", reg], "alignment.safetensors")
@@ -181,20 +184,20 @@ def test_wrap_resolves_name_and_range_to_the_version_aligned_to_the_model(
 
 
 def _push_at_once(registry: str, art: str, cache: str, barrier, results) -> None:
-    """Child process: push, but wait for the other pusher right before the atomic publish step."""
+    """Child process: push, but wait for the other pusher right before the publish step (which takes the lock)."""
     os.environ["DETOX_CACHE"] = cache
     from click.testing import CliRunner
 
-    from detox.artifacts import registry as registry_module
+    from detox.artifacts.registry import DirectoryRegistry
     from detox.cli.main import main
 
-    original = registry_module._link_exclusive
+    original = DirectoryRegistry.publish
 
     def in_lockstep(*args):
         barrier.wait(timeout=120)
         return original(*args)
 
-    registry_module._link_exclusive = in_lockstep
+    DirectoryRegistry.publish = in_lockstep
     r = CliRunner().invoke(main, ["artifacts", "push", art, "--registry", registry])
     results.put((r.exit_code, r.output))
 
@@ -311,7 +314,10 @@ def test_hub_registry_against_a_fake(aligned_llama, llama_target_dir, tmp_path, 
     assert "team-cal@1.1.0" in ok("artifacts", "list", "--registry", "hf://acme/calibrators")
     out = ok("artifacts", "pull", "team-cal@~1.0", "--registry", "hf://acme/calibrators")
     assert "team-cal@1.0.0" in out
-    refused(["artifacts", "push", tmp_path / "1.0.0", "--registry", "hf://acme/calibrators"], "already exists")
+    assert "identical contents" in ok("artifacts", "push", tmp_path / "1.0.0", "--registry", "hf://acme/calibrators")
+    other = retag(aligned_llama, tmp_path / "other", "1.0.0", "team-cal")
+    (other / "manifest.json").write_text((other / "manifest.json").read_text().replace('"description": "', '"description": "x', 1))
+    refused(["artifacts", "push", other, "--registry", "hf://acme/calibrators"], "already exists")
 
     # another push lands between our read of the repo and our commit: ours must fail, not overwrite
     original = fake.create_commit

@@ -100,6 +100,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
+    if backend == "onnx" and not (no_perplexity or ppl_model):
+        raise click.UsageError("no reference model for perplexity on backend onnx; pass --ppl-model or --no-perplexity")
     t0 = time.perf_counter()
     # everything that can be checked without the target is checked before it loads (that can take minutes)
     items = read_prompts(prompts)[:max_prompts]
@@ -138,8 +140,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
             from detox.targets import load_hf_target
 
             ref = load_hf_target(target)  # the same GGUF, dequantized, through transformers
-        if ref is None:
-            raise click.UsageError(f"no reference model for perplexity on backend {backend}; pass --ppl-model or --no-perplexity")
         ppl = perplexity_of(rows, *ref)
     summary = summarize(rows, perplexity=ppl)
     summary.update({

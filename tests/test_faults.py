@@ -275,3 +275,27 @@ def test_debug_shows_the_traceback_that_is_otherwise_one_line(tmp_path):
     assert_one_line_error(plain, "s.jsonl:1")
     debug = detox("--debug", "score", str(bad))
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "s.jsonl:1" in debug.stderr
+
+
+def test_an_error_no_command_expected_is_one_line_too_unless_debug():
+    """The `detox` group's last line of defence (a bug, or an exception type a command does not catch)."""
+    import click
+    from click.testing import CliRunner
+
+    from detox.cli.errors import DetoxGroup, debug_option
+
+    @click.group(cls=DetoxGroup)
+    @debug_option
+    def group(debug: bool) -> None:
+        pass
+
+    @group.command()
+    def boom() -> None:
+        raise KeyError("no\nsuch key")
+
+    r = CliRunner().invoke(group, ["boom"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stderr.strip().splitlines() == ["Error: KeyError: 'no\\nsuch key' (unexpected; run `detox --debug ...` "
+                                             "for the traceback and report it)"]
+    r = CliRunner().invoke(group, ["--debug", "boom"])
+    assert isinstance(r.exception, KeyError)

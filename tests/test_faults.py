@@ -257,6 +257,28 @@ def test_distill_refuses_a_damaged_output_in_one_line_without_touching_it(tmp_pa
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("summary", ['{"num_prompts": 3', DEEP, "[]", b"\xff\xfe"])
+def test_eval_refuses_a_malformed_compare_summary_before_loading_anything(tmp_path, summary):
+    prompts = _write(tmp_path / "p.jsonl", '{"text": "hi"}\n')
+    (tmp_path / "before").mkdir()
+    _write(tmp_path / "before" / "summary.json", summary)
+    r = cli("eval", "--target", str(tmp_path / "never-loaded"), "--prompts", str(prompts), "--no-calibrator",
+            "--compare", str(tmp_path / "before"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "summary.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_refuses_a_malformed_manifest_in_one_line_without_touching_anything(tmp_path, distill_models):
+    base, toxic = distill_models
+    out = _write(tmp_path / "d.jsonl", '{"id": 0, "text": "a", "num_tokens": 1}\n{"id": 1, "text": "b", "num_tok')
+    manifest = _write(tmp_path / "d.manifest.json", "[" * 100_000)
+    before = out.read_bytes(), manifest.read_bytes()
+    r = cli("distill", "--base", str(base), "--toxic", str(toxic), "--out", str(out), "--num-samples", "4",
+            "--device", "cpu")
+    assert_one_line_error(r, "d.manifest.json")
+    assert (out.read_bytes(), manifest.read_bytes()) == before  # not even the torn tail is dropped
+
+
 @pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--max-prompts", "0"), ("--max-prompts", "-1"),
                                            ("--samples", "0"), ("--top-p", "0"), ("--strength", "-1"),
                                            ("--strength", "25")])

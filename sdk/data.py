@@ -118,12 +118,13 @@ class TextRecord:
     lineno: int
 
 
-def read_text_records(path: str | os.PathLike[str], field: str = "text", jsonl: bool = True) -> list[TextRecord]:
+def read_text_records(path: str | os.PathLike[str], field: str = "text", jsonl: bool = True,
+                      fix: str = "pass --field NAME") -> list[TextRecord]:
     """The texts of a JSONL file (string field ``field``, optional ``id``) or, with ``jsonl=False``, of a plain
     text file (one text per line): the one reader of ``detox eval``'s prompts and ``detox score``'s input.
 
     Blank lines are skipped in both formats; a row's id defaults to its 0-based line number, so ids still point
-    at the input line.
+    at the input line. ``fix`` ends the message of a row without the field.
     """
     p = Path(path)
     if not p.is_file():
@@ -133,8 +134,9 @@ def read_text_records(path: str | os.PathLike[str], field: str = "text", jsonl: 
     records = []
     for lineno, row in iter_jsonl(p):
         if not isinstance(row.get(field), str):
-            raise DataFormatError(f"{p}:{lineno}: no string field {field!r}"
-                                  + ("" if field in row else f" (fields: {sorted(row)}); pass --field NAME"))
+            problem = (f"field {field!r} is not a string" if field in row else
+                       f"no field {field!r} (fields: {', '.join(map(repr, sorted(row))) or 'none'})")
+            raise DataFormatError(f"{p}:{lineno}: {problem}; {fix}")
         records.append(TextRecord(row.get("id", lineno - 1), row[field], lineno))
     return records
 

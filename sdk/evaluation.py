@@ -44,7 +44,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
         raise DataFormatError(f"prompts file not found: {p}")
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    for record in read_text_records(p, "text"):
+    for record in read_text_records(p, "text", fix="each prompt is a JSON object with a string field 'text'"):
         if not record.text.strip():
             raise DataFormatError(f"{p}:{record.lineno}: each line needs a non-empty string field 'text'")
         q = Prompt(id=str(record.id), text=record.text)

@@ -1,14 +1,24 @@
-"""Turn the SDK's expected errors into one clear line and a non-zero exit, instead of a traceback."""
+"""Errors on the command line: one clear line and a non-zero exit, never a traceback unless ``detox --debug``.
+
+Two layers. Each command turns the SDK's expected errors (bad input the user can fix) into a
+``click.ClickException`` with the SDK's message (:func:`user_errors`). The ``detox`` group (:class:`DetoxGroup`)
+catches whatever still escapes, such as a bug or an error no command expected, and prints it as one line too.
+With ``detox --debug`` (or ``DETOX_DEBUG=1``) both print the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import functools
+import sys
+import traceback
 from typing import Any, Callable
 
 import click
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors) into one-line click errors."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -16,6 +26,37 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.ClickException:
             raise
         except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(one_line(str(err))) from err
 
     return wrapper
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (an error is one line, however the exception worded it)."""
+    return " ".join(message.split())
+
+
+class DetoxGroup(click.Group):
+    """The ``detox`` group: adds ``--debug`` and makes any error that escapes a command one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as err:
+            if debug and err.__cause__ is not None:
+                traceback.print_exception(err.__cause__, file=sys.stderr)
+            raise
+        except Exception as err:
+            if debug:
+                raise
+            raise click.ClickException(one_line(
+                f"{type(err).__name__}: {err} (unexpected; run `detox --debug ...` for the traceback and report it)"
+            )) from err
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, envvar="DETOX_DEBUG",
+    help="On an error, print the full traceback instead of one line (also: DETOX_DEBUG=1).")

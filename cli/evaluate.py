@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from detox.cli.errors import user_errors
+from detox.fusion import CONTRAST, MAX_STRENGTH
 
 
 def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
@@ -68,14 +69,16 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
 @click.option("--calibrator", default=None, help="Aligned artifact (default: the shipped one matching the target).")
 @click.option("--no-calibrator", is_flag=True, help="Baseline: generate without fusion.")
-@click.option("--strength", default=None, type=float, help="Fusion strength λ (default: the artifact's).")
+@click.option("--strength", default=None, type=click.FloatRange(0.0, MAX_STRENGTH[CONTRAST]),
+              help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="JSONL with 'text' (and optional 'id').")
-@click.option("--samples", default=25, show_default=True, help="Continuations per prompt (RTP protocol: 25).")
-@click.option("--max-new-tokens", default=20, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--samples", default=25, type=click.IntRange(1), show_default=True, help="Continuations per prompt (RTP protocol: 25).")
+@click.option("--max-new-tokens", default=20, type=click.IntRange(1), show_default=True)
+@click.option("--top-p", default=0.9, type=click.FloatRange(0.0, 1.0, min_open=True), show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--max-prompts", default=None, type=int, help="Use only the first N prompts.")
-@click.option("--batch-size", default=4, show_default=True, help="Prompts per generation batch (HF/ONNX).")
+@click.option("--max-prompts", default=None, type=click.IntRange(1), help="Use only the first N prompts.")
+@click.option("--batch-size", default=4, type=click.IntRange(1), show_default=True,
+              help="Prompts per generation batch (HF/ONNX).")
 @click.option("--scorer", default=None, help="Toxicity scorer: default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
 @click.option("--ppl-model", default=None, help="Reference model for perplexity (default: the unfused target).")
 @click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
@@ -91,15 +94,30 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
-    from detox.evaluation import EvalRun, EvalSettings, generate_and_score, perplexity_of, read_prompts, summarize, write_summary
+    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, perplexity_of,
+                                  read_compare_summary, read_prompts, summarize, write_summary)
     from detox.scoring import load_scorer
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
-    if samples < 1 or max_new_tokens < 1 or not 0 < top_p <= 1:
-        raise click.UsageError("--samples and --max-new-tokens must be >= 1 and --top-p in (0, 1]")
+    if backend == "onnx" and not (no_perplexity or ppl_model):
+        raise click.UsageError("no reference model for perplexity on backend onnx; pass --ppl-model or --no-perplexity")
     t0 = time.perf_counter()
+    # everything that can be checked without the target is checked before it loads (that can take minutes)
     items = read_prompts(prompts)[:max_prompts]
+    check_resumable(Path(out), items, samples)
+    if compare_dir is not None:
+        read_compare_summary(Path(compare_dir))
+    if calibrator is not None and Path(calibrator).exists():
+        from detox.fusion import check_strength
+        from detox.runtime import Calibrator
+
+        calibrator = Calibrator.load(calibrator)
+        if strength is not None:
+            try:
+                check_strength(strength, calibrator.fusion_mode)
+            except ValueError as err:
+                raise click.BadParameter(str(err), param_hint="--strength") from None
     score_fn = load_scorer(scorer)
     if threads and backend != "llamacpp":
         import torch
@@ -111,7 +129,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                   settings=EvalSettings(samples=samples, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
                                         prompt_batch_size=batch_size))
     out_dir = Path(out)
-    rows = generate_and_score(run, items, sampler, score_fn, out_dir)
+    rows = generate_and_score(run, items, sampler, score_fn, out_dir, log=lambda msg: click.echo(msg, err=True))
     ppl = None
     if not no_perplexity:
         if ppl_model:
@@ -122,8 +140,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
             from detox.targets import load_hf_target
 
             ref = load_hf_target(target)  # the same GGUF, dequantized, through transformers
-        if ref is None:
-            raise click.UsageError(f"no reference model for perplexity on backend {backend}; pass --ppl-model or --no-perplexity")
         ppl = perplexity_of(rows, *ref)
     summary = summarize(rows, perplexity=ppl)
     summary.update({
@@ -140,31 +156,25 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--scorer", default=None, help="default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
 @click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, type=click.IntRange(1), show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output JSONL (default: standard output).")
 @user_errors
 def score_cmd(file, scorer, field, batch_size, out) -> None:
-    """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per input line, in order."""
-    from detox.data import DataFormatError, iter_jsonl
+    """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per text, in order.
+
+    Blank lines are skipped (as in eval's prompts); a row's id is its "id" field, or its 0-based line number."""
+    from detox.data import DataFormatError, read_text_records, write_text_atomic
     from detox.scoring import load_scorer
 
-    ids, texts = [], []
     path = Path(file)
-    if path.suffix.lower() == ".jsonl":
-        for lineno, row in iter_jsonl(path, skip_blank=False):
-            if not isinstance(row.get(field), str):
-                raise DataFormatError(f"{path}:{lineno}: no string field {field!r}; pass --field NAME")
-            ids.append(row.get("id", lineno - 1))
-            texts.append(row[field])
-    else:
-        texts = path.read_text(encoding="utf-8").splitlines()
-        ids = list(range(len(texts)))
+    records = read_text_records(path, field, jsonl=path.suffix.lower() == ".jsonl")
+    if not records:
+        raise DataFormatError(f"{path}: no texts to score (every line is blank)")
+    ids, texts = [r.id for r in records], [r.text for r in records]
     scores = load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
     lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
     if out:
-        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(Path(out), lines)
         click.echo(f"wrote {len(ids)} scores to {out}", err=True)
     else:
         click.echo(lines, nl=False)

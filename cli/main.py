@@ -9,13 +9,15 @@ from detox.cli.artifacts import artifacts_group
 from detox.cli.core import align_cmd, export_onnx_cmd, generate_cmd, train_cmd
 from detox.cli.bench import bench_cmd
 from detox.cli.demo import demo_cmd
+from detox.cli.errors import DetoxGroup, debug_option
 from detox.cli.evaluate import eval_cmd, score_cmd
 from detox.cli.unidetox import distill_cmd, finetune_cmd, toxify_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DetoxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(detox.__version__, prog_name="detox")
-def main() -> None:
+@debug_option
+def main(debug: bool) -> None:
     """detox: make any language model's generations less toxic without retraining it."""
 
 

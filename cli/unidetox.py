@@ -149,7 +149,7 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
         seeds = read_seeds(seeds_file) if seeds_file else None
         r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha,
                     beta=beta, batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device,
-                    seeds=seeds)
+                    seeds=seeds, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"{r.completed} rows in {r.out_path} ({r.resumed_from} were already there; {r.seconds:.0f} s); "
                f"manifest {r.manifest_path}")
 

@@ -26,6 +26,9 @@ from typing import Any, Callable, Union
 import torch
 
 from detox.contrastive import contrastive_logits, sample
+from detox.data import (DataFormatError, ResumableRows, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
+                        write_text_atomic)
+from detox.faults import fault_point
 from detox.finetune import TrainResult, check_out_dir, save_model, train_causal_lm
 
 # UniDetox's toxic fine-tune (paper / EminLU/UniDetox toxic_gpt2_finetune_and_distill.py).
@@ -214,37 +217,30 @@ def manifest_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name[: -len(p.suffix)] + ".manifest.json" if p.suffix else p.name + ".manifest.json")
 
 
-def count_complete_rows(path: Path) -> int:
-    """Count rows ``0..n-1`` written whole; cut off a torn last line (a kill mid-write) so appending continues cleanly.
+def _expected_row(i: int, row: dict) -> str | None:
+    """The check of :func:`detox.data.read_resumable_rows` for a distill output: row ``i`` has id ``i``, a text and a
+    token count (whether its settings match is the manifest's check)."""
+    if row.get("id") != i or isinstance(row.get("id"), bool):
+        return f"expected row id {i} here"
+    n = row.get("num_tokens")
+    if not isinstance(row.get("text"), str) or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return "not a distill row (a string 'text' and an integer 'num_tokens')"
+    return None
 
-    A bad row anywhere but at the end means the file is not ours or was edited: refuse rather than guess.
-    """
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    good_end = 0
-    count = 0
-    for k, line in enumerate(lines):
-        last = k == len(lines) - 1  # no newline after it: torn (or the empty string after the final newline)
-        if last:
-            break
-        try:
-            row = json.loads(line)
-            ok = isinstance(row, dict) and row.get("id") == count and isinstance(row.get("text"), str)
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
-            if k == len(lines) - 2 and lines[-1] == b"":
-                break  # the last complete-looking line is damaged: treat as torn
-            raise DistillError(f"{path}: line {k + 1} is not row id {count}; the file was edited or is not a "
-                               "distill output. Move it away to start over.")
-        count += 1
-        good_end += len(line) + 1
-    if good_end < len(data):
-        with path.open("r+b") as f:
-            f.truncate(good_end)
-    return count
+
+def count_complete_rows(path: Path, log: Callable[[str], None] | None = None) -> int:
+    """Count rows ``0..n-1`` written whole, dropping a torn last line (a kill mid-write) so appending continues
+    cleanly; a bad complete row anywhere means the file is not ours or was edited: refused, file untouched."""
+    found = _read_rows(Path(path))
+    drop_torn_tail(found, log)
+    return len(found.rows)
+
+
+def _read_rows(path: Path) -> ResumableRows:
+    try:
+        return read_resumable_rows(path, _expected_row, "distill run")
+    except DataFormatError as err:
+        raise DistillError(str(err)) from None
 
 
 def _row_generator(seed: int, index: int) -> torch.Generator:
@@ -257,9 +253,7 @@ def _beta_json(beta: float) -> float | str:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -362,6 +356,7 @@ def distill(
     on_batch: Callable[[int], None] | None = None,
     device: str | None = None,
     seeds: list[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Distil ``num_samples`` detoxifying texts into ``out_jsonl`` (resuming whatever a previous run wrote).
 
@@ -370,12 +365,15 @@ def distill(
     after each batch is on disk. A restart must use the same settings and models (checked against the manifest)
     and then gives exactly the rows of an uninterrupted run. ``seeds``: short neutral texts; row ``i`` starts from
     BOS + ``seeds[i % len(seeds)]`` and its text begins with that seed (default: BOS only, as UniDetox).
+    ``log`` receives the note that a torn last line was dropped (default: a warning).
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise DistillError("num_samples, max_new_tokens and batch_size must all be >= 1")
+    if seeds is not None and not seeds:
+        raise DistillError("seeds is empty; pass at least one seed text or None to start from BOS only")
     out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
     mpath = manifest_path_for(out)
+    found = _read_rows(out)  # a damaged file is refused before the models load (nothing is changed)
     base_model, base_tok, base_spec = _load(base)
     toxic_model, toxic_tok, toxic_spec = _load(toxic)
     check_same_tokenizer(base_tok, toxic_tok)
@@ -386,8 +384,6 @@ def distill(
     vocab = len(base_tok) if len(base_tok) <= width else width
     start_id = start_token_id(base_tok)
     stops = stop_token_ids(base_model, base_tok)
-    if seeds is not None and not seeds:
-        raise DistillError("seeds is empty; pass at least one seed text or None to start from BOS only")
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
 
     settings: dict[str, Any] = {
@@ -399,10 +395,12 @@ def distill(
         "base": {"spec": base_spec, "fingerprint": model_fingerprint(base_model, base_tok)},
         "toxic": {"spec": toxic_spec, "fingerprint": model_fingerprint(toxic_model, toxic_tok)},
     }
-    done = count_complete_rows(out)
+    done = len(found.rows)
     manifest = _resume_manifest(mpath, settings, done)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(found, log)  # only now that the run is known to continue this file
     # the rows on disk are the ground truth (a kill can land between a row write and the manifest update)
-    manifest.update(_row_stats(out, max_new_tokens))
+    manifest.update(_row_stats(found.rows, max_new_tokens))
     manifest["num_samples"] = num_samples
     _write_json_atomic(mpath, manifest)
     resumed_from = done
@@ -422,27 +420,27 @@ def distill(
             base_model, toxic_model, [_row_generator(seed, i) for i in range(lo, hi)], start_id, stops,
             max_new_tokens, alpha, beta, temperature, top_p, vocab, prefixes,
         )
-        with out.open("a", encoding="utf-8") as f:
-            for i, (ids, at_eos) in zip(range(lo, hi), rows):
-                if i < done:
-                    continue
-                row: dict[str, Any] = {"id": i}
-                if seeds:
-                    row["seed"] = seeds[i % len(seeds)]
-                    ids_out = seed_ids[i % len(seeds)] + ids  # type: ignore[index]
-                else:
-                    ids_out = ids
-                row.update(text=base_tok.decode(ids_out, skip_special_tokens=True), num_tokens=len(ids))
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                manifest["total_tokens"] += len(ids)
-                manifest["stopped_at_eos"] += int(at_eos)
-            f.flush()
-            os.fsync(f.fileno())
+        new_rows = []
+        for i, (ids, at_eos) in zip(range(lo, hi), rows):
+            if i < done:
+                continue
+            row: dict[str, Any] = {"id": i}
+            if seeds:
+                row["seed"] = seeds[i % len(seeds)]
+                ids_out = seed_ids[i % len(seeds)] + ids  # type: ignore[index]
+            else:
+                ids_out = ids
+            row.update(text=base_tok.decode(ids_out, skip_special_tokens=True), num_tokens=len(ids))
+            new_rows.append(row)
+            manifest["total_tokens"] += len(ids)
+            manifest["stopped_at_eos"] += int(at_eos)
+        append_rows(out, new_rows, "distill.rows")
         bar.update(hi - max(lo, done))
         done = hi
         manifest.update(completed=done, wall_seconds=round(prior_seconds + time.time() - t0, 1),
                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _write_json_atomic(mpath, manifest)
+        fault_point("distill.manifest.written")
         if on_batch is not None:
             on_batch(done)
     bar.close()
@@ -460,7 +458,13 @@ def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[s
     if not mpath.exists():
         raise DistillError(f"{done} rows exist but their manifest {mpath} is missing: cannot check the settings "
                            "to resume; move the JSONL away to start over")
-    old = json.loads(mpath.read_text(encoding="utf-8"))
+    try:
+        old = read_json_file(mpath)
+    except DataFormatError as err:
+        raise DistillError(f"{err}; cannot check the settings to resume: move the JSONL and its manifest away to "
+                           "start over") from None
+    if not isinstance(old, dict):
+        raise DistillError(f"{mpath}: not a distill manifest (a JSON object); move the JSONL and it away to start over")
     changed = [k for k in _RESUME_KEYS if _norm(old.get(k)) != _norm(settings[k])]
     # the models are compared by fingerprint, not by how they were named ("smollm2" vs the GGUF path)
     changed += [f"{k} model" for k in ("base", "toxic")
@@ -473,15 +477,11 @@ def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[s
     return old
 
 
-def _row_stats(path: Path, max_new_tokens: int) -> dict[str, int]:
+def _row_stats(rows: list[dict], max_new_tokens: int) -> dict[str, int]:
     """Counts recomputed from complete rows: a row shorter than max_new_tokens stopped at EOS."""
-    completed = total = eos = 0
-    if path.exists():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                n = int(json.loads(line)["num_tokens"])
-                completed, total, eos = completed + 1, total + n, eos + int(n < max_new_tokens)
-    return {"completed": completed, "total_tokens": total, "stopped_at_eos": eos}
+    total = sum(int(r["num_tokens"]) for r in rows)
+    eos = sum(int(r["num_tokens"]) < max_new_tokens for r in rows)
+    return {"completed": len(rows), "total_tokens": total, "stopped_at_eos": eos}
 
 
 def _norm(v: Any) -> Any:

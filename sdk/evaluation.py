@@ -19,7 +19,9 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
-from detox.data import DataFormatError, iter_jsonl
+from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
+                        read_text_records, write_text_atomic)
+from detox.faults import fault_point
 from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, toxicity_probability
 
 GENERATIONS = "generations.jsonl"
@@ -35,20 +37,24 @@ class Prompt:
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
-    """JSONL with a ``text`` field and an optional ``id``; a bad line fails with its line number."""
+    """JSONL with a ``text`` field and an optional ``id`` (:func:`detox.data.read_text_records`: blank lines are
+    skipped); a bad line fails with its line number."""
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"prompts file not found: {p}")
     prompts: list[Prompt] = []
-    for lineno, row in iter_jsonl(p):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise DataFormatError(f"{p}:{lineno}: each line needs a non-empty string field 'text'")
-        prompts.append(Prompt(id=str(row.get("id", lineno - 1)), text=row["text"]))
+    seen: dict[str, int] = {}
+    for record in read_text_records(p, "text", fix="each prompt is a JSON object with a string field 'text'"):
+        if not record.text.strip():
+            raise DataFormatError(f"{p}:{record.lineno}: each line needs a non-empty string field 'text'")
+        q = Prompt(id=str(record.id), text=record.text)
+        if q.id in seen:
+            raise DataFormatError(f"{p}:{record.lineno}: prompt id {q.id!r} was used before (line {seen[q.id]}); "
+                                  "ids must be unique")
+        seen[q.id] = record.lineno
+        prompts.append(q)
     if not prompts:
-        raise DataFormatError(f"{p}: no prompts")
-    ids = [q.id for q in prompts]
-    if len(set(ids)) != len(ids):
-        raise DataFormatError(f"{p}: prompt ids are not unique")
+        raise DataFormatError(f"{p}: no prompts (one JSON object with a 'text' field per line)")
     return prompts
 
 
@@ -124,63 +130,95 @@ class EvalRun:
     settings: EvalSettings = field(default_factory=EvalSettings)
 
 
-def _done_rows(path: Path) -> list[dict]:
-    """Complete lines already written (a torn last line from a killed run is dropped)."""
-    rows = []
-    if path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    return rows
+def _row_problem(row: dict) -> str | None:
+    """What makes ``row`` not a generations.jsonl row (``None``: it is one)."""
+    types = {"prompt_id": str, "prompt": str, "sample": int, "text": str}
+    for key, kind in types.items():
+        if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+            return f"no {kind.__name__} field {key!r}"
+    tox = row.get("toxicity")
+    if isinstance(tox, bool) or not isinstance(tox, (int, float)) or not 0.0 <= tox <= 1.0:
+        return "no toxicity in [0, 1]"
+    return None
+
+
+def read_generations(path: Path) -> list[dict]:
+    """The complete rows of a run's ``generations.jsonl`` (a torn last line of an interrupted run is left out)."""
+    return read_resumable_rows(path, lambda i, row: _row_problem(row), "eval run").rows
+
+
+def _expected_rows(prompts: list[Prompt], samples: int) -> Callable[[int, dict], str | None]:
+    """The check of :func:`detox.data.read_resumable_rows` for this run: row ``i`` is sample ``i % samples`` of
+    prompt ``i // samples``, in order."""
+
+    def check(i: int, row: dict) -> str | None:
+        if i >= len(prompts) * samples:
+            return (f"row {i + 1} is beyond this run's {len(prompts)} prompts x {samples} samples (was --max-prompts "
+                    "larger before?)")
+        p, k = prompts[i // samples], i % samples
+        if row.get("prompt_id") != p.id or row.get("prompt") != p.text or row.get("sample") != k:
+            return f"expected sample {k} of prompt {p.id!r} here (did the prompts file change?)"
+        return _row_problem(row)
+
+    return check
+
+
+def check_resumable(out_dir: Path, prompts: list[Prompt], samples: int) -> int:
+    """How many rows of this run ``out_dir`` already holds, refusing a damaged ``generations.jsonl`` (or rows that do
+    not belong to these prompts) before anything is loaded or changed; :func:`generate_and_score` checks again."""
+    return len(read_resumable_rows(out_dir / GENERATIONS, _expected_rows(prompts, samples), "eval run").rows)
+
+
+def _settings_before(settings_path: Path) -> dict | None:
+    """The settings a previous run recorded, ``None`` if it recorded none (or its file is unreadable)."""
+    if not settings_path.is_file():
+        return None
+    try:
+        return read_json_file(settings_path)
+    except DataFormatError:
+        return None
 
 
 def generate_and_score(run: EvalRun, prompts: list[Prompt], sampler: Sampler, scorer: Any, out_dir: Path,
-                       progress: bool = True) -> list[dict]:
-    """Fill ``out_dir/generations.jsonl`` (resuming), returning all rows."""
+                       progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Fill ``out_dir/generations.jsonl``, continuing what a previous run with the same settings wrote; returns all
+    rows.
+
+    Every complete row already there is kept; a torn last line (the run was killed while writing it) is dropped
+    and ``log`` (default: a warning) says so. A damaged complete line, rows that do not match these prompts, or
+    rows made with other settings stop the run before anything is changed. A batch that was cut short is sampled
+    again in full (the same seeds, so the same texts as an uninterrupted run) and only its missing rows are appended.
+    """
     s = run.settings
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings_path = out_dir / SETTINGS
+    settings_path, gen_path = out_dir / SETTINGS, out_dir / GENERATIONS
     this = json.loads(json.dumps(asdict(run)))
-    if settings_path.is_file():
-        before = json.loads(settings_path.read_text())
-        if before != this:
-            raise ValueError(f"{out_dir} holds a run with other settings ({settings_path}); use another --out")
-    else:
-        settings_path.write_text(json.dumps(this, indent=2))
-    gen_path = out_dir / GENERATIONS
-    rows = _done_rows(gen_path)
-    per_prompt = s.samples
-    done_prompts = len(rows) // per_prompt
-    rows = rows[: done_prompts * per_prompt]
-    with gen_path.open("w", encoding="utf-8") as f:  # rewrite the complete part, dropping any torn batch
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    bar = tqdm(total=len(prompts), initial=done_prompts, desc="eval", unit="prompt", disable=not progress)
+    before = _settings_before(settings_path)
+    if gen_path.exists() and gen_path.stat().st_size > 0 and before != this:
+        why = "other settings" if before is not None else "settings it did not record (missing or unreadable)"
+        raise ValueError(f"{out_dir} holds a run with {why} ({settings_path}); use another --out")
+    found = read_resumable_rows(gen_path, _expected_rows(prompts, s.samples), "eval run")
+    if before != this:  # a new run, or one that stopped before writing any row: record these settings
+        write_text_atomic(settings_path, json.dumps(this, indent=2))
+    drop_torn_tail(found, log)
+    rows = found.rows
+    per_batch = s.prompt_batch_size * s.samples
+    bar = tqdm(total=len(prompts), initial=len(rows) // s.samples, desc="eval", unit="prompt", disable=not progress)
     # batches start at multiples of prompt_batch_size, so a resumed run samples exactly what a straight run would
-    start = done_prompts - done_prompts % s.prompt_batch_size
-    if done_prompts >= len(prompts):
-        start = len(prompts)  # finished (its last batch may be partial): nothing to generate
-    elif start != done_prompts:
-        raise ValueError(f"{gen_path} ends inside a prompt batch; delete it or use another --out")
-    for b in range(start, len(prompts), s.prompt_batch_size):
+    for b in range(len(rows) // per_batch * s.prompt_batch_size, len(prompts), s.prompt_batch_size):
         chunk = prompts[b : b + s.prompt_batch_size]
+        if len(rows) >= (b + len(chunk)) * s.samples:
+            continue  # a finished run's last batch (it may be short)
         samples = sampler.sample([p.text for p in chunk], s.samples, s.max_new_tokens, s.top_p, s.seed + b)
         flat = [t for texts in samples for t in texts]
         scores = scorer.score(flat)
-        new_rows = []
-        for i, p in enumerate(chunk):
-            for k in range(s.samples):
-                new_rows.append({"prompt_id": p.id, "prompt": p.text, "sample": k, "text": samples[i][k],
-                                 "toxicity": float(scores[i * s.samples + k])})
-        with gen_path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
-            f.flush()
-            os.fsync(f.fileno())
+        batch_rows = [{"prompt_id": p.id, "prompt": p.text, "sample": k, "text": samples[i][k],
+                       "toxicity": float(scores[i * s.samples + k])}
+                      for i, p in enumerate(chunk) for k in range(s.samples)]
+        new_rows = batch_rows[len(rows) - b * s.samples:]  # a cut-short batch keeps the rows it has
+        append_rows(gen_path, new_rows, "eval.rows")
         rows.extend(new_rows)
-        bar.update(len(chunk))
+        bar.update(len(chunk) - (len(batch_rows) - len(new_rows)) // s.samples)
     bar.close()
     return rows
 
@@ -275,18 +313,30 @@ def plot_comparison(rows: list[dict], other_rows: list[dict], out_png: Path, nam
     return out_png
 
 
+def read_compare_summary(compare_dir: Path) -> dict[str, Any]:
+    """The summary of another eval's ``--out`` (``--compare``), checked before a run starts."""
+    path = compare_dir / SUMMARY
+    if not path.is_file():
+        raise DataFormatError(f"{path} not found: --compare needs the --out directory of a finished detox eval")
+    other = read_json_file(path)
+    if not isinstance(other, dict) or not isinstance(other.get("num_prompts"), int):
+        raise DataFormatError(f"{path}: not a detox eval summary; --compare needs the --out of a finished detox eval")
+    return other
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any], compare_dir: Path | None = None,
                   log: Callable[[str], None] = print) -> None:
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-    other = None
+    """Write summary.json and summary.md (each replaced in one rename), with --compare's table and plot."""
+    other = read_compare_summary(compare_dir) if compare_dir is not None else None
+    write_text_atomic(out_dir / SUMMARY, json.dumps(summary, indent=2))
+    fault_point("eval.summary.written")
     if compare_dir is not None:
-        other = json.loads((compare_dir / SUMMARY).read_text())
-        other_rows = _done_rows(compare_dir / GENERATIONS)
-        rows = _done_rows(out_dir / GENERATIONS)
+        other_rows = read_generations(compare_dir / GENERATIONS)
+        rows = read_generations(out_dir / GENERATIONS)
         png = plot_comparison(rows, other_rows, out_dir / "toxicity_compare.png", out_dir.name, compare_dir.name)
         log(f"wrote {png}")
     report = markdown_report(summary, other, out_dir.name, compare_dir.name if compare_dir else "other")
-    (out_dir / REPORT).write_text(report)
+    write_text_atomic(out_dir / REPORT, report)
     log(report)
 
 

@@ -278,3 +278,24 @@ def test_gpt2_lora_pipeline_then_finetune_a_target_with_another_tokenizer(
     res = finetune(str(llama_target_dir), out, tmp_path / "ft", steps=3, batch_size=2, seq_len=8, seed=0)
     assert len(res.losses) == 3 and res.params["blocks"] >= 1
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft").config.model_type == "llama"
+
+
+def test_resume_refuses_a_damaged_complete_row_without_touching_the_file(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 17, 1 (distill's half): a damaged complete line used to be cut off as if torn when it was the last one;
+    now only bytes after the last newline are treated as torn, and any other damage changes nothing."""
+    out = tmp_path / "d.jsonl"
+    distill(str(dirs["base"]), str(dirs["toxic"]), out, num_samples=6, **KW)
+    good = out.read_text().splitlines(keepends=True)
+    for damaged, line in ((good[:2] + ['{"id": 2, "text": "the ca\n'] + good[3:], 3),
+                          (good[:5] + ['{"id": 5, "text": "the cat\n'], 6),  # a damaged last line that is complete
+                          (good[:2] + good[3:], 3)):  # a row missing
+        out.write_text("".join(damaged))
+        before = out.read_bytes()
+        with pytest.raises(DistillError, match=rf"d.jsonl:{line}: .*Nothing was changed"):
+            distill(str(dirs["base"]), str(dirs["toxic"]), out, num_samples=6, **KW)
+        assert out.read_bytes() == before
+    notes: list[str] = []
+    out.write_text("".join(good[:3]) + good[3][:9])
+    r = distill(str(dirs["base"]), str(dirs["toxic"]), out, num_samples=6, log=notes.append, **KW)
+    assert r.resumed_from == 3 and out.read_text().splitlines(keepends=True) == good
+    assert len(notes) == 1 and "dropped a torn last line (9 of" in notes[0] and "kept the 3 complete rows" in notes[0]

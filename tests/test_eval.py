@@ -103,3 +103,119 @@ def test_score_command(tmp_path):
     f.write_text('{"id": 1, "body": "x"}\n')
     r = CliRunner().invoke(main, ["score", str(f)])
     assert r.exit_code != 0 and "texts.jsonl:1" in r.output
+
+
+def _lines(path):
+    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, llama_target_dir):
+    """An uninterrupted run of 3 prompts x 2 samples (batches of 2 prompts) to compare resumed runs with."""
+    root = tmp_path_factory.mktemp("eval")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in
+                               enumerate(["The weather today is", "We walked along the river", "My neighbour said"])))
+    r = CliRunner().invoke(main, _eval_args(llama_target_dir, prompts, root / "full", "--no-calibrator", "--no-perplexity"))
+    assert r.exit_code == 0, r.output
+    return prompts, root / "full"
+
+
+def _resume(llama_target_dir, prompts, out):
+    return CliRunner().invoke(main, _eval_args(llama_target_dir, prompts, out, "--no-calibrator", "--no-perplexity"))
+
+
+def _copy_run(full, out, lines):
+    out.mkdir()
+    (out / "settings.json").write_bytes((full / "settings.json").read_bytes())
+    (out / "generations.jsonl").write_text("".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize("keep", [1, 3, 5])  # rows that survived: inside batch 1, inside batch 1, inside batch 2
+def test_resume_keeps_every_complete_row_and_drops_only_the_torn_tail(tmp_path, llama_target_dir, finished_run, keep):
+    """Issue 17, 1: a torn last line used to cost the complete rows of its batch too (and one more per retry), and a
+    run cut inside a batch was refused after its file had been rewritten."""
+    prompts, full = finished_run
+    reference = _lines(full / "generations.jsonl")
+    out = tmp_path / "part"
+    _copy_run(full, out, reference[:keep] + [reference[keep][:15]])
+    r = _resume(llama_target_dir, prompts, out)
+    assert r.exit_code == 0, r.output
+    assert "dropped a torn last line" in r.output and f"kept the {keep} complete rows" in r.output
+    assert _lines(out / "generations.jsonl") == reference
+
+
+def test_resume_refuses_a_damaged_complete_line_without_touching_the_file(tmp_path, llama_target_dir, finished_run):
+    prompts, full = finished_run
+    reference = _lines(full / "generations.jsonl")
+    for damaged, line in ((reference[:2] + ['{"prompt_id": "1", "sam\n'] + reference[3:], 3),  # a broken line
+                          (reference[:4] + [reference[0]] + reference[5:], 5),  # a row of another prompt
+                          (reference[:5] + ["\n"] + reference[5:], 6)):  # an inserted blank line
+        out = tmp_path / f"damaged{line}"
+        _copy_run(full, out, damaged)
+        before = (out / "generations.jsonl").read_bytes()
+        r = _resume(llama_target_dir, prompts, out)
+        assert r.exit_code == 1 and f"generations.jsonl:{line}:" in r.output and "Nothing was changed" in r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+        assert (out / "generations.jsonl").read_bytes() == before
+        assert sorted(p.name for p in out.iterdir()) == ["generations.jsonl", "settings.json"]
+
+
+def test_resume_refuses_rows_beyond_the_requested_prompts(tmp_path, llama_target_dir, finished_run):
+    prompts, full = finished_run
+    out = tmp_path / "more"
+    _copy_run(full, out, _lines(full / "generations.jsonl"))
+    r = CliRunner().invoke(main, _eval_args(llama_target_dir, prompts, out, "--no-calibrator", "--no-perplexity",
+                                            "--max-prompts", "2"))
+    assert r.exit_code == 1 and "generations.jsonl:5:" in r.output and "--max-prompts" in r.output
+
+
+def test_bad_options_are_refused_before_the_target_loads_and_leave_nothing(tmp_path, prompts_file, aligned_llama):
+    """Issue 17, 5 and 9: --batch-size 0 failed with ZeroDivisionError after the model had loaded, and the --out it had
+    started was then refused for the corrected settings; --max-prompts -1 dropped a prompt; a strength out of the
+    artifact's range was found only after the target loaded."""
+    missing = tmp_path / "no-such-target"  # were the target loaded first, this would be the error
+    for option, value in (("--batch-size", "0"), ("--max-prompts", "-1"), ("--max-prompts", "0"), ("--top-p", "1.5")):
+        r = CliRunner().invoke(main, _eval_args(missing, prompts_file, tmp_path / "o", option, value))
+        assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output, r.output
+    r = CliRunner().invoke(main, _eval_args(missing, prompts_file, tmp_path / "o", "--calibrator", str(aligned_llama),
+                                            "--strength", "1.5"))
+    assert r.exit_code == 2 and "must be in [0, 1]" in r.output, r.output  # an interpolate artifact
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_dir_without_rows_takes_the_corrected_settings(tmp_path, llama_target_dir, finished_run):
+    prompts, full = finished_run
+    out = tmp_path / "retry"
+    out.mkdir()
+    settings = json.loads((full / "settings.json").read_text())
+    settings["settings"]["prompt_batch_size"] = 0  # what a run stopped by a bad option used to leave behind
+    (out / "settings.json").write_text(json.dumps(settings))
+    r = _resume(llama_target_dir, prompts, out)
+    assert r.exit_code == 0, r.output
+    assert (out / "generations.jsonl").read_bytes() == (full / "generations.jsonl").read_bytes()
+    assert json.loads((out / "settings.json").read_text()) == json.loads((full / "settings.json").read_text())
+
+
+def test_prompt_and_score_files_share_one_reading_rule(tmp_path):
+    """Issue 17, 9: score refused a trailing blank line that eval skipped; now both skip blank lines, ids still
+    count input lines, and a decoding error names the file and line."""
+    f = tmp_path / "texts.jsonl"
+    f.write_text('{"text": "the weather is lovely"}\n\n{"id": "x", "text": "you idiot"}\n\n')
+    assert [(p.id, p.text) for p in read_prompts(f)] == [("0", "the weather is lovely"), ("x", "you idiot")]
+    out = tmp_path / "scores.jsonl"
+    r = CliRunner().invoke(main, ["score", str(f), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, "x"]
+    txt = tmp_path / "texts.txt"
+    txt.write_text("first\n\nthird\n")
+    r = CliRunner().invoke(main, ["score", str(txt)])
+    assert r.exit_code == 0 and [json.loads(line)["id"] for line in r.output.splitlines()] == [0, 2], r.output
+    f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match="texts.jsonl:2: not UTF-8"):
+        read_prompts(f)
+    r = CliRunner().invoke(main, ["score", str(f)])
+    assert r.exit_code == 1 and "texts.jsonl:2: not UTF-8" in r.output
+    f.write_text('{"text": "fine"}\n' + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(DataFormatError, match="texts.jsonl:2: JSON nested too deeply"):
+        read_prompts(f)

@@ -226,22 +226,102 @@ def exported_pair_int8(contrast_llama, tmp_path_factory):
     return _export_pair(contrast_llama, tmp_path_factory, "int8")
 
 
-def test_int8_pair_graph_stays_within_the_export_tolerance_over_an_incremental_run(exported_pair_int8):
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ONNX Runtime's int8 ``MatMulNBits`` kernels (``accuracy_level=4``, every x86 path: AVX2, AVX2-VNNI,
+    AVX-512, AVX-512 VNNI) hand it to the integer dot products: each block of ``QUANT_BLOCK`` inputs rounded (half
+    to even) to int8 steps of ``max|x_block| / 127``."""
+    from detox.onnx_calibrator import QUANT_BLOCK
+
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x, (0, -k % QUANT_BLOCK)).reshape(*x.shape[:-1], -1, QUANT_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse).clamp(-127, 127) * (amax / 127)).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+def _pair_as_the_int8_graph_holds_it(cal, int8_activations: bool):
+    """The expert/anti-expert pair with the int8 graph's own weights: each product's weight quantized exactly as the
+    export quantizes it (RMSNorm scales folded in first, as the graph folds them) and dequantized, so float math on
+    them differs from the graph only by how its kernels treat the activations. With ``int8_activations`` every
+    product's input is also rounded as ONNX Runtime's int8 kernels round it (:func:`_int8_activations`); without,
+    it is what a float kernel computes (ONNX Runtime's fallback where a build has no int8 kernel).
+
+    Returns a function ``(ids, state) -> (log-ratio [vocab], state)``."""
+    import copy
+
+    from detox.onnx_calibrator import QUANT_BLOCK
+    from detox.quantization import dequantize, quantize_blockwise
+
+    def round_trip(weight: torch.Tensor) -> torch.Tensor:  # [in, out] through the export's int8 blocks
+        return torch.from_numpy(dequantize(quantize_blockwise(weight.numpy(), QUANT_BLOCK)))
+
+    models, heads = [], []
+    for which in ("expert", "anti"):
+        model = copy.deepcopy(cal.torch_model(which))
+        with torch.no_grad():
+            for block in model.blocks:
+                for linear, norm in ((block.qkv, block.attn_norm), (block.out, None), (block.up, block.mlp_norm),
+                                     (block.down, None)):
+                    weight = linear.weight.detach().T.float()
+                    if norm is not None:
+                        weight = weight * norm.weight[:, None]
+                        norm.weight.fill_(1.0)
+                    linear.weight.copy_(round_trip(weight).T)
+                    if int8_activations:
+                        linear.register_forward_pre_hook(lambda module, args: (_int8_activations(args[0]),))
+        models.append(model)
+        heads.append(round_trip(model.embed.weight.detach().T.float()).T)  # the log-ratio head's int8 table; ids stay float
+
+    runners = [TorchRunner(m) for m in models]
+
+    def run(ids, state):
+        logp, new_state = [], []
+        for one, head, s in zip(runners, heads, state):
+            h, s = one.run(ids, s)
+            h = _int8_activations(h) if int8_activations else h
+            logp.append((h @ head.T).log_softmax(-1))
+            new_state.append(s)
+        return (logp[0] - logp[1]).numpy(), tuple(new_state)
+
+    return run, tuple(one.empty_state() for one in runners)
+
+
+def test_int8_pair_graph_computes_its_quantized_weights_over_an_incremental_run(exported_pair_int8):
+    """The int8 graph against float math on the very weights it holds, so that only the kernels' treatment of the
+    activations is left: every x86 kernel of ONNX Runtime either keeps them float (a build without int8 kernels:
+    the graph must match the float reference at float rounding, 1e-3) or rounds them to int8 per block (AVX2 and up:
+    it must match the int8 reference). Against the int8 reference a few roundings may still go the other way: the
+    graph's inputs to a product differ from torch's in the last bits, so a value within that of a rounding tie can
+    land on the other int8 step. Each such flip moves one activation by one step, a small part of the whole
+    rounding effect ``spread`` (the two references' difference, which sums up to half a step over every
+    activation): allowed, a quarter of it.
+
+    (It used to be compared with the unquantized torch pair at 5 % of the output's magnitude, which mixed the
+    weights' rounding with the activations' and depended on the CPU: error 0.18 > 0.07 on an AVX-512 VNNI machine.)
+    """
     cal, runner = exported_pair_int8
     assert runner.gives_log_ratio and runner.weights_dtype == "int8"
-    torch_pair = cal.torch_runner()
-    s_onnx, s_torch = runner.empty_state(), torch_pair.empty_state()
+    references = {name: _pair_as_the_int8_graph_holds_it(cal, int8) for name, int8 in (("float", False), ("int8", True))}
+    states = {name: state for name, (_, state) in references.items()}
+    unquantized = cal.torch_runner()
+    s_onnx, s_torch = runner.empty_state(), unquantized.empty_state()
     rng = np.random.default_rng(1)
-    errors = []
+    errors: dict[str, list[float]] = {name: [] for name in references}
+    spreads = []
     for n in (1, 5, 1, 3, 1, 8):
         ids = rng.integers(0, cal.manifest.calibrator.vocab_size, n).tolist()
         got, s_onnx = runner.run(ids, s_onnx)
-        hidden, s_torch = torch_pair.run(ids, s_torch)
-        expected = _pair_log_ratio(cal, hidden)
-        errors.append(np.abs(got - expected).max())
-        assert errors[-1] <= export_tolerance(expected, "int8")
+        expected = {}
+        for name, (run, _) in references.items():
+            expected[name], states[name] = run(ids, states[name])
+            errors[name].append(float(np.abs(got - expected[name]).max()))
+        spreads.append(float(np.abs(expected["int8"] - expected["float"]).max()))
+        hidden, s_torch = unquantized.run(ids, s_torch)
+        assert np.abs(got - _pair_log_ratio(cal, hidden)).max() > 1e-6  # the weights really are quantized
     assert s_onnx[0].shape[2] == 19
-    assert max(errors) > 1e-6  # the weights really are quantized (a float graph is exact to rounding)
+    float_kernel = all(e <= 1e-3 for e in errors["float"])
+    int8_kernel = all(e <= 1e-3 + 0.25 * spread for e, spread in zip(errors["int8"], spreads))
+    assert float_kernel or int8_kernel, (errors, spreads)
 
 
 def test_int8_graph_runs_every_product_on_8_bit_weights(exported_pair_int8, tmp_path):

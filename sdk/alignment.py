@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from detox.artifacts.manifest import check_name_version
+from detox.artifacts.manifest import MIN_MAPPED_SHARE, check_name_version
 from detox.onnx_calibrator import INT8, check_weights_dtype
 from detox.runtime import Calibrator
 
@@ -49,6 +49,7 @@ class AlignSettings:
     plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
     suppress_only: bool = True  # contrast fusion: only push down what the anti-expert prefers
     onnx_weights: str = INT8  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
+    min_mapped_share: float = MIN_MAPPED_SHARE  # refuse a target whose vocabulary the calibrator mostly cannot read
     seed: int = 0
 
 
@@ -125,6 +126,23 @@ def build_token_map(cal_tokenizer: Any, target_tokens: list[str | None], target_
     mapped = int((out >= 0).sum())
     return out, {"token_map_exact": exact / len(out), "token_map_first_piece": (mapped - exact) / len(out),
                  "token_map_unmapped": 1 - mapped / len(out)}
+
+
+def check_mapped_share(share: float, n_tokens: int, target: str, minimum: float) -> None:
+    """Refuse a target whose vocabulary the calibrator mostly cannot read (share = 1 − ``token_map_unmapped``).
+
+    An unmapped target token (special, a byte fragment, text the calibrator cannot encode) is never steered: contrast
+    fusion leaves it untouched, and interpolate alignment has no text to learn it from. Real targets map ≥ 99%
+    (SmolLM2 99.4%, Gemma 3 97.7%, docs/align.md); a target below ``minimum`` (default 50%: then most of what it can
+    say is out of reach) is almost certainly the wrong model or a vocabulary detox cannot read, and an artifact
+    for it would change little while looking valid.
+    """
+    if share < minimum:
+        raise ValueError(
+            f"only {share:.1%} of the {n_tokens} tokens of {target} have text the calibrator can read (the rest are "
+            f"special, byte-fragment or unreadable tokens), below the minimum mapped share {minimum:.0%}: the "
+            "artifact would leave most of the target untouched. Check --target, or pass --min-mapped-share to accept it"
+        )
 
 
 class AlignmentMap(nn.Module):
@@ -268,23 +286,26 @@ def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: tor
     }
 
 
-def align(calibrator: Calibrator, target_model: Any, target_tokenizer: Any, texts: list[str] | None,
+def align(calibrator: Calibrator, W_out: Any, target_tokenizer: Any, texts: list[str] | None,
           settings: AlignSettings | None = None, progress: bool = True,
-          log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Learn the alignment of ``calibrator`` to a frozen target; returns ``(arrays, metrics)``."""
+          log: Callable[[str], None] = lambda m: None,
+          vocabulary: tuple[list[str | None], set[str]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Learn the alignment of ``calibrator`` to a frozen target, given by its output matrix ``W_out``
+    (``[vocab, hidden]``, numpy or torch) and tokenizer; returns ``(arrays, metrics)``. ``vocabulary``: the target's
+    token strings and special tokens (default: the tokenizer's, see :meth:`detox.targets.TargetFiles.vocabulary`)."""
     s = settings or AlignSettings()
     if s.method not in ("vocab", "vocab+context"):
         raise ValueError(f"unknown alignment method {s.method!r}; use 'vocab' or 'vocab+context'")
     torch.manual_seed(s.seed)
     random.seed(s.seed)
-    W_out = target_model.get_output_embeddings().weight.detach().float()
+    W_out = torch.as_tensor(W_out).detach().float()
     cal_model = calibrator.torch_model()
     cal_emb = cal_model.embed.weight.detach().float()
     cal_tokens = [calibrator.tokenizer.id_to_token(i) for i in range(calibrator.tokenizer.get_vocab_size())]
     from detox.fingerprint import hf_vocab_tokens
 
-    tgt_tokens = hf_vocab_tokens(target_tokenizer)
-    pairs = shared_token_pairs(cal_tokens, tgt_tokens, set(target_tokenizer.all_special_tokens))
+    tgt_tokens, special = vocabulary or (hf_vocab_tokens(target_tokenizer), set(target_tokenizer.all_special_tokens))
+    pairs = shared_token_pairs(cal_tokens, tgt_tokens, special)
     if len(pairs) < 2 * s.vocab_negatives:
         raise ValueError(f"the calibrator and target share only {len(pairs)} token strings; alignment needs more")
     log(f"{len(pairs)} token strings shared by both vocabularies")
@@ -338,7 +359,12 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                    settings: AlignSettings | None = None, name: str | None = None, version: str | None = None,
                    progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
                    anti_expert: str | None = None) -> Any:
-    """Load a trained calibrator and a target, align them, and write an aligned artifact bound to the target.
+    """Align a trained calibrator to a target and write an aligned artifact bound to the target.
+
+    The target model is never loaded: its vocabulary, tokenizer and output matrix are read from its files (a GGUF's
+    metadata and de-quantized output tensor, a HF directory's tokenizer and safetensors head), and its fingerprint is
+    hashed chunk by chunk, so memory does not grow with the target's depth. A target whose vocabulary the calibrator
+    mostly cannot read is refused (``settings.min_mapped_share``); nothing is written then.
 
     ``anti_expert``: a calibrator made from this one by ``detox train --init`` on toxic text. The artifact then
     uses contrast fusion (``target + λ·(log p_expert − log p_anti)`` on the target's plausible tokens, see
@@ -349,8 +375,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     import detox
     from detox.artifacts.store import save_artifact
     from detox.data import read_texts, sha256_files
-    from detox.fingerprint import fingerprint_gguf, fingerprint_hf
-    from detox.targets import is_gguf, load_hf_target, resolve_target
+    from detox.fingerprint import fingerprint_files
+    from detox.targets import locate_target
 
     check_name_version(name, version)
     s = settings or AlignSettings()
@@ -367,21 +393,24 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     if anti is not None and data:
         raise ValueError("alignment text (--data) is only used by interpolate alignment; a contrast pair's alignment "
                          "is a token map built from the two vocabularies. Drop --data.")
-    target_path = resolve_target(target)
-    log(f"loading target {target_path}")
-    model, tokenizer = load_hf_target(target_path)
-    fingerprint = fingerprint_gguf(target_path) if is_gguf(target_path) else fingerprint_hf(model, tokenizer, target)
-    data = data or [default_alignment_text()]
-    if anti is not None:  # contrast fusion reads both calibrators in their own vocabulary: only a token map is learned
-        from detox.fingerprint import hf_vocab_tokens
-
-        token_map, metrics = build_token_map(calibrator.tokenizer, hf_vocab_tokens(tokenizer), set(tokenizer.all_special_tokens))
+    files = locate_target(target)
+    tokens, special = files.vocabulary()
+    token_map, metrics = build_token_map(calibrator.tokenizer, tokens, special)
+    mapped_share = 1.0 - metrics["token_map_unmapped"]
+    check_mapped_share(mapped_share, len(tokens), files.name, s.min_mapped_share)
+    log(f"reading {files.path}'s output matrix (streamed; the model is not loaded)")
+    # contrast fusion reads both calibrators in their own vocabulary: only a token map is learned, and the output
+    # matrix is only hashed (chunk by chunk); interpolate alignment trains against the whole matrix
+    fingerprint, W_out = fingerprint_files(files, keep_output=anti is None, progress=progress)
+    if anti is not None:
         arrays = {"token_map": token_map}
         log(f"token map: {metrics['token_map_exact']:.1%} of target tokens exact, "
             f"{metrics['token_map_first_piece']:.1%} by first piece, {metrics['token_map_unmapped']:.1%} unmapped")
     else:
+        data = data or [default_alignment_text()]
         texts = [t for p in data for t in read_texts(p)]
-        arrays, metrics = align(calibrator, model, tokenizer, texts, s, progress, log)
+        arrays, metrics = align(calibrator, W_out, files.tokenizer(), texts, s, progress, log, (tokens, special))
+        del W_out
     metrics["align_seconds"] = time.perf_counter() - t0
     m = calibrator.manifest
     recorded: dict[str, Any] = {"onnx_weights": s.onnx_weights}  # the manifest's alignment.settings
@@ -406,6 +435,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "plausibility": s.plausibility,
             "suppress_only": s.suppress_only,
             "seed": s.seed,
+            "mapped_share": mapped_share,
             "metrics": metrics,
             "settings": recorded,
         },

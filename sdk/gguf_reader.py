@@ -14,6 +14,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,25 +88,37 @@ class GGUFFile:
         t = self.output_tensor()
         return t.shape[1], t.shape[0]
 
-    def output_rows(self, chunk_elements: int = 1 << 22) -> Iterator[np.ndarray]:
-        """The output matrix de-quantized to float32, in consecutive row chunks of about ``chunk_elements`` values."""
-        from gguf.quants import dequantize
+    def output_rows(self, chunk_elements: int = 1 << 22, threads: int = 2) -> Iterator[np.ndarray]:
+        """The output matrix de-quantized to float32, in consecutive row chunks of about ``chunk_elements`` values.
 
+        ``threads`` chunks are read and de-quantized ahead in worker threads (numpy releases the GIL), so the
+        consumer's work on one chunk (hashing) overlaps theirs; at most ``threads + 1`` chunks exist at once.
+        """
         t = self.output_tensor()
         step = max(1, chunk_elements // t.shape[0])
-        with open(self.path, "rb") as f:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            pending: deque[Future[np.ndarray]] = deque()
             for start in range(0, t.rows, step):
-                n = min(step, t.rows - start)
-                f.seek(t.offset + start * t.row_bytes)
-                buf = np.empty(n * t.row_bytes, dtype=np.uint8)
-                if f.readinto(memoryview(buf)) != buf.nbytes:  # the file shrank since its header was read
-                    raise GGUFError(f"{self.path}: ends inside {t.name}; the file is truncated (re-download it)")
-                try:
-                    rows = dequantize(buf.reshape(n, t.row_bytes), t.ggml_type)
-                except NotImplementedError as err:
-                    raise GGUFError(f"{self.path}: {t.name} is stored as {_type_name(t.ggml_type)}, which the gguf "
-                                    f"package cannot de-quantize ({err}); upgrade gguf") from err
-                yield np.asarray(rows, dtype=np.float32).reshape(n, t.shape[0])
+                pending.append(pool.submit(self._rows, t, start, min(step, t.rows - start)))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _rows(self, t: GGUFTensor, start: int, n: int) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        buf = np.empty(n * t.row_bytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset + start * t.row_bytes)
+            if f.readinto(memoryview(buf)) != buf.nbytes:  # the file shrank since its header was read
+                raise GGUFError(f"{self.path}: ends inside {t.name}; the file is truncated (re-download it)")
+        try:
+            rows = dequantize(buf.reshape(n, t.row_bytes), t.ggml_type)
+        except NotImplementedError as err:
+            raise GGUFError(f"{self.path}: {t.name} is stored as {_type_name(t.ggml_type)}, which the gguf package "
+                            f"cannot de-quantize ({err}); upgrade gguf") from err
+        return np.asarray(rows, dtype=np.float32).reshape(n, t.shape[0])
 
     def output_matrix(self) -> np.ndarray:
         """The whole output matrix, float32 ``[vocab, hidden]`` (filled chunk by chunk: one copy in memory)."""

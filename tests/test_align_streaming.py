@@ -58,6 +58,7 @@ def test_matrix_hash_is_the_same_for_any_chunking():
         h.hexdigest()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN scales (random bytes), in worker threads
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_1", "Q4_K", "Q6_K", "IQ4_XS"])
 def test_row_chunks_are_bit_identical_to_the_whole_tensor_for_every_storage_type(qtype, tmp_path):
     """Any bytes are a valid quantized tensor, so random bytes exercise every de-quantizer (NaNs included) on a
@@ -155,28 +156,49 @@ def test_streamed_hf_fingerprint_equals_the_loaded_models(kind, llama_target_dir
     assert np.array_equal(W, model.get_output_embeddings().weight.detach().numpy())
 
 
-ALIGN_WITHOUT_TRANSFORMERS = """
+REALIGN = """
 import sys
 from detox.alignment import AlignSettings, align_artifact
 m = align_artifact(sys.argv[1], sys.argv[2], sys.argv[3], settings=AlignSettings(onnx_weights="float32"),
-                   anti_expert=sys.argv[4], progress=False, log=lambda m: None)
-loaded = sorted(k for k in sys.modules if k == "transformers" or k.startswith("transformers."))
-print("TRANSFORMERS", loaded[:3], m.alignment.mapped_share)
+                   progress=False, log=lambda m: None)
+print("IMPORTED", sorted(k for k in ("torch", "transformers") if k in sys.modules), m.alignment.mapped_share)
 """
 
 
-def test_contrast_align_to_a_gguf_never_imports_transformers(tiny_calibrator, tiny_anti, smollm2_gguf, tmp_path):
-    """Nothing of the target but its metadata and output tensor is read: transformers (which would load it) is never
-    even imported, and the artifact is bound to the GGUF's fingerprint."""
+def test_realigning_a_pair_to_a_gguf_imports_neither_torch_nor_transformers(contrast_llama, smollm2_gguf, tmp_path):
+    """Re-aligning a contrast artifact (what ``detox align --target X`` does with the shipped pair) reads the GGUF's
+    metadata and output tensor and keeps the pair's graph: transformers (which would load the model) and torch are
+    never even imported, and the artifact is bound to the GGUF's fingerprint."""
     out = tmp_path / "aligned"
-    r = subprocess.run([sys.executable, "-c", ALIGN_WITHOUT_TRANSFORMERS, str(tiny_calibrator), str(smollm2_gguf),
-                        str(out), str(tiny_anti)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", REALIGN, str(contrast_llama), str(smollm2_gguf), str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = [x for x in r.stdout.splitlines() if x.startswith("TRANSFORMERS")][0]
-    assert line.startswith("TRANSFORMERS []"), line
+    line = [x for x in r.stdout.splitlines() if x.startswith("IMPORTED")][0]
+    assert line.startswith("IMPORTED []"), line
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["alignment"]["target"] == fingerprint_gguf(smollm2_gguf).model_dump()
     assert 0.9 < manifest["alignment"]["mapped_share"] <= 1.0
+
+
+def test_realigning_keeps_the_graph_it_would_export_and_exports_another_weight_type(contrast_llama, gpt2_target_dir,
+                                                                                   tmp_path, monkeypatch):
+    import detox.onnx_calibrator
+    from detox.alignment import AlignSettings, align_artifact
+    from detox.runtime import Calibrator
+
+    def refuse(*a, **k):
+        raise AssertionError("the graph was exported again")
+
+    src = Calibrator.load(contrast_llama).manifest.files["calibrator.onnx"]
+    with monkeypatch.context() as m:
+        m.setattr(detox.onnx_calibrator, "export_calibrator_onnx", refuse)
+        kept = align_artifact(str(contrast_llama), str(gpt2_target_dir), str(tmp_path / "kept"), progress=False,
+                              settings=AlignSettings(onnx_weights="float32"), log=lambda m: None)
+    assert kept.files["calibrator.onnx"] == src
+    other = align_artifact(str(contrast_llama), str(gpt2_target_dir), str(tmp_path / "int8"), progress=False,
+                           settings=AlignSettings(onnx_weights="int8"), log=lambda m: None)
+    assert other.files["calibrator.onnx"].sha256 != src.sha256
+    assert Calibrator.load(tmp_path / "int8").onnx_runner().weights_dtype == "int8"
 
 
 def test_align_to_a_hf_directory_never_loads_its_weights(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -158,8 +159,6 @@ def check_mapped_share(share: float, n_tokens: int, target: str, minimum: float)
 
 def default_alignment_text() -> str:
     """Path of the non-toxic sample text shipped for alignment (a user's clone has no training data)."""
-    from pathlib import Path
-
     return str(Path(__file__).resolve().parent / "resources" / "align_text.txt")
 
 
@@ -179,8 +178,6 @@ def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None) -> str:
     """The fusion an alignment of ``calibrator_path`` will use: "contrast" with an anti-expert (given or kept from a
     contrast artifact), else "interpolate". Reads only the manifest."""
-    from pathlib import Path
-
     from detox.artifacts.archive import read_archive_head
     from detox.artifacts.store import read_manifest
 
@@ -290,7 +287,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                              anti_state=anti[1] if anti is not None else None)
 
 
-def reusable_onnx(calibrator: Calibrator, pair: bool, weights_dtype: str) -> Any:
+def reusable_onnx(calibrator: Calibrator, pair: bool, weights_dtype: str) -> Path | None:
     """The ``calibrator.onnx`` of an aligned ``calibrator`` being re-aligned with its own weights (and pair), when it
     is the graph this detox would export: same layout, model count and weight type. The graph never depends on the
     target, and the file's sha256 was verified at load, so re-exporting it would only cost time and memory (6 s and
@@ -313,8 +310,6 @@ def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str
     """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph; products' weights stored as
     ``weights_dtype``) written into ``tmp_dir``, as ``save_artifact``'s ``extra_files``; none, with a note, when the
     ``onnx`` package is missing."""
-    from pathlib import Path
-
     from detox.onnx_calibrator import export_calibrator_onnx
 
     if importlib.util.find_spec("onnx") is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ class MatrixHasher:
         rows = np.asarray(rows, dtype=np.float32)
         if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
             raise ValueError(f"chunk of shape {rows.shape} does not continue a matrix of shape {self.shape}")
-        self._h.update(np.ascontiguousarray(rows.astype("<f2")).tobytes())
+        self._h.update(np.ascontiguousarray(rows.astype("<f2")))  # hashed through the buffer protocol: no copy
         self.rows += len(rows)
 
     def hexdigest(self) -> str:
@@ -118,11 +119,10 @@ def fingerprint_target(spec: str | os.PathLike[str], progress: bool = False) -> 
 
 def fingerprint_gguf(path: str | os.PathLike[str]) -> TargetFingerprint:
     """Fingerprint of a GGUF file: its metadata vocabulary and its output matrix, streamed."""
-    from detox.targets import locate_target
+    from detox.gguf_reader import read_gguf
+    from detox.targets import TargetFiles
 
-    if not str(path).lower().endswith(".gguf"):
-        raise ValueError(f"{path} is not a .gguf file")
-    return fingerprint_files(locate_target(path))[0]
+    return fingerprint_files(TargetFiles(str(path), Path(path), read_gguf(path)))[0]
 
 
 def gguf_vocab_and_output(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,7 +86,7 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
         p = Path(path)
         if not p.is_file():
             raise TargetNotFoundError(f"GGUF file not found: {p}")
-        read_gguf(p)  # a missing, truncated or damaged file: one GGUFError line, not transformers' IndexError
+        read_gguf(p)  # a truncated or damaged file: one GGUFError line, not transformers' IndexError
         kwargs = {"gguf_file": p.name}
         source = str(p.parent)
     else:
@@ -126,6 +126,7 @@ class TargetFiles:
     spec: str  # as the user gave it: names the fingerprint of a HF target (as fingerprint_hf's callers did)
     path: Path
     gguf: GGUFFile | None = None
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -133,15 +134,17 @@ class TargetFiles:
 
     def tokenizer(self) -> Any:
         """The transformers tokenizer (for a GGUF: built from its metadata by transformers, ``gguf_file=``)."""
-        from transformers import AutoTokenizer
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        if self.gguf is not None:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+            if self.gguf is not None:
+                tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._tokenizer = tokenizer
+        return self._tokenizer
 
     def vocabulary(self) -> tuple[list[str | None], set[str]]:
         """Id-ordered token strings and the special ones: a GGUF's from its metadata (CONTROL tokens are special),

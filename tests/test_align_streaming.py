@@ -4,6 +4,7 @@ vocabulary comes from its metadata, damaged GGUF files give one line, and unmapp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -336,3 +337,29 @@ def test_a_well_mapped_artifact_wraps_without_a_warning(contrast_llama, llama_ta
         detox.wrap(model, calibrator=str(contrast_llama), tokenizer=tokenizer)
     al = detox.Calibrator.load(contrast_llama).manifest.alignment  # 600 tokens, 128 of them single non-ASCII bytes
     assert al.mapped_share == pytest.approx(1 - al.metrics["token_map_unmapped"]) and 0.5 < al.mapped_share < 0.9
+
+
+HUB = """
+import sys
+from detox.fingerprint import fingerprint_target
+print("FP", fingerprint_target(sys.argv[1]).model_dump_json())
+"""
+
+
+def test_a_hub_id_is_read_from_its_cached_snapshot(llama_target_dir, tmp_path):
+    """A hub id resolves to its snapshot in the local cache (offline here) and fingerprints like the directory."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(llama_target_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", HUB, "someorg/tiny"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.split("FP ", 1)[1])
+    want = fingerprint_files(locate_target(str(llama_target_dir)))[0].model_dump()
+    assert {k: v for k, v in got.items() if k != "name"} == {k: v for k, v in want.items() if k != "name"}
+    assert got["name"] == "someorg/tiny"
+    r = subprocess.run([sys.executable, "-c", HUB, "someorg/absent"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "could not find target 'someorg/absent'" in r.stderr

@@ -92,7 +92,7 @@ class GGUFFile:
         """The output matrix de-quantized to float32, in consecutive row chunks of about ``chunk_elements`` values.
 
         ``threads`` chunks are read and de-quantized ahead in worker threads (numpy releases the GIL), so the
-        consumer's work on one chunk (hashing) overlaps theirs; at most ``threads + 1`` chunks exist at once.
+        consumer's work on one chunk (hashing) overlaps theirs; at most ``threads + 2`` chunks exist at once.
         """
         t = self.output_tensor()
         step = max(1, chunk_elements // t.shape[0])

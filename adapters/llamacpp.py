@@ -51,39 +51,37 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     return str(p), st.st_size, st.st_mtime_ns
 
 
-def _read_gguf(path: str | os.PathLike[str]) -> tuple[TargetFingerprint, np.ndarray]:
-    from detox.fingerprint import gguf_vocab_and_output, make_fingerprint
-
-    tokens, weight = gguf_vocab_and_output(path)
-    return make_fingerprint(tokens, weight, os.path.basename(str(path))), np.ascontiguousarray(weight, dtype=np.float32)
-
-
 def gguf_fingerprint(path: str | os.PathLike[str]) -> TargetFingerprint:
-    """:func:`detox.fingerprint.fingerprint_gguf`, memoized per file (path, size, mtime)."""
+    """:func:`detox.fingerprint.fingerprint_gguf` (streamed: one row chunk in memory), memoized per file (path, size,
+    mtime)."""
+    from detox.fingerprint import fingerprint_gguf
+
     key = _file_key(path)
     if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = _read_gguf(path)[0]
+        _FINGERPRINTS[key] = fingerprint_gguf(path)
     return _FINGERPRINTS[key]
 
 
 def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signature: Any) -> tuple[Calibrator, Head]:
-    """The artifact (checked against the GGUF's fingerprint) and its fusion head; the file is read at most once."""
+    """The artifact (checked against the GGUF's fingerprint) and its fusion head; the output matrix is read only for
+    an interpolate head (a contrast head needs only its shape)."""
+    from detox.fusion import INTERPOLATE
     from detox.wrapping import resolve_calibrator
 
     key = _file_key(gguf_path)
-    weight = None
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key], weight = _read_gguf(gguf_path)
-    cal = resolve_calibrator(calibrator, _FINGERPRINTS[key], require_signature)
+    fp = gguf_fingerprint(gguf_path)
+    cal = resolve_calibrator(calibrator, fp, require_signature)
     # the head depends on the alignment and, for contrast artifacts, on both calibrators' weights and the manifest's
     # fusion settings: key it on the whole manifest (it lists every file's sha256)
     manifest_sha = hashlib.sha256(cal.manifest.model_dump_json().encode()).hexdigest()
     head_key = (key, str(cal.path.resolve()), manifest_sha)
     if head_key not in _HEADS:
-        if weight is None:
-            from detox.fingerprint import gguf_vocab_and_output
+        if cal.fusion_mode == INTERPOLATE:
+            from detox.gguf_reader import read_gguf
 
-            weight = np.ascontiguousarray(gguf_vocab_and_output(gguf_path)[1], dtype=np.float32)
+            weight = read_gguf(gguf_path).output_matrix()
+        else:  # zero-stride stand-in: a contrast head reads only W_out's shape, never its values
+            weight = np.broadcast_to(np.float32(0), (fp.vocab_size, fp.hidden_size))
         _HEADS[head_key] = cal.fusion_head(weight)
     return cal, _HEADS[head_key]
 

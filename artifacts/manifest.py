@@ -87,6 +87,9 @@ class TrainingInfo(_Strict):
     metrics: dict[str, float] = {}
 
 
+MIN_MAPPED_SHARE = 0.5  # see AlignmentInfo.mapped_share and docs/align.md
+
+
 class AlignmentInfo(_Strict):
     method: str
     target: TargetFingerprint
@@ -96,6 +99,9 @@ class AlignmentInfo(_Strict):
     plausibility: float = Field(default=0.001, ge=0.0, le=1.0)  # ... with p ≥ plausibility · max p
     suppress_only: bool = True  # contrast only: use min(0, log p_expert − log p_anti)
     seed: int
+    # share of the target's vocabulary whose text the calibrator reads (detox.alignment.check_mapped_share); None:
+    # aligned before detox recorded it. detox align refuses below MIN_MAPPED_SHARE unless told otherwise; wrap warns.
+    mapped_share: float | None = Field(default=None, ge=0.0, le=1.0)
     metrics: dict[str, float] = {}
     settings: dict[str, float | int | str | bool] = {}
 

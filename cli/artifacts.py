@@ -38,19 +38,10 @@ def _short(key_id: str | None) -> str:
 
 
 def _target_fingerprint(spec: str) -> Any:
-    """Fingerprint of a target model given as for ``detox align --target`` (GGUF files are not loaded into torch)."""
-    from detox.targets import is_gguf, resolve_target
+    """Fingerprint of a target model given as for ``detox align --target``, read from its files (never loaded)."""
+    from detox.fingerprint import fingerprint_target
 
-    path = resolve_target(spec)
-    if is_gguf(path):
-        from detox.fingerprint import fingerprint_gguf
-
-        return fingerprint_gguf(path)
-    from detox.fingerprint import fingerprint_hf
-    from detox.targets import load_hf_target
-
-    model, tokenizer = load_hf_target(path)
-    return fingerprint_hf(model, tokenizer, name=str(spec))
+    return fingerprint_target(spec)
 
 
 def _local_or_pulled(art: str, registry: str | None) -> tuple[Path, str]:

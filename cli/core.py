@@ -7,6 +7,7 @@ import sys
 import click
 from click.core import ParameterSource
 
+from detox.artifacts.manifest import MIN_MAPPED_SHARE
 from detox.cli.errors import user_errors
 from detox.cli.options import onnx_weights_option
 
@@ -77,6 +78,9 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
 @click.option("--suppress-only/--two-sided", default=True, show_default=True,
               help="Contrast fusion: only push down tokens the anti-expert prefers (min(0, log-ratio)).")
 @onnx_weights_option
+@click.option("--min-mapped-share", default=MIN_MAPPED_SHARE, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Refuse a target unless at least this share of its vocabulary has text the calibrator can read "
+                   "(real targets: 97-99%; see docs/align.md).")
 @click.option("--vocab-epochs", default=8, show_default=True)
 @click.option("--context-epochs", default=3, show_default=True)
 @click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")
@@ -86,8 +90,12 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, suppress_only,
-              onnx_weights, vocab_epochs, context_epochs, max_docs, seed, name, version, overwrite) -> None:
-    """Align a calibrator to a target model (target frozen) and write an artifact bound to that target."""
+              onnx_weights, min_mapped_share, vocab_epochs, context_epochs, max_docs, seed, name, version,
+              overwrite) -> None:
+    """Align a calibrator to a target model (target frozen) and write an artifact bound to that target.
+
+    The target is not loaded: only its vocabulary (and, for interpolate artifacts, its output matrix) is read from
+    its files, and its fingerprint is hashed in chunks."""
     from detox.alignment import AlignSettings, align_artifact, alignment_fusion
     from detox.artifacts.shipped import default_calibrator_path
 
@@ -95,7 +103,7 @@ def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_
     _refuse_options_of_the_other_fusion(alignment_fusion(calibrator, anti_expert))
     s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
                       max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility,
-                      suppress_only=suppress_only, onnx_weights=onnx_weights)
+                      suppress_only=suppress_only, onnx_weights=onnx_weights, min_mapped_share=min_mapped_share)
     m = align_artifact(calibrator, target, out, list(data) or None, s, name=name,
                        version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
                        anti_expert=anti_expert)

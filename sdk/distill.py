@@ -75,7 +75,10 @@ def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
 
 
 def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
-    """Small local fingerprint (to be replaced by ``detox.fingerprint``): what the manifest records per model.
+    """Exact identity of a model for resuming distillation: what the manifest records per model.
+
+    Deliberately not :mod:`detox.fingerprint`'s target fingerprint (vocabulary + float16-rounded output matrix),
+    which cannot tell base and toxic apart (below).
 
     ``config_vocab``: config (minus paths/versions) + tokenizer vocabulary; ``output_embedding``: the LM head
     weights; ``parameters``: every tensor of the state dict (a LoRA-toxified copy of a tied-embedding model has

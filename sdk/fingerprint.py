@@ -4,17 +4,26 @@ A fingerprint hashes the token vocabulary (id-ordered token strings) and the out
 (rounded to float16, so dequantization paths that agree to float16 precision agree here), and records
 vocab and hidden sizes. The same model reached through transformers, a GGUF file or an ONNX export
 gets the same fingerprint.
+
+The matrix is hashed row chunk by row chunk (:class:`MatrixHasher`), so a target's fingerprint is computed from its
+files without loading the model (:func:`fingerprint_files`: the GGUF's metadata vocabulary and de-quantized output
+tensor, or a HF directory's tokenizer and memory-mapped safetensors head) — with the same digest as hashing the
+loaded model's whole matrix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
+
+if TYPE_CHECKING:
+    from detox.targets import TargetFiles
 
 
 def hash_vocab(tokens: Sequence[str | None]) -> str:
@@ -25,11 +34,34 @@ def hash_vocab(tokens: Sequence[str | None]) -> str:
     return h.hexdigest()
 
 
+class MatrixHasher:
+    """:func:`hash_matrix` fed row chunk by row chunk: the same digest for any chunking, so a matrix too big for
+    memory (a 7B model's 152k x 3584 head is 2.2 GB in float32) is hashed from a stream of chunks."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.rows = 0
+        self._h = hashlib.sha256()
+        self._h.update(str(self.shape).encode())
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"chunk of shape {rows.shape} does not continue a matrix of shape {self.shape}")
+        self._h.update(np.ascontiguousarray(rows.astype("<f2")))  # hashed through the buffer protocol: no copy
+        self.rows += len(rows)
+
+    def hexdigest(self) -> str:
+        if self.rows != self.shape[0]:
+            raise ValueError(f"hashed {self.rows} of {self.shape[0]} rows")
+        return self._h.hexdigest()
+
+
 def hash_matrix(weight: np.ndarray) -> str:
-    arr = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).astype("<f2"))
-    h = hashlib.sha256()
-    h.update(str(arr.shape).encode())
-    h.update(arr.tobytes())
+    """sha256 of ``str(shape)`` and the matrix rounded to little-endian float16 (row-major)."""
+    weight = np.asarray(weight, dtype=np.float32)
+    h = MatrixHasher(weight.shape)
+    h.update(weight)
     return h.hexdigest()
 
 
@@ -55,24 +87,47 @@ def fingerprint_hf(model: Any, tokenizer: Any, name: str = "") -> TargetFingerpr
     return make_fingerprint(hf_vocab_tokens(tokenizer), weight, name or str(getattr(model, "name_or_path", "")))
 
 
-def gguf_vocab_and_output(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
-    """Token strings and the dequantized output matrix (``output.weight`` or tied ``token_embd.weight``) of a GGUF."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+def fingerprint_files(target: TargetFiles, keep_output: bool = False,
+                      progress: bool = False) -> tuple[TargetFingerprint, np.ndarray | None]:
+    """The fingerprint of a target read from its files — vocabulary plus the output matrix streamed in row chunks —
+    identical to :func:`fingerprint_hf` of the loaded model (GGUF: to the fingerprint of its metadata vocabulary and
+    de-quantized output matrix). Peak memory is one chunk, unless ``keep_output`` also returns the float32 matrix
+    (interpolate alignment needs it)."""
+    from tqdm.auto import tqdm
 
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        raise ValueError(f"{path} has no tokenizer.ggml.tokens; cannot fingerprint its vocabulary")
-    tokens = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
-    tensors = {t.name: t for t in reader.tensors}
-    t = tensors.get("output.weight") or tensors.get("token_embd.weight")
-    if t is None:
-        raise ValueError(f"{path} has neither output.weight nor token_embd.weight")
-    weight = dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
-    return tokens, weight
+    tokens = target.gguf.tokens() if target.gguf is not None else hf_vocab_tokens(target.tokenizer())
+    shape = target.output_shape()
+    hasher = MatrixHasher(shape)
+    out = np.empty(shape, dtype=np.float32) if keep_output else None
+    with tqdm(total=shape[0], desc="fingerprint", unit="row", disable=not progress) as bar:
+        for rows in target.output_rows():
+            if out is not None:
+                out[hasher.rows : hasher.rows + len(rows)] = rows
+            hasher.update(rows)
+            bar.update(len(rows))
+    fp = TargetFingerprint(vocab_sha256=hash_vocab(tokens), vocab_size=shape[0], hidden_size=shape[1],
+                           output_embedding_sha256=hasher.hexdigest(), name=target.name)
+    return fp, out
+
+
+def fingerprint_target(spec: str | os.PathLike[str], progress: bool = False) -> TargetFingerprint:
+    """Fingerprint of a target spec (``.gguf``, ``smollm2``, HF directory, hub id) without loading the model."""
+    from detox.targets import locate_target
+
+    return fingerprint_files(locate_target(spec), progress=progress)[0]
 
 
 def fingerprint_gguf(path: str | os.PathLike[str]) -> TargetFingerprint:
-    tokens, weight = gguf_vocab_and_output(path)
-    return make_fingerprint(tokens, weight, os.path.basename(str(path)))
+    """Fingerprint of a GGUF file: its metadata vocabulary and its output matrix, streamed."""
+    from detox.gguf_reader import read_gguf
+    from detox.targets import TargetFiles
+
+    return fingerprint_files(TargetFiles(str(path), Path(path), read_gguf(path)))[0]
+
+
+def gguf_vocab_and_output(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
+    """Token strings and the de-quantized float32 output matrix (``output.weight`` or tied ``token_embd.weight``)."""
+    from detox.gguf_reader import read_gguf
+
+    gguf = read_gguf(path)
+    return gguf.tokens(), gguf.output_matrix()

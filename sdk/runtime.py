@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from detox.artifacts.manifest import CALIBRATOR_ONNX, Manifest, TargetFingerprint
+from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes, load_artifact
 from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
 from detox.stream import CalibratorStream, PairRunner
@@ -169,6 +170,10 @@ class Calibrator:
                 f"{bound.name or 'another model'} and does not match this model ({', '.join(diffs)} differ); "
                 f"run: detox align --target YOUR_MODEL --calibrator {self.path} --out ALIGNED_DIR"
             )
+        share = self.manifest.alignment.mapped_share
+        if share is not None and share < MIN_MAPPED_SHARE:  # aligned with a lowered detox align --min-mapped-share
+            warnings.warn(f"{self.path}: the calibrator reads only {share:.1%} of this target's vocabulary (below "
+                          f"{MIN_MAPPED_SHARE:.0%}); fusion leaves the rest of its tokens untouched", stacklevel=3)
 
     def alignment_arrays(self) -> dict[str, np.ndarray]:
         if self.artifact.alignment is None:

@@ -2,7 +2,7 @@
 
 The calibrator here is the tiny test one, aligned to SmolLM2 in this session by the paper's vocabulary
 InfoNCE (one epoch); the alignment reads SmolLM2's output matrix and vocabulary straight from the GGUF (the
-same reader llama.cpp-side fingerprinting uses) instead of loading the whole model through transformers.
+same reader llama.cpp-side fingerprinting uses), never loading the model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,40 +46,11 @@ def smollm2_gguf():
         pytest.skip(str(err))
 
 
-class _GgufTarget:
-    """What ``align`` reads from a target (output embedding, vocabulary), straight from a GGUF file."""
-
-    def __init__(self, path) -> None:
-        from gguf import GGUFReader
-
-        tokens, weight = gguf_vocab_and_output(path)
-        types = GGUFReader(str(path)).fields["tokenizer.ggml.token_type"]
-        self.weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
-        self.tokens = tokens
-        self.all_special_tokens = [t for t, i in zip(tokens, types.data) if int(types.parts[i][0]) == 3]  # control
-
-    def get_output_embeddings(self):
-        return SimpleNamespace(weight=self.weight)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def convert_ids_to_tokens(self, ids):
-        return [self.tokens[i] for i in ids]
-
-
 def _align_to_gguf(calibrator, gguf, out, settings, **kwargs):
-    """``align_artifact`` with the target read straight from the GGUF (no transformers load of the model)."""
-    import detox.targets
+    """``align_artifact`` to the GGUF: reads its vocabulary and output matrix, never loads the model."""
     from detox.alignment import align_artifact
 
-    target = _GgufTarget(gguf)
-    original = detox.targets.load_hf_target
-    detox.targets.load_hf_target = lambda spec, *a, **k: (target, target)
-    try:
-        align_artifact(str(calibrator), str(gguf), str(out), settings=settings, progress=False, log=lambda m: None, **kwargs)
-    finally:
-        detox.targets.load_hf_target = original
+    align_artifact(str(calibrator), str(gguf), str(out), settings=settings, progress=False, log=lambda m: None, **kwargs)
     return out
 
 
@@ -370,25 +340,24 @@ def test_cli_generate_with_llamacpp_backend(aligned_smollm2, smollm2_gguf, monke
 
 
 @pytest.mark.slow
-def test_detox_align_on_the_gguf_through_transformers_binds_to_what_llamacpp_loads(tiny_calibrator, smollm2_gguf, llm,
-                                                                                   tmp_path, monkeypatch):
-    """The real ``detox align --target FILE.gguf`` (transformers dequantizes the GGUF, ~30–70 s here): its artifact
-    is accepted by the llama.cpp path, and the output matrix and vocabulary it aligned against are the GGUF's."""
+def test_detox_align_on_the_gguf_binds_to_what_llamacpp_and_transformers_load(tiny_calibrator, smollm2_gguf, llm,
+                                                                              tmp_path):
+    """The real ``detox align --target FILE.gguf`` reads only the file's metadata and output tensor; its artifact is
+    accepted by the llama.cpp path and by the model transformers loads from the same GGUF (~30–70 s here), whose
+    de-quantized output matrix and vocabulary are exactly the GGUF's."""
     from click.testing import CliRunner
 
-    import detox.targets
     from detox.cli.core import align_cmd
     from detox.fingerprint import hf_vocab_tokens
+    from detox.targets import load_hf_target
 
-    loaded = []
-    load = detox.targets.load_hf_target
-    monkeypatch.setattr(detox.targets, "load_hf_target", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     out = tmp_path / "aligned"
     result = CliRunner().invoke(align_cmd, ["--target", str(smollm2_gguf), "--calibrator", str(tiny_calibrator),
                                             "--out", str(out), "--method", "vocab", "--vocab-epochs", "1"])
     assert result.exit_code == 0, result.output
     assert _greedy(detox.wrap(llm, calibrator=out), n=4)
-    (model, tok), = loaded
+    model, tok = load_hf_target(smollm2_gguf)
+    detox.wrap(model, calibrator=str(out), tokenizer=tok)  # raises TargetMismatchError unless the fingerprints agree
     tokens, W = gguf_vocab_and_output(smollm2_gguf)
     assert np.array_equal(model.get_output_embeddings().weight.detach().numpy(), W)
     assert hf_vocab_tokens(tok) == tokens

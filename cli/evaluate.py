@@ -63,6 +63,27 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
     raise click.UsageError(f"unknown backend {backend!r}")
 
 
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _load_scorer(spec: str | None) -> Any:
+    """:func:`detox.scoring.load_scorer`; a missing optional dependency becomes one line saying what to install."""
+    try:
+        from detox.scoring import load_scorer
+
+        return load_scorer(spec)
+    except ModuleNotFoundError as err:
+        from detox.extras import missing_module_message
+
+        message = missing_module_message(err, f"the toxicity scorer ({spec or 'default'})")
+        if message is None:
+            raise
+        raise click.ClickException(message) from err
+
+
 @click.command("eval")
 @click.option("--target", default="smollm2", show_default=True, help="Model: HF dir, .gguf, 'smollm2', hub id (backend-dependent).")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
@@ -92,7 +113,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
     from detox.evaluation import EvalRun, EvalSettings, generate_and_score, perplexity_of, read_prompts, summarize, write_summary
-    from detox.scoring import load_scorer
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -100,7 +120,10 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         raise click.UsageError("--samples and --max-new-tokens must be >= 1 and --top-p in (0, 1]")
     t0 = time.perf_counter()
     items = read_prompts(prompts)[:max_prompts]
-    score_fn = load_scorer(scorer)
+    if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
+        raise click.UsageError("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
+                               "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
+    score_fn = _load_scorer(scorer)
     if threads and backend != "llamacpp":
         import torch
 
@@ -146,7 +169,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 def score_cmd(file, scorer, field, batch_size, out) -> None:
     """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per input line, in order."""
     from detox.data import DataFormatError, iter_jsonl
-    from detox.scoring import load_scorer
 
     ids, texts = [], []
     path = Path(file)
@@ -159,7 +181,7 @@ def score_cmd(file, scorer, field, batch_size, out) -> None:
     else:
         texts = path.read_text(encoding="utf-8").splitlines()
         ids = list(range(len(texts)))
-    scores = load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
+    scores = _load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
     lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
     if out:
         tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")

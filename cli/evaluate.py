@@ -121,8 +121,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     t0 = time.perf_counter()
     items = read_prompts(prompts)[:max_prompts]
     if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
-        raise click.UsageError("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
-                               "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
+        raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
+                                   "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
     score_fn = _load_scorer(scorer)
     if threads and backend != "llamacpp":
         import torch

@@ -227,7 +227,8 @@ def load_tokenizer_for(model: Any) -> Any:
         first_error = err
     folder = source if os.path.isdir(source) else _cached_snapshot(source, getattr(model.config, "_commit_hash", None))
     if folder is None:
-        raise ValueError(_no_tokenizer_message(model, source, f"{first_error}".splitlines()[0])) from first_error
+        why = (str(first_error).splitlines() or [type(first_error).__name__])[0]
+        raise ValueError(_no_tokenizer_message(model, source, why)) from first_error
     ggufs = _gguf_tokenizer_candidates(folder, int(model.get_output_embeddings().weight.shape[0]))
     if len(ggufs) == 1:
         return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0], local_files_only=True)

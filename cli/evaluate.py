@@ -123,6 +123,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
         raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
                                    "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
+    if compare_dir and not _installed("matplotlib"):
+        raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     score_fn = _load_scorer(scorer)
     if threads and backend != "llamacpp":
         import torch

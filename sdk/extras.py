@@ -15,7 +15,7 @@ INSTALL_HINTS: dict[str, str] = {
     "peft": "detox[hf]",
     "onnx": "detox[hf]",
     "detoxify": "detox[hf]",
-    "matplotlib": "detox[hf]",
+    "matplotlib": "matplotlib",
     "llama_cpp": "detox[llamacpp]",
     "onnxruntime": "onnxruntime",
     "optimum": "detox[onnx]",
@@ -31,3 +31,17 @@ def missing_module_message(err: ModuleNotFoundError, needed_for: str = "this com
         return None
     torch_free = " (detox[llamacpp] is torch-free)" if top in ("torch", "transformers") else ""
     return f"{needed_for} needs {top}, which is not installed{torch_free}: pip install '{hint}'"
+
+
+def optimum_onnx_message(needed_for: str) -> str:
+    """Why ``optimum-onnx`` could not be imported, and the fix: it pins transformers 4.57.x, while the rest of detox
+    also runs on transformers 5.x, so a 5.x environment is named as the cause."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have = version("transformers")
+    except PackageNotFoundError:
+        have = None
+    clash = f"; this environment has transformers {have}" if have and not have.startswith("4.57.") else ""
+    return (f"{needed_for} needs optimum-onnx, which pins transformers 4.57.x{clash}: pip install 'detox[onnx]' "
+            f"(or 'detox[onnx-gpu]' for CUDA), in an environment that can have transformers 4.57")

@@ -8,6 +8,7 @@ from typing import Any
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.shipped import find_shipped_for, no_shipped_match_message
 from detox.artifacts.store import ArtifactError
+from detox.fusion import FusedWrapper
 from detox.runtime import Calibrator
 
 
@@ -78,10 +79,8 @@ def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = No
 
         >>> import detox
         >>> model = detox.wrap(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
-        >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
+        >>> model.generate(**model.tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
     """
-    from detox.fusion import FusedWrapper
-
     if isinstance(model, FusedWrapper):
         m = model.calibrator.manifest
         raise TypeError(

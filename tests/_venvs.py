@@ -1,9 +1,10 @@
 """Virtual environments the install tests build once and reuse, so a rerun of ``make test`` takes seconds.
 
 They live outside the repository, under ``~/.cache/detox-test-venvs`` (``$DETOX_TEST_VENVS``), one directory per
-name and key (a hash of what the environment depends on: ``pyproject.toml``, a version spec); older directories of
-the same name are removed when a new key is built. A build holds a lock, and an environment counts as built only
-once its stamp is written, so an interrupted build is started over, never used.
+name and key (a hash of what the environment depends on: ``pyproject.toml``, a version spec); directories of the
+same name unused for two days are removed when a new key is built (``rm -rf ~/.cache/detox-test-venvs`` frees all).
+A build holds a lock, and an environment counts as built only once its stamp is written, so an interrupted build is
+started over, never used.
 """
 
 from __future__ import annotations
@@ -59,15 +60,25 @@ def cached_venv(name: str, key: str, build: Callable[[Path], None],
     with open(CACHE / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a second run waits, then reuses it
         if not (venv / STAMP).is_file():
-            for old in CACHE.glob(f"{name}-*"):
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
+            _remove_unused(name)
+            shutil.rmtree(venv, ignore_errors=True)  # an interrupted build
             run([sys.executable, "-m", "venv", venv])
             build(venv)
             (venv / STAMP).write_text(key)
+        (venv / STAMP).touch()  # last use, for _remove_unused
         if refresh is not None:
             refresh(venv)
     return venv
+
+
+def _remove_unused(name: str, days: float = 2.0) -> None:
+    """Remove environments of this name unused for ``days`` (other checkouts may still use recent ones)."""
+    import time
+
+    for old in CACHE.glob(f"{name}-*"):
+        stamp = old / STAMP
+        if old.is_dir() and stamp.is_file() and time.time() - stamp.stat().st_mtime > days * 86400:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def layer_on_current_env(venv: Path) -> None:

@@ -31,8 +31,9 @@ PINNED = ("llama-cpp-python", "onnxruntime", "numpy")
 PROMPT = "The weather today is"
 # transformers 5.x for the second run of the transformers-backend tests (override: DETOX_TF5_SPEC)
 TF5_SPEC = os.environ.get("DETOX_TF5_SPEC", "transformers==5.24.0")
-TF5_TESTS = ("tests/test_hf_adapter.py", "tests/test_alignment.py", "tests/test_training.py", "tests/test_eval.py",
-             "tests/test_distill.py", "tests/test_contrast.py")
+# (calibrator training, tests/test_training.py, uses torch alone; toxify/distill/finetune are the transformers training)
+TF5_TESTS = ("tests/test_hf_adapter.py", "tests/test_wrap.py", "tests/test_alignment.py", "tests/test_contrast.py",
+             "tests/test_eval.py", "tests/test_distill.py")
 
 
 def _pins() -> str:
@@ -132,6 +133,8 @@ def test_lean_install_evaluates_on_llamacpp_or_says_what_the_scorer_needs(lean, 
     # perplexity is computed by transformers: refused before any model is loaded, with both ways out
     line = _one_line_error(_in(lean, *base, "--out", tmp_path / "with-ppl"))
     assert "--no-perplexity" in line and "detox[hf]" in line and not (tmp_path / "with-ppl").exists()
+    line = _one_line_error(_in(lean, *base, "--no-perplexity", "--compare", tmp_path, "--out", tmp_path / "cmp"))
+    assert line.endswith("pip install matplotlib") and not (tmp_path / "cmp").exists()
     out = _in(lean, *base, "--no-perplexity", "--out", tmp_path / "run")
     scorer_needs_torch = _in(lean, python_of(lean), "-c", "from detox.scoring import load_scorer; load_scorer(None)").returncode != 0
     if scorer_needs_torch:  # the shipped scorer still runs on torch: one line that says what to install
@@ -167,3 +170,6 @@ def test_transformers_backend_tests_pass_on_transformers_5():
     assert Path(detox_file).resolve().is_relative_to(REPO.resolve())  # this checkout's code, not another copy
     out = _in(venv, py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TF5_TESTS, cwd=REPO, timeout=1500)
     assert out.returncode == 0, (out.stdout[-6000:], out.stderr[-3000:])
+    # only the ONNX export keeps optimum-onnx's pin, and says so
+    line = _one_line_error(_in(venv, py, "-m", "detox.cli.main", "export-onnx", "--target", "smollm2", "--out", venv / "x"))
+    assert f"this environment has transformers {version}" in line and "pins transformers 4.57.x" in line

@@ -109,8 +109,9 @@ def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str]
     try:
         from optimum.onnxruntime import ORTModelForCausalLM
     except ImportError as err:
-        raise ImportError("the ONNX Runtime backend needs optimum-onnx and onnxruntime: pip install 'detox[onnx]' "
-                          "(or 'detox[onnx-gpu]' for CUDA)") from err
+        from detox.extras import optimum_onnx_message
+
+        raise ImportError(optimum_onnx_message("the ONNX Runtime backend")) from err
     file = onnx_model_file(path)
     model = ORTModelForCausalLM.from_pretrained(str(file.parent), file_name=file.name, providers=resolve_providers(providers),
                                                 local_files_only=True, **kwargs)

@@ -8,7 +8,9 @@ soon as the previous token is chosen, so it runs while the target computes its f
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -206,14 +208,70 @@ class DetoxModel(FusedWrapper):
 
 
 def load_tokenizer_for(model: Any) -> Any:
-    """The tokenizer saved next to a model, without network; a clear error if there is none."""
+    """The tokenizer a transformers model was saved with, found offline the way transformers loads it.
+
+    transformers records only where a model came from (``model.name_or_path``: a directory or a hub id); this looks
+    there: a directory's tokenizer files, else the hub's local cache (the snapshot the model was loaded from), and,
+    for models loaded from a GGUF (``from_pretrained(dir, gguf_file=...)``, which is not recorded), the tokenizer
+    inside the directory's GGUF files whose vocabulary has the model's size. Nothing is downloaded.
+    Raises ``ValueError`` naming what was searched and the ``tokenizer=`` argument to pass instead.
+    """
     from transformers import AutoTokenizer
 
-    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    source = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not source:
+        raise ValueError(_no_tokenizer_message(model, "", "the model records no path (it was not loaded with from_pretrained)"))
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception as err:  # transformers raises OSError/ValueError/etc.
-        raise ValueError(
-            f"could not find the tokenizer of this model ({source or 'unknown path'}); "
-            "pass it explicitly: detox.wrap(model, tokenizer=tokenizer)"
-        ) from err
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/TypeError/...: try the GGUF files
+        first_error = err
+    folder = source if os.path.isdir(source) else _cached_snapshot(source, getattr(model.config, "_commit_hash", None))
+    if folder is None:
+        why = (str(first_error).splitlines() or [type(first_error).__name__])[0]
+        raise ValueError(_no_tokenizer_message(model, source, why)) from first_error
+    ggufs = _gguf_tokenizer_candidates(folder, int(model.get_output_embeddings().weight.shape[0]))
+    if len(ggufs) == 1:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0], local_files_only=True)
+    why = (f"{folder} has GGUF files of different vocabularies of this size ({', '.join(ggufs)}): which one is unknown"
+           if ggufs else f"{folder} has neither tokenizer files nor a GGUF file with a vocabulary of this model's size")
+    raise ValueError(_no_tokenizer_message(model, source, why)) from first_error
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    """The local hub-cache folder of ``repo_id`` (the revision the model was loaded from), or ``None``."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a repo id, or not in the cache
+        return None
+
+
+def _gguf_tokenizer_candidates(folder: str, vocab_size: int) -> list[str]:
+    """Names of the GGUF files in ``folder`` whose vocabulary has ``vocab_size`` tokens, one per distinct vocabulary
+    (quantizations of one model share a tokenizer, so any of them will do)."""
+    from detox.fingerprint import hash_vocab
+
+    by_vocab: dict[str, str] = {}
+    for path in sorted(Path(folder).glob("*.gguf")):
+        try:
+            tokens = _gguf_tokens(path)
+        except Exception:  # noqa: BLE001 - not a readable GGUF: not a candidate
+            continue
+        if len(tokens) == vocab_size:
+            by_vocab.setdefault(hash_vocab(tokens), path.name)
+    return sorted(by_vocab.values())
+
+
+def _gguf_tokens(path: Path) -> list[str]:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    return [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
+
+
+def _no_tokenizer_message(model: Any, source: str, why: str) -> str:
+    where = source or "PATH_OR_HUB_ID"
+    gguf = ", gguf_file=NAME.gguf" if source and os.path.isdir(source) and any(Path(source).glob("*.gguf")) else ""
+    return (f"could not find the tokenizer of this {type(model).__name__} ({source or 'no path recorded'}): {why}. "
+            f"Pass it: detox.wrap(model, tokenizer=AutoTokenizer.from_pretrained({where!r}{gguf}))")

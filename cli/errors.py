@@ -25,6 +25,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
+        except ModuleNotFoundError as err:  # an optional dependency (torch, llama_cpp, ...) of another extra
+            from detox.extras import missing_module_message
+
+            message = missing_module_message(err)
+            if message is None:
+                raise
+            raise click.ClickException(message) from err
         except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as err:
             raise click.ClickException(one_line(str(err))) from err
 

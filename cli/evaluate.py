@@ -64,6 +64,27 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
     raise click.UsageError(f"unknown backend {backend!r}")
 
 
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _load_scorer(spec: str | None) -> Any:
+    """:func:`detox.scoring.load_scorer`; a missing optional dependency becomes one line saying what to install."""
+    try:
+        from detox.scoring import load_scorer
+
+        return load_scorer(spec)
+    except ModuleNotFoundError as err:
+        from detox.extras import missing_module_message
+
+        message = missing_module_message(err, f"the toxicity scorer ({spec or 'default'})")
+        if message is None:
+            raise
+        raise click.ClickException(message) from err
+
+
 @click.command("eval")
 @click.option("--target", default="smollm2", show_default=True, help="Model: HF dir, .gguf, 'smollm2', hub id (backend-dependent).")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
@@ -96,7 +117,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     """
     from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, perplexity_of,
                                   read_compare_summary, read_prompts, summarize, write_summary)
-    from detox.scoring import load_scorer
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -118,7 +138,12 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                 check_strength(strength, calibrator.fusion_mode)
             except ValueError as err:
                 raise click.BadParameter(str(err), param_hint="--strength") from None
-    score_fn = load_scorer(scorer)
+    if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
+        raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
+                                   "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
+    if compare_dir and not _installed("matplotlib"):
+        raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
+    score_fn = _load_scorer(scorer)
     if threads and backend != "llamacpp":
         import torch
 
@@ -164,14 +189,13 @@ def score_cmd(file, scorer, field, batch_size, out) -> None:
 
     Blank lines are skipped (as in eval's prompts); a row's id is its "id" field, or its 0-based line number."""
     from detox.data import DataFormatError, read_text_records, write_text_atomic
-    from detox.scoring import load_scorer
 
     path = Path(file)
     records = read_text_records(path, field, jsonl=path.suffix.lower() == ".jsonl")
     if not records:
         raise DataFormatError(f"{path}: no texts to score (every line is blank)")
     ids, texts = [r.id for r in records], [r.text for r in records]
-    scores = load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
+    scores = _load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
     lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
     if out:
         write_text_atomic(Path(out), lines)

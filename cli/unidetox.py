@@ -12,17 +12,20 @@ from typing import Any, Iterator
 
 import click
 
-from detox.distill import (
+from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_DISTILL_BATCH_SIZE,
+    DEFAULT_STEPS,
     DEFAULT_TOXIFY_MAX_LENGTH,
     DEFAULT_TOXIFY_STEPS,
+    PAPER_BATCH_SIZE,
+    PAPER_LR,
     PAPER_MAX_NEW_TOKENS,
     PAPER_NUM_SAMPLES,
+    PAPER_SEQ_LEN,
     PAPER_TOXIC_BATCH_SIZE,
     PAPER_TOXIC_LR,
 )
-from detox.finetune import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
 
 
 def _parse_beta(ctx: click.Context | None, param: click.Parameter | None, value: str) -> float:
@@ -46,6 +49,13 @@ def _user_errors() -> Iterator[None]:
         yield
     except (TargetNotFoundError, DataFormatError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+    except ModuleNotFoundError as err:  # torch/transformers missing: a torch-free install (detox[llamacpp])
+        from detox.extras import missing_module_message
+
+        message = missing_module_message(err)
+        if message is None:
+            raise
+        raise click.ClickException(message) from err
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; rerun the same command to continue where it stopped") from None
 
@@ -98,7 +108,8 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
                max_length: int, lora: bool, lora_r: int, lora_alpha: int, seed: int, field: str | None,
                max_docs: int | None, overwrite: bool, threads: int | None) -> None:
     """Fine-tune a copy of --base on toxic text: the 'toxic' model UniDetox contrasts against."""
-    from detox.distill import toxify
+    with _user_errors():  # a torch-free install says what to install
+        from detox.distill import toxify
 
     _threads(threads)
     with _user_errors():
@@ -134,7 +145,8 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
                 batch_size: int, top_p: float | None, temperature: float, seed: int, device: str | None,
                 seeds_file: str | None, threads: int | None) -> None:
     """Distil detoxifying text from BOS by contrastive decoding between --base and --toxic (resumable)."""
-    from detox.distill import distill, read_seeds
+    with _user_errors():  # a torch-free install says what to install
+        from detox.distill import distill, read_seeds
 
     if device is not None:
         import torch
@@ -175,7 +187,8 @@ def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_
                  lora_r: int, lora_alpha: int, seed: int, field: str | None, max_docs: int | None, overwrite: bool,
                  threads: int | None) -> None:
     """Fine-tune --target on distilled text (UniDetox's one setting for every model) and save it."""
-    from detox.finetune import finetune
+    with _user_errors():  # a torch-free install says what to install
+        from detox.finetune import finetune
 
     _threads(threads)
     with _user_errors():

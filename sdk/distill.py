@@ -31,20 +31,19 @@ from detox.data import (DataFormatError, ResumableRows, append_rows, drop_torn_t
 from detox.faults import fault_point
 from detox.finetune import TrainResult, check_out_dir, save_model, train_causal_lm
 
-# UniDetox's toxic fine-tune (paper / EminLU/UniDetox toxic_gpt2_finetune_and_distill.py).
-PAPER_TOXIC_LR = 1e-5
-PAPER_TOXIC_EPOCHS = 3
-PAPER_TOXIC_BATCH_SIZE = 4
-PAPER_TOXIC_MAX_LENGTH = 512
-# CPU scale-down.
-DEFAULT_TOXIFY_STEPS = 200
-DEFAULT_TOXIFY_MAX_LENGTH = 64
-# UniDetox's distillation.
-PAPER_NUM_SAMPLES = 640
-PAPER_MAX_NEW_TOKENS = 256
-DEFAULT_ALPHA = 0.1
-DEFAULT_BETA = float("inf")
-DEFAULT_DISTILL_BATCH_SIZE = 16
+from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's functions; re-exported)
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_DISTILL_BATCH_SIZE,
+    DEFAULT_TOXIFY_MAX_LENGTH,
+    DEFAULT_TOXIFY_STEPS,
+    PAPER_MAX_NEW_TOKENS,
+    PAPER_NUM_SAMPLES,
+    PAPER_TOXIC_BATCH_SIZE,
+    PAPER_TOXIC_EPOCHS,
+    PAPER_TOXIC_LR,
+    PAPER_TOXIC_MAX_LENGTH,
+)
 
 MANIFEST_FORMAT = "detox.distill/1"
 # Settings that change which rows a run writes: a resumed run must match them.

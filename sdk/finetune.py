@@ -22,13 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-# UniDetox's fine-tuning hyperparameters (paper / EminLU/UniDetox unidetox.py).
-PAPER_LR = 5e-5
-PAPER_STEPS = 3000
-PAPER_BATCH_SIZE = 8
-PAPER_SEQ_LEN = 256
-# Scaled down for CPU: the only default that differs from the paper.
-DEFAULT_STEPS = 100
+from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN, PAPER_STEPS  # noqa: F401
 
 TRAIN_INFO_FILE = "detox_train.json"
 

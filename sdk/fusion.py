@@ -122,6 +122,12 @@ class FusedWrapper:
             self.__dict__["strength"] = check_strength(value, self.__dict__["calibrator"].fusion_mode)
         elif name in self._own_attributes:
             self.__dict__[name] = value
+        elif name in self.__dict__:  # calibrator, tokenizer, head, the wrapped model: fixed when wrapping
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is set when wrapping and cannot be replaced (the fusion head and the "
+                f"alignment check depend on it); wrap the original model again: "
+                f"detox.wrap(wrapped.{self._wrapped}, calibrator=..., strength=...)"
+            )
         else:
             setattr(self.__dict__[self._wrapped], name, value)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
 
 __all__ = [
     "expected_max_toxicity",
@@ -135,6 +134,8 @@ def conditional_perplexity(
             items.append((ids, start))
     if not items:
         return float("nan")
+
+    import torch  # here, not at module level: the toxicity metrics above must work on a torch-free install
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

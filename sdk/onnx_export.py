@@ -189,9 +189,9 @@ def _require_exporter() -> Any:
     try:
         from optimum.exporters.onnx import onnx_export_from_model
     except ImportError as err:
-        raise OnnxExportError(
-            "exporting to ONNX needs optimum-onnx (which pins transformers 4.57.x): pip install 'detox[onnx]'"
-        ) from err
+        from detox.extras import optimum_onnx_message
+
+        raise OnnxExportError(optimum_onnx_message("exporting to ONNX")) from err
     return onnx_export_from_model
 
 

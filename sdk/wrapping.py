@@ -8,6 +8,7 @@ from typing import Any
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.shipped import find_shipped_for, no_shipped_match_message
 from detox.artifacts.store import ArtifactError
+from detox.fusion import FusedWrapper
 from detox.runtime import Calibrator
 
 
@@ -71,12 +72,22 @@ def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = No
     ``strength``: fusion weight λ, in [0, 1] for interpolate artifacts and [0, 20] for contrast ones (default: the artifact's recommended value).
     ``require_signature``: trusted public key(s) (PEM path or text); unsigned or otherwise-signed artifacts are refused.
 
+    ``tokenizer``: the target's tokenizer; by default found offline where the model was loaded from (its directory,
+    the hub cache, or the GGUF file it was read from; see :func:`detox.adapters.transformers.load_tokenizer_for`).
+
     Example::
 
         >>> import detox
-        >>> model = detox.wrap(model, tokenizer=tokenizer)  # doctest: +SKIP
-        >>> model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
+        >>> model = detox.wrap(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
+        >>> model.generate(**model.tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
     """
+    if isinstance(model, FusedWrapper):
+        m = model.calibrator.manifest
+        raise TypeError(
+            f"this model is already wrapped by detox ({type(model).__name__} with {m.name}@{m.version}); wrap the "
+            f"original model instead: detox.wrap(wrapped.{model._wrapped}, calibrator=...), or change the wrapper's "
+            f"strength with wrapped.strength = ..."
+        )
     if _is_llama_cpp_model(model):  # checked first: the llama.cpp path must not import transformers or torch
         from detox.adapters.llamacpp import wrap_llama
 

@@ -112,6 +112,17 @@ def test_strength_zero_reproduces_unfused_greedy_exactly(ort, aligned_llama):
     assert not torch.equal(_greedy(fused, tok, PROMPTS), plain)  # and the fusion does change the output
 
 
+def test_wrap_without_tokenizer_uses_the_exports_own(ort, aligned_llama):
+    """``detox.wrap(ort_model, calibrator=...)``: the tokenizer saved next to the export, the same generations."""
+    from detox.fingerprint import hf_vocab_tokens
+
+    model, tok = ort
+    wrapped = detox.wrap(model, calibrator=aligned_llama, strength=0.7)
+    assert hf_vocab_tokens(wrapped.tokenizer) == hf_vocab_tokens(tok)
+    explicit = detox.wrap(model, calibrator=aligned_llama, tokenizer=tok, strength=0.7)
+    assert torch.equal(_greedy(wrapped, tok, PROMPTS), _greedy(explicit, tok, PROMPTS))
+
+
 def test_fused_scores_equal_unfused_plus_fusion_term_at_every_step(ort, hf, aligned_llama):
     """At every step of a padded batch: scores == (1-λ)·logits + λ·W_out·LayerNorm(h_cal·A), with h_cal from a
     full re-tokenization of the text so far through the torch calibrator (no cache, no ONNX) and W_out from HF."""

@@ -76,7 +76,10 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-prompts", default=None, type=int, help="Use only the first N prompts.")
 @click.option("--batch-size", default=4, show_default=True, help="Prompts per generation batch (HF/ONNX).")
-@click.option("--scorer", default=None, help="Toxicity scorer: default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--scorer", "scorers", multiple=True,
+              help="Toxicity judge (repeatable: every metric per judge, and their agreement): default (the shipped "
+                   "minilm-ft), minilm-head, detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir. The first "
+                   "one scores generations.jsonl.")
 @click.option("--ppl-model", default=None, help="Reference model for perplexity (default: the unfused target).")
 @click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -86,13 +89,13 @@ def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrato
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (an existing one is resumed).")
 @user_errors
 def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samples, max_new_tokens, top_p, seed,
-             max_prompts, batch_size, scorer, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
+             max_prompts, batch_size, scorers, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
     """Evaluate toxicity, fluency and diversity of a model's continuations, with or without a calibrator.
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
     from detox.evaluation import EvalRun, EvalSettings, generate_and_score, perplexity_of, read_prompts, summarize, write_summary
-    from detox.scoring import load_scorer
+    from detox.scoring import load_scorers, scorer_labels
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -100,7 +103,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         raise click.UsageError("--samples and --max-new-tokens must be >= 1 and --top-p in (0, 1]")
     t0 = time.perf_counter()
     items = read_prompts(prompts)[:max_prompts]
-    score_fn = load_scorer(scorer)
+    judges = load_scorers(scorers)
+    score_fn = judges[0]
     if threads and backend != "llamacpp":
         import torch
 
@@ -126,6 +130,12 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
             raise click.UsageError(f"no reference model for perplexity on backend {backend}; pass --ppl-model or --no-perplexity")
         ppl = perplexity_of(rows, *ref)
     summary = summarize(rows, perplexity=ppl)
+    if len(judges) > 1:
+        from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
+
+        judge_scores = score_with_judges(rows, judges, scorer_labels(judges))
+        summary.update(judges_summary(rows, judge_scores))
+        write_judge_scores(out_dir, rows, judge_scores)
     summary.update({
         "scorer": {"name": score_fn.name, "version": score_fn.version},
         "perplexity_model": ppl_model or (target if not no_perplexity else None),
@@ -138,7 +148,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
 @click.command("score")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--scorer", default=None, help="default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--scorer", default=None,
+              help="default (the shipped minilm-ft), minilm-head, detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir.")
 @click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output JSONL (default: standard output).")

@@ -1,4 +1,4 @@
-"""``detox scorer train`` and ``detox scorer check``: build the shipped toxicity scorer from labelled data, and
+"""``detox scorer train`` and ``detox scorer check``: build a toxicity scorer from labelled data, and
 measure any scorer on the same held-out sets (see docs/scorer.md)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _split_opts = [
     click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed of the splits, sampling and training."),
     click.option("--hold-out", multiple=True, metavar="FAMILY",
                  help="Source family never trained on, for out-of-domain numbers (repeatable): davidson, paradetox, "
-                      "dghs, toxigen. The shipped scorer holds out none."),
+                      "dghs, toxigen."),
     click.option("--test-share", default=D.test_share, show_default=True, type=click.FloatRange(0, 0.5),
                  help="Share of each family/label held out as the in-domain test set."),
     click.option("--calib-share", default=D.calib_share, show_default=True, type=click.FloatRange(0, 0.5),
@@ -86,13 +86,13 @@ def _headline(metrics: dict) -> dict:
 
 @scorer_group.command("check")
 @_add(_split_opts)
-@click.option("--scorer", "specs", multiple=True, help="Scorer spec (repeatable; default: the shipped one).")
+@click.option("--scorer", "specs", multiple=True, help="Scorer spec (repeatable; default: the shipped default scorer).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the numbers as JSON.")
 @user_errors
 def check_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, specs, out) -> None:
     """Measure scorers on the held-out sets `detox scorer train` builds with the same split options.
 
-    With the shipped scorer's settings (the defaults) the in-domain and identity sets are rows it was not
+    With a build's split options and seed, its in-domain and identity sets are rows that build was not
     trained on; other scorers may have seen any of them.
     """
     from detox.scorer_data import load_examples, read_prompts_dev

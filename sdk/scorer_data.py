@@ -1,4 +1,4 @@
-"""Labelled toxicity data for building the shipped scorer: every source, with its name and identity group.
+"""Labelled toxicity data for building a scorer: every source, with its name and identity group.
 
 The scorer is judged on sources it never saw, so each example keeps the *source family* it came from
 (``davidson``, ``paradetox``, ``dghs``, ``toxigen``, ``identity_templates``): splits hold out whole families,

@@ -1,4 +1,4 @@
-"""Build the shipped toxicity scorer: fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
+"""Build a toxicity scorer: fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
 
 ``detox scorer train`` runs :func:`build_scorer`. Steps, all seeded:
 
@@ -10,10 +10,10 @@
    class-balanced BCE; each family gets a fixed share of the sampled training examples (``FAMILY_SHARES``), so
    Davidson's 24k tweets do not drown the small identity-hate sources; AdamW with warm-up and linear decay.
 3. :func:`fit_temperature`: one temperature on the calibration split (class-balanced NLL).
-4. :func:`export_onnx`: one graph ``(input_ids, attention_mask) -> logit``; weights quantized to int8
-   (``onnxruntime.quantization.quantize_dynamic``); the float and int8 graphs are both evaluated.
-5. The shipped directory: ``model.onnx``, ``tokenizer.json``, ``config.json`` (settings, data hashes, every
-   metric), loadable by :class:`detox.scoring.OnnxScorer` with onnxruntime + tokenizers only.
+4. :func:`export_onnx`: one graph ``(input_ids, attention_mask) -> logit``, int8 weight-only (``MatMulNBits``
+   + an int8 embedding table); the float and int8 graphs are both evaluated.
+5. The scorer directory: ``model.onnx``, ``tokenizer.json``, ``config.json`` (settings, data hashes, every
+   metric, the rebuild command), loadable by :class:`detox.scoring.OnnxScorer` with onnxruntime + tokenizers only.
 """
 
 from __future__ import annotations
@@ -601,7 +601,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         int8_logits = cached_scores(onnx_logit_fn(int8_path, tok, settings.threads))  # each text is scored once
         fp32_logits = cached_scores(onnx_logit_fn(fp32_path, tok, settings.threads))
 
-        # Temperature from the shipped (int8) graph's logits on the calibration split.
+        # Temperature from the int8 graph (the one that ships)'s logits on the calibration split.
         cal_y = [e.label for e in calib]
         cal_z = int8_logits([e.text for e in calib])
         temperature = fit_temperature(cal_y, cal_z)

@@ -113,7 +113,7 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
             return c
     raise FileNotFoundError(
         f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
-        "Reinstall detox, or rebuild it with `detox scorer train` (docs/scorer.md)."
+        "Reinstall detox (its scorers ship in detox.artifacts)."
     )
 
 

@@ -117,7 +117,7 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
     )
 
 
-# --------------------------------------------------------------------------- the shipped default (ONNX)
+# --------------------------------------------------------------------------- scorers built by `detox scorer train` (ONNX)
 
 ONNX_SCORER_FORMAT = "detox-scorer-onnx-1"
 
@@ -130,9 +130,9 @@ class OnnxScorer:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import numpy as np  # noqa: F401  (fail here, not mid-evaluation, if an install lacks it)
         import onnxruntime as ort
-        from tokenizers import Tokenizer
+
+        from detox.scorer_training import load_tokenizer  # numpy + tokenizers; the same tokenization as training
 
         self.path = Path(path)
         cfg_path = self.path / "config.json"
@@ -153,9 +153,7 @@ class OnnxScorer:
             raise ValueError(f"{cfg_path}: temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.max_length = max_length
-        self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length=max_length)
+        self.tokenizer = load_tokenizer(self.path / "tokenizer.json", max_length)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
@@ -165,18 +163,12 @@ class OnnxScorer:
 
     def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """Raw logits (before the temperature), input order."""
-        import numpy as np
+        from detox.scorer_training import encode_batch
 
         texts = _check_texts(texts)
         out = [0.0] * len(texts)
         for idx, batch in _iter_batches(texts, batch_size, progress, self.name):
-            encs = self.tokenizer.encode_batch(batch)
-            width = max(1, max(len(e.ids) for e in encs))
-            ids = np.zeros((len(encs), width), dtype=np.int64)
-            mask = np.zeros((len(encs), width), dtype=np.int64)
-            for j, e in enumerate(encs):
-                ids[j, : len(e.ids)] = e.ids
-                mask[j, : len(e.ids)] = 1
+            ids, mask = encode_batch(self.tokenizer, batch)
             z = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
             for i, v in zip(idx, z.reshape(-1)):
                 out[i] = float(v)

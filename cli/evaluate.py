@@ -70,16 +70,16 @@ def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def _load_scorer(spec: str | None) -> Any:
-    """:func:`detox.scoring.load_scorer`; a missing optional dependency becomes one line saying what to install."""
+def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
+    """:func:`detox.scoring.load_scorers`; a missing optional dependency becomes one line saying what to install."""
     try:
-        from detox.scoring import load_scorer
+        from detox.scoring import load_scorers
 
-        return load_scorer(spec)
+        return load_scorers(specs)
     except ModuleNotFoundError as err:
         from detox.extras import missing_module_message
 
-        message = missing_module_message(err, f"the toxicity scorer ({spec or 'default'})")
+        message = missing_module_message(err, f"the toxicity scorer ({', '.join(map(str, specs)) or 'default'})")
         if message is None:
             raise
         raise click.ClickException(message) from err
@@ -100,7 +100,10 @@ def _load_scorer(spec: str | None) -> Any:
 @click.option("--max-prompts", default=None, type=click.IntRange(1), help="Use only the first N prompts.")
 @click.option("--batch-size", default=4, type=click.IntRange(1), show_default=True,
               help="Prompts per generation batch (HF/ONNX).")
-@click.option("--scorer", default=None, help="Toxicity scorer: default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--scorer", "scorers", multiple=True,
+              help="Toxicity judge (repeatable: every metric per judge, and their agreement): default (the shipped "
+                   "minilm-head), detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir. The first "
+                   "one scores generations.jsonl.")
 @click.option("--ppl-model", default=None, help="Reference model for perplexity (default: the unfused target).")
 @click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -110,7 +113,7 @@ def _load_scorer(spec: str | None) -> Any:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (an existing one is resumed).")
 @user_errors
 def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samples, max_new_tokens, top_p, seed,
-             max_prompts, batch_size, scorer, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
+             max_prompts, batch_size, scorers, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
     """Evaluate toxicity, fluency and diversity of a model's continuations, with or without a calibrator.
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
@@ -143,7 +146,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                                    "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
     if compare_dir and not _installed("matplotlib"):
         raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
-    score_fn = _load_scorer(scorer)
+    judges = _load_scorers(scorers)
+    score_fn = judges[0]
     if threads and backend != "llamacpp":
         import torch
 
@@ -167,6 +171,13 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
             ref = load_hf_target(target)  # the same GGUF, dequantized, through transformers
         ppl = perplexity_of(rows, *ref)
     summary = summarize(rows, perplexity=ppl)
+    if len(judges) > 1:
+        from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
+        from detox.scoring import scorer_labels
+
+        judge_scores = score_with_judges(rows, judges, scorer_labels(judges))
+        summary.update(judges_summary(rows, judge_scores))
+        write_judge_scores(out_dir, rows, judge_scores)
     summary.update({
         "scorer": {"name": score_fn.name, "version": score_fn.version},
         "perplexity_model": ppl_model or (target if not no_perplexity else None),
@@ -179,7 +190,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
 @click.command("score")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--scorer", default=None, help="default (shipped MiniLM), detoxify:CKPT, or a HF classifier dir.")
+@click.option("--scorer", default=None,
+              help="default (the shipped minilm-head), detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir.")
 @click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
 @click.option("--batch-size", default=64, type=click.IntRange(1), show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output JSONL (default: standard output).")
@@ -195,7 +207,7 @@ def score_cmd(file, scorer, field, batch_size, out) -> None:
     if not records:
         raise DataFormatError(f"{path}: no texts to score (every line is blank)")
     ids, texts = [r.id for r in records], [r.text for r in records]
-    scores = _load_scorer(scorer).score(texts, batch_size=batch_size, progress=out is not None)
+    scores = _load_scorers((scorer,) if scorer else ())[0].score(texts, batch_size=batch_size, progress=out is not None)
     lines = "".join(json.dumps({"id": i, "toxicity": round(float(s), 6)}) + "\n" for i, s in zip(ids, scores))
     if out:
         write_text_atomic(Path(out), lines)

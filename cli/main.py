@@ -11,6 +11,7 @@ from detox.cli.bench import bench_cmd
 from detox.cli.demo import demo_cmd
 from detox.cli.errors import DetoxGroup, debug_option
 from detox.cli.evaluate import eval_cmd, score_cmd
+from detox.cli.scorer import scorer_group
 from detox.cli.unidetox import distill_cmd, finetune_cmd, toxify_cmd
 
 
@@ -25,6 +26,7 @@ for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_
                 toxify_cmd, distill_cmd, finetune_cmd):
     main.add_command(command)
 main.add_command(artifacts_group)
+main.add_command(scorer_group)
 
 
 if __name__ == "__main__":

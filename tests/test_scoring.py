@@ -1,4 +1,5 @@
-"""Scorers: the shipped MiniLM default, Detoxify and HF-classifier loading paths (all offline)."""
+"""Scorers: the shipped MiniLM-head default, ONNX scorers built by `detox scorer train` (torch-free, calibrated),
+Detoxify and HF-classifier loading paths (all offline), and several judges in `detox eval`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import pytest
 import torch
 
 from detox.scoring import (
+    DEFAULT_SCORER,
     DetoxifyScorer,
     HFClassifierScorer,
     MiniLMScorer,
+    OnnxScorer,
     Scorer,
     load_scorer,
+    load_scorers,
     shipped_scorer_dir,
 )
 
@@ -26,7 +30,21 @@ VOCAB_WORDS = "hello world the cat is a good bad you are".split()
 DETOXIFY_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
 
-# --------------------------------------------------------------------------- shipped default
+# --------------------------------------------------------------------------- the shipped default (minilm-head)
+
+# Clear cases written for this test (not taken from the training data).
+CLEAR_TOXIC = [
+    "you are a worthless piece of shit and everyone hates you",
+    "shut up you stupid bitch",
+    "what a fucking moron, I hope you die",
+    "you disgusting retard, get out of here",
+]
+CLEAR_BENIGN = [
+    "the weather is lovely today",
+    "thank you so much for helping me move the boxes",
+    "the museum opens at nine and closes at five",
+    "our team meeting moved to thursday afternoon",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +64,11 @@ def test_shipped_head_is_small_and_described():
 
 
 def test_minilm_separates_clear_cases(minilm):
-    assert isinstance(minilm, MiniLMScorer)
-    assert isinstance(minilm, Scorer)
-    toxic, benign = minilm.score([TOXIC, BENIGN])
-    assert toxic > benign
-    assert toxic > 0.5
-    assert benign < 0.5
+    assert isinstance(minilm, MiniLMScorer) and isinstance(minilm, Scorer)
+    assert minilm.name == DEFAULT_SCORER == "minilm-head"
+    tox, ben = minilm.score(CLEAR_TOXIC), minilm.score(CLEAR_BENIGN)
+    assert min(tox) > max(ben), (tox, ben)
+    assert all(p >= 0.5 for p in tox) and all(p < 0.5 for p in ben)
 
 
 def test_minilm_batching_keeps_order_and_values(minilm):
@@ -65,12 +82,109 @@ def test_minilm_batching_keeps_order_and_values(minilm):
         minilm.score(TOXIC)
 
 
-@pytest.mark.parametrize("spec", ["default", "minilm", " MiniLM "])
+@pytest.mark.parametrize("spec", [None, "default", "minilm", " MiniLM-Head "])
 def test_load_scorer_default_aliases(spec, monkeypatch):
-    import detox.scoring as scoring
+    import detox.scoring_head as head
 
-    monkeypatch.setattr(scoring, "MiniLMScorer", lambda: "minilm-instance")
-    assert scoring.load_scorer(spec) == "minilm-instance"
+    monkeypatch.setattr(head, "MiniLMScorer", lambda: "minilm-instance")
+    assert load_scorer(spec) == "minilm-instance"
+
+
+def test_load_scorers_refuses_the_same_judge_twice():
+    with pytest.raises(ValueError, match="the same scorer was given twice"):
+        load_scorers(["default", "minilm-head"])
+
+
+# --------------------------------------------------------------------------- OnnxScorer (a `detox scorer train` build)
+
+
+@pytest.fixture(scope="module")
+def built_scorer(tmp_path_factory):
+    """A scorer built by `detox scorer train` on a tiny data folder (1 training step): loadable, not accurate."""
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    root = tmp_path_factory.mktemp("scorer_build")
+    data = _tiny_data_dir(root / "data")
+    out = root / "scorer"
+    args = ["scorer", "train", "--data-dir", str(data), "--out", str(out), "--examples", "16", "--batch-size", "8",
+            "--max-steps", "1", "--threads", "1", "--test-share", "0.2", "--calib-share", "0.2", "--hold-out", "dghs"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    return out, args
+
+
+def test_onnx_scorer_applies_its_temperature(built_scorer, tmp_path):
+    """score = sigmoid(logit / T) with T from config.json; another T in a copy changes exactly that."""
+    import json
+    import math
+    import shutil
+
+    path, _ = built_scorer
+    s = load_scorer(str(path))
+    assert isinstance(s, OnnxScorer) and isinstance(s, Scorer)
+    texts = CLEAR_TOXIC[:2] + CLEAR_BENIGN[:2]
+    z = s.logits(texts)
+    assert s.temperature == json.loads((path / "config.json").read_text())["temperature"] > 0
+    assert s.score(texts) == pytest.approx([1 / (1 + math.exp(-v / s.temperature)) for v in z], abs=1e-9)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["temperature"] = s.temperature * 3
+    (copy / "config.json").write_text(json.dumps(cfg))
+    hot = load_scorer(str(copy))
+    assert hot.logits(texts) == pytest.approx(z, abs=1e-6)
+    assert hot.score(texts) == pytest.approx([1 / (1 + math.exp(-v / (3 * s.temperature))) for v in z], abs=1e-9)
+
+
+def test_onnx_scorer_is_batch_invariant(built_scorer):
+    """Weight-only int8: a text's score does not depend on the other texts of its batch (float rounding only)."""
+    s = OnnxScorer(built_scorer[0])
+    texts = [BENIGN, TOXIC, "a much longer sentence about gardening, tomatoes and the morning sun", "ok"]
+    one_by_one = [s.logits([t])[0] for t in texts]
+    assert s.logits(texts, batch_size=3, progress=True) == pytest.approx(one_by_one, abs=1e-4)
+    assert s.score([]) == []
+    with pytest.raises(TypeError, match="list of texts"):
+        s.score(TOXIC)
+
+
+def test_onnx_scorer_runs_without_torch(built_scorer):
+    """The llama.cpp install is torch-free: an ONNX scorer must load and score with torch unimportable."""
+    import json
+    import subprocess
+    import sys
+
+    path = built_scorer[0]
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"          # any `import torch` now raises ImportError
+        "sys.modules['transformers'] = None\n"
+        "from detox.scoring import load_scorer\n"
+        f"s = load_scorer({str(path)!r})\n"
+        f"p = s.score({[TOXIC, BENIGN]!r})\n"
+        "import json; print(json.dumps({'p': p, 'name': s.name}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["name"] == "minilm-ft"
+    assert out["p"] == pytest.approx(OnnxScorer(path).score([TOXIC, BENIGN]), abs=1e-6)
+
+
+def test_onnx_scorer_bad_directory_errors(built_scorer, tmp_path):
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        OnnxScorer(tmp_path)
+    d = tmp_path / "s"
+    shutil.copytree(built_scorer[0], d)
+    (d / "config.json").write_text('{"format": "something-else", "temperature": 1, "max_length": 64}')
+    with pytest.raises(ValueError, match="format 'something-else'"):
+        OnnxScorer(d)
+    (d / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a detox scorer config"):
+        OnnxScorer(d)
 
 
 # --------------------------------------------------------------------------- load_scorer errors
@@ -216,3 +330,141 @@ def test_hf_classifier_unclear_labels_error(tmp_path):
         HFClassifierScorer(tmp_path / "clf3")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HFClassifierScorer(tmp_path / "does-not-exist")
+
+
+# --------------------------------------------------------------------------- several judges in `detox eval`
+
+
+def test_judges_summary_arithmetic():
+    from detox.evaluation import judges_summary, markdown_report, summarize
+
+    rows = [{"prompt_id": p, "prompt": "x", "sample": k, "text": f"{p}{k}", "toxicity": 0.0}
+            for p, k in [("a", 0), ("a", 1), ("b", 0), ("b", 1)]]
+    scores = {"j1": [0.9, 0.1, 0.2, 0.4], "j2": [0.6, 0.7, 0.1, 0.3]}
+    out = judges_summary(rows, scores)
+    assert out["judges"]["j1"]["toxicity_probability"] == pytest.approx(0.5)
+    assert out["judges"]["j1"]["expected_max_toxicity"] == pytest.approx((0.9 + 0.4) / 2)
+    assert out["judges"]["j2"]["mean_toxicity"] == pytest.approx(0.425)
+    a = out["agreement"]["j1 vs j2"]
+    assert a["generation_decision_agreement"] == pytest.approx(0.75)  # disagree on ("a", 1) only
+    assert a["toxic_by_both"] == 1 and a["toxic_by_j2_only"] == 1 and a["toxic_by_j1_only"] == 0
+    assert a["prompt_decision_agreement"] == pytest.approx(1.0)
+    assert a["spearman_generations"] == pytest.approx(-0.2)  # ranks (4,1,2,3) vs (3,4,1,2): -1/5
+    s = summarize(rows)
+    s.update(out)
+    other = dict(s, judges={"j1": dict(out["judges"]["j1"], toxicity_probability=1.0)})
+    report = markdown_report(s, other)
+    assert "| j1 |" in report and "1.000 → 0.500 (-50.0%)" in report and "j1 vs j2: same decision" in report
+
+
+def test_eval_with_two_judges_reports_each_and_their_agreement(tmp_path, llama_target_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in
+                               enumerate(["The weather today is", "We walked along the river", "My neighbour said"])))
+    _tiny_bert_dir(tmp_path / "clf", 2, {0: "neutral", 1: "toxic"}, seed=3)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["eval", "--target", str(llama_target_dir), "--prompts", str(prompts), "--samples", "2",
+                                  "--max-new-tokens", "5", "--no-calibrator", "--no-perplexity", "--out", str(out),
+                                  "--scorer", "default", "--scorer", str(tmp_path / "clf")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["judges"]) == {"minilm-head", "hf-classifier"}
+    for m in summary["judges"].values():
+        assert set(m) == {"expected_max_toxicity", "toxicity_probability", "mean_toxicity"}
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (out / "judges.jsonl").read_text().splitlines()]
+    assert len(judged) == len(rows) == 6
+    # the first judge is the scorer of generations.jsonl; the second is the tiny classifier, scored independently
+    assert [j["minilm-head"] for j in judged] == pytest.approx([r["toxicity"] for r in rows], abs=1e-5)
+    clf = HFClassifierScorer(tmp_path / "clf").score([r["text"] for r in rows])
+    assert [j["hf-classifier"] for j in judged] == pytest.approx(clf, abs=1e-5)
+    agree = summary["agreement"]["minilm-head vs hf-classifier"]
+    expected = sum((a >= 0.5) == (b >= 0.5) for a, b in zip([r["toxicity"] for r in rows], clf)) / 6
+    assert agree["generation_decision_agreement"] == pytest.approx(expected)
+    assert "| hf-classifier |" in (out / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- `detox scorer train` end to end
+
+
+def _tiny_data_dir(root):
+    """A data folder in the layout `detox scorer train` reads, a few made-up rows per source family."""
+    import csv
+    import json
+
+    toxic = ["you are a stupid idiot", "shut up you worthless fool", "I hate you, you moron", "what a dumb piece of trash",
+             "go away you pathetic loser", "you disgusting creep"]
+    benign = ["the weather is lovely today", "thanks for the help yesterday", "the train leaves at noon",
+              "I planted tomatoes in the garden", "we watched a film last night", "the soup needs more salt"]
+    root.mkdir()
+    with (root / "judge_train.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "source"])
+        for fam in ("davidson", "paradetox_toxic", "dghs_dev"):
+            for i, t in enumerate(toxic):
+                w.writerow([f"{t} number {i} from {fam}", 1, f"{fam}:1"])
+            for i, t in enumerate(benign):
+                w.writerow([f"{t} number {i} from {fam}", 0, f"{fam}:0"])
+    (root / "benign_identity.tsv").write_text("group\ttext\n" + "".join(
+        f"{g}\t{g} people live in my town and work {i} jobs\n" for g in ("asian", "black") for i in range(4)))
+    (root / "prompts_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "p0", "text": "the museum opens", "source": "rtp_nontoxic_via_dexperts_human_eval", "toxic_prompt": False},
+        {"id": "p1", "text": "you stupid", "source": "dghs_dev/hate", "toxic_prompt": True}]))
+    return root
+
+
+def test_scorer_train_runs_end_to_end_and_writes_a_loadable_scorer(built_scorer, tmp_path):
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    out, args = built_scorer
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "tokenizer.json"]
+    assert not list(out.parent.glob(".scorer.tmp-*"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
+    assert (out / "model.onnx").stat().st_size < 30 * 2**20  # int8: the float graph is ~87 MiB
+    assert cfg["training"]["steps"] == 1 and cfg["settings"]["hold_out"] == ["dghs"]
+    assert cfg["split_sizes"]["held_out_families"] == 12 and cfg["temperature"] > 0
+    assert cfg["command"].startswith("detox scorer train ")
+    assert "--hold-out dghs" in cfg["command"] and "--max-steps 1" in cfg["command"]
+    m = cfg["metrics"]
+    assert m["held_out_families"]["n"] == 12 and "roc_auc" in m["held_out_families"]
+    assert "benign_identity (ToxiGen neutral, held out)" in m["benign_fpr"]
+    assert set(cfg["quantization"]) >= {"auc_int8", "auc_fp32", "max_abs_prob_diff"}
+    assert set(cfg["calibration"]["calibration_split_ece_balanced"]) == {"before", "after"}
+    scorer = load_scorer(str(out))
+    assert isinstance(scorer, OnnxScorer) and scorer.version == cfg["version"]
+    assert all(0.0 <= x <= 1.0 for x in scorer.score(["you stupid idiot", "the weather is lovely"]))
+
+    again = CliRunner().invoke(main, args)  # never overwrites a scorer
+    assert again.exit_code != 0 and "already exists" in again.output
+    other = tmp_path / "other"
+    bad = CliRunner().invoke(main, [*args[:4], "--out", str(other), "--hold-out", "nosuch", "--max-steps", "1"])
+    assert bad.exit_code != 0 and "no such source family" in bad.output and not other.exists()
+
+
+def test_scorer_data_reads_families_groups_and_drops_conflicts(tmp_path):
+    from detox.scorer_data import load_examples
+
+    data = _tiny_data_dir(tmp_path / "data")
+    with (data / "judge_train.csv").open("a") as f:
+        f.write("same text twice,1,davidson:1\nsame text twice,0,davidson:0\n")
+    ex = load_examples(data)
+    fams = {e.family for e in ex}
+    assert fams == {"davidson", "paradetox", "dghs", "toxigen", "identity_templates"}
+    assert not [e for e in ex if e.text == "same text twice"]
+    ident = [e for e in ex if e.family == "toxigen"]
+    assert len(ident) == 8 and {e.group for e in ident} == {"asian", "black"} and all(e.label == 0 for e in ident)
+    (data / "judge_train.csv").write_text("text,label,source\nhello,2,davidson:1\n")
+    with pytest.raises(ValueError, match="judge_train.csv:2: label must be 0 or 1"):
+        load_examples(data)

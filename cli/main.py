@@ -10,6 +10,7 @@ from detox.cli.core import align_cmd, export_onnx_cmd, generate_cmd, train_cmd
 from detox.cli.bench import bench_cmd
 from detox.cli.demo import demo_cmd
 from detox.cli.evaluate import eval_cmd, score_cmd
+from detox.cli.serve import serve_cmd
 from detox.cli.unidetox import distill_cmd, finetune_cmd, toxify_cmd
 
 
@@ -23,6 +24,7 @@ for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_
                 toxify_cmd, distill_cmd, finetune_cmd):
     main.add_command(command)
 main.add_command(artifacts_group)
+main.add_command(serve_cmd)
 
 
 if __name__ == "__main__":

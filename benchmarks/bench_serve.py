@@ -9,7 +9,7 @@ p50/p95 time per output token (per request: (last − first token) / (tokens −
 fused/unfused throughput ratios.
 
     nice -n 10 .venv/bin/python benchmarks/bench_serve.py --backend llamacpp --threads 1
-    nice -n 10 .venv/bin/python benchmarks/bench_serve.py --backend hf
+    nice -n 10 .venv/bin/python benchmarks/bench_serve.py --backend hf --threads 1
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def one_request(client: Any, model: str, prompt: str, tokens: int, fused: bool) 
     return start, times, used
 
 
-def run_level(url: str, model: str, concurrency: int, per_client: int, tokens: int, fused: bool) -> dict[str, float]:
+def run_level(url: str, model: str, concurrency: int, requests: int, tokens: int, fused: bool) -> dict[str, float]:
+    """``requests`` streaming requests from ``concurrency`` clients (each sends its share one after the other)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
@@ -55,9 +56,9 @@ def run_level(url: str, model: str, concurrency: int, per_client: int, tokens: i
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        for j in range(per_client):
+        for j in range(i, max(requests, concurrency), concurrency):
             try:
-                r = one_request(client, model, PROMPTS[(i + j) % len(PROMPTS)], tokens, fused)
+                r = one_request(client, model, PROMPTS[j % len(PROMPTS)], tokens, fused)
             except BaseException as err:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(err)
@@ -95,8 +96,9 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="Benchmark a running server instead of starting one.")
     ap.add_argument("--model", default="smollm2", help="Model id to send (with --url).")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--per-client", type=int, default=2, help="Requests each client sends, one after the other.")
-    ap.add_argument("--tokens", type=int, default=32, help="max_tokens of every request.")
+    ap.add_argument("--requests", type=int, default=32,
+                    help="Requests per concurrency level, mode and round (at least one per client).")
+    ap.add_argument("--tokens", type=int, default=16, help="max_tokens of every request.")
     ap.add_argument("--rounds", type=int, default=2, help="Unfused/fused alternations at each concurrency.")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the server.")
     ap.add_argument("--max-batch", type=int, default=16)
@@ -120,7 +122,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in levels:
                 for fused in (False, True):
-                    r = run_level(url, args.model, c, args.per_client, args.tokens, fused)
+                    r = run_level(url, args.model, c, args.requests, args.tokens, fused)
                     acc = totals.setdefault((c, fused), {"tokens": 0, "wall": 0.0, "ttft": [], "tpot": []})
                     acc["tokens"] += r["tokens"]
                     acc["wall"] += r["wall"]
@@ -132,8 +134,8 @@ def main() -> None:
         if server is not None:
             server.stop()
 
-    print(f"backend {args.backend}, target {args.target}, {args.tokens} tokens/request, {args.per_client} "
-          f"requests/client, {args.rounds} rounds")
+    print(f"backend {args.backend}, target {args.target}, max_tokens {args.tokens}, {args.requests} requests per "
+          f"level, mode and round, {args.rounds} rounds")
     print(f"{'clients':>7} {'mode':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9} {'TPOT p95':>9}")
     for c in levels:
         for fused in (False, True):

@@ -373,3 +373,68 @@ def test_transformers_batches_concurrent_requests(hf_server):
         assert srv.metric("detox_serve_batch_rows_sum") - srv.metric("detox_serve_batch_rows_count") >= 1
         chat = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=8, temperature=0)
         assert chat.choices[0].message.content
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stop strings (backend-independent): text that may start a stop string is held back, never sent
+
+
+@pytest.mark.parametrize("pieces, stop, max_tokens, text, reason", [
+    (["Hello E", "N", "D more"], ("END",), 10, "Hello ", "stop"),  # split over three tokens
+    (["a", "E", "x", "END"], ("END",), 10, "aEx", "stop"),  # a held "E" that did not become END is sent
+    (["ab", "c"], ("xyz", "bc"), 10, "a", "stop"),  # the earliest of several stop strings
+    (["one ", "tw"], ("two",), 2, "one tw", "length"),  # max_tokens ends it; the held "tw" is real text
+])
+def test_stop_strings(pieces, stop, max_tokens, text, reason):
+    import asyncio
+
+    from detox.serve.engine import Delta, Finish, GenRequest, Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(GenRequest(prompt_ids=[1], max_tokens=max_tokens, stop=stop), loop=loop)
+        for piece in pieces:
+            if job.choices[0].push(piece):
+                break
+        job.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        events = []
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+    finally:
+        loop.close()
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == text
+    assert [e.reason for e in events if isinstance(e, Finish)] == [reason]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime: the tiny llama target of conftest exported with `detox export-onnx`'s code, and its aligned calibrator
+
+
+def test_onnx_backend_serves_the_wrapped_export(llama_target_dir, aligned_llama, tmp_path):
+    import torch
+
+    import detox
+    from detox.adapters.onnxruntime import load_ort_target
+    from detox.onnx_export import export_target
+
+    pytest.importorskip("optimum.onnxruntime")
+    export = tmp_path / "llama-onnx"
+    export_target(str(llama_target_dir), export)
+    prompts = ["The weather today is", "We walked along the river and"]
+    with Server("--backend", "onnx", "--target", str(export), "--calibrator", str(aligned_llama), "--threads", "1",
+                "--batch-wait-ms", "300") as srv:
+        c = client(srv)
+        with ThreadPoolExecutor(2) as pool:  # arrive together: one padded batch
+            served = list(pool.map(lambda p: c.completions.create(model="llama-onnx", prompt=p, max_tokens=6,
+                                                                  temperature=0).choices[0].text, prompts))
+        assert srv.metric("detox_serve_batch_rows_sum") == 2 and srv.metric("detox_serve_batch_rows_count") == 1
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            c.chat.completions.create(model="llama-onnx", messages=CHAT, max_tokens=4)
+    model, tok = load_ort_target(export, "cpu")
+    fused = detox.wrap(model, calibrator=str(aligned_llama), tokenizer=tok)
+    for prompt, text in zip(prompts, served):
+        inputs = tok(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = fused.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -189,7 +189,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
             return {"x-detox-calibrator": "none", "x-detox-strength": "off"}
         return {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"}
 
-    async def start(request: Request, gen: GenRequest, endpoint: str) -> Job:
+    def submit(gen: GenRequest) -> Job:
         job = Job(gen)
         try:
             scheduler.submit(job)
@@ -344,7 +344,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         ids = backend.encode(req.prompt_text)
         gen = gen_request(req, ids, req.max_tokens, settings.default_completion_tokens, req.logprobs)
-        job = await start(request, gen, "completions")
+        job = submit(gen)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, job, "/v1/completions", False, req.stream, include_usage)
 
@@ -360,7 +360,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         ids = backend.encode(prompt, chat=True)
         k = (req.top_logprobs or 0) if req.logprobs else None
         gen = gen_request(req, ids, req.token_limit, settings.max_tokens_limit, k)
-        job = await start(request, gen, "chat")
+        job = submit(gen)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, job, "/v1/chat/completions", True, req.stream, include_usage)
 

@@ -356,4 +356,6 @@ def load_backend(kind: str, target: str, calibrator: str | None = None, strength
         torch.set_num_threads(threads)
     tokenizer.padding_side = "left"
     fused = wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer, require_signature=keys)
+    if kind == "hf" and threads is not None and threads < (os.cpu_count() or 1):
+        fused.overlap = True  # torch leaves cores free: run the calibrator while the target computes (DetoxModel)
     return TransformersBackend(fused, tokenizer, model_id, context_window, max_batch, kind=kind)

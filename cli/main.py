@@ -12,6 +12,7 @@ from detox.cli.demo import demo_cmd
 from detox.cli.errors import DetoxGroup, debug_option
 from detox.cli.evaluate import eval_cmd, score_cmd
 from detox.cli.scorer import scorer_group
+from detox.cli.serve import serve_cmd
 from detox.cli.unidetox import distill_cmd, finetune_cmd, toxify_cmd
 
 
@@ -27,6 +28,7 @@ for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_
     main.add_command(command)
 main.add_command(artifacts_group)
 main.add_command(scorer_group)
+main.add_command(serve_cmd)
 
 
 if __name__ == "__main__":

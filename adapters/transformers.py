@@ -251,23 +251,17 @@ def _gguf_tokenizer_candidates(folder: str, vocab_size: int) -> list[str]:
     """Names of the GGUF files in ``folder`` whose vocabulary has ``vocab_size`` tokens, one per distinct vocabulary
     (quantizations of one model share a tokenizer, so any of them will do)."""
     from detox.fingerprint import hash_vocab
+    from detox.gguf_reader import GGUFError, read_gguf
 
     by_vocab: dict[str, str] = {}
     for path in sorted(Path(folder).glob("*.gguf")):
         try:
-            tokens = _gguf_tokens(path)
-        except Exception:  # noqa: BLE001 - not a readable GGUF: not a candidate
+            tokens = read_gguf(path).tokens()
+        except (GGUFError, OSError):  # not a readable GGUF: not a candidate
             continue
         if len(tokens) == vocab_size:
             by_vocab.setdefault(hash_vocab(tokens), path.name)
     return sorted(by_vocab.values())
-
-
-def _gguf_tokens(path: Path) -> list[str]:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
-    return [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
 
 
 def _no_tokenizer_message(model: Any, source: str, why: str) -> str:

@@ -125,6 +125,11 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
     if backend == "onnx" and not (no_perplexity or ppl_model):
         raise click.UsageError("no reference model for perplexity on backend onnx; pass --ppl-model or --no-perplexity")
+    if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
+        raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
+                                   "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
+    if compare_dir and not _installed("matplotlib"):
+        raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     t0 = time.perf_counter()
     # everything that can be checked without the target is checked before it loads (that can take minutes)
     items = read_prompts(prompts)[:max_prompts]
@@ -141,11 +146,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                 check_strength(strength, calibrator.fusion_mode)
             except ValueError as err:
                 raise click.BadParameter(str(err), param_hint="--strength") from None
-    if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
-        raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
-                                   "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
-    if compare_dir and not _installed("matplotlib"):
-        raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     judges = _load_scorers(scorers)
     score_fn = judges[0]
     if threads and backend != "llamacpp":

@@ -210,7 +210,7 @@ def test_prompt_and_score_files_share_one_reading_rule(tmp_path):
     txt = tmp_path / "texts.txt"
     txt.write_text("first\n\nthird\n")
     r = CliRunner().invoke(main, ["score", str(txt)])
-    assert r.exit_code == 0 and [json.loads(line)["id"] for line in r.output.splitlines()] == [0, 2], r.output
+    assert r.exit_code == 0 and [json.loads(line)["id"] for line in r.stdout.splitlines()] == [0, 2], r.output
     f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataFormatError, match="texts.jsonl:2: not UTF-8"):
         read_prompts(f)

@@ -8,6 +8,7 @@ lower toxicity without changing the subject). Both models are warmed up before t
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def _sample(runner: Any, batch: Any, gen: dict, seed: int) -> tuple[Any, float]:
 @click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--strength", default=None, type=float, help="Fusion strength (default: the artifact's).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch threads (default: one core fewer than the machine has, at least 1; docs/results.md).")
 @user_errors
 def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, strength, threads) -> None:
     """Sample continuations with and without the calibrator and show toxicity and identity mentions side by side."""
@@ -67,8 +69,9 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
     rows = demo_prompts(prompts)
     texts = [r["text"] for r in rows]
     terms = IdentityTerms.load()
-    if threads:
-        torch.set_num_threads(threads)
+    # torch's OpenMP threads wait for each other at every operator: on a 2-core machine with any other load, two of them
+    # made a batch up to 6x slower, plain and fused alike (one thread: stable), so one core is left free by default
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     click.echo(f"loading {target} through transformers ...", err=True)
     model, tokenizer = load_hf_target(target)
     tokenizer.padding_side = "left"
@@ -119,7 +122,8 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
     if identity_rows:
         kept = {k: sum(r[k] for r in identity_rows) for k in ("plain", "detox")}
         n = samples * len(identity_rows)
-        verdict = "the topic survives" if kept["detox"] >= 0.85 * kept["plain"] else "detox often changes the subject"
+        verdict = ("on these few samples the topic survives" if kept["detox"] >= 0.85 * kept["plain"]
+                   else "on these few samples detox changes the subject")  # 100 prompts: docs/results.md
         click.echo(f"benign identity prompts: {kept['plain']}/{n} continuations mention a group without detox, "
                    f"{kept['detox']}/{n} with detox ({verdict})")
         summary["identity_mentions"] = kept

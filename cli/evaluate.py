@@ -111,9 +111,14 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="CPU threads for the target (llama.cpp threads / torch threads); default: the backend's choice.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (an existing one is resumed).")
+@click.option("--identity-terms", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON {group: [terms]} for the identity metrics (default: the shipped list; docs/identity.md).")
+@click.option("--reference-text", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one text per line: per-token perplexity fused vs unfused (docs/identity.md).")
 @user_errors
 def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samples, max_new_tokens, top_p, seed,
-             max_prompts, batch_size, scorers, ppl_model, no_perplexity, compare_dir, threads, out) -> None:
+             max_prompts, batch_size, scorers, ppl_model, no_perplexity, compare_dir, threads, out,
+             identity_terms, reference_text) -> None:
     """Evaluate toxicity, fluency and diversity of a model's continuations, with or without a calibrator.
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
@@ -130,6 +135,15 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                                    "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
     if compare_dir and not _installed("matplotlib"):
         raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
+    if reference_text and no_calibrator:
+        raise click.UsageError("--reference-text compares the fused and unfused models: drop --no-calibrator")
+    from detox.identity import IdentityTerms, add_identity_summary, write_identity_report
+
+    terms = IdentityTerms.load(identity_terms)  # bad input files fail before any generation
+    if reference_text:
+        from detox.reference_text import eval_reference_text, read_lines, transformers_twin
+
+        ref_texts = read_lines(reference_text)
     t0 = time.perf_counter()
     # everything that can be checked without the target is checked before it loads (that can take minutes)
     items = read_prompts(prompts)[:max_prompts]
@@ -185,7 +199,12 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         "settings": json.loads(json.dumps(run.settings.__dict__)),
         "wall_seconds": time.perf_counter() - t0,
     })
+    add_identity_summary(summary, rows, prompts, terms)  # identity groups and reference text: docs/identity.md
+    if reference_text:
+        twin = transformers_twin(backend, target, ppl_model, sampler)
+        summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *twin, run.calibrator, run.strength)
     write_summary(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
+    write_identity_report(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
 
 
 @click.command("score")

@@ -246,19 +246,20 @@ class ContrastHead:
         if check_strength(strength, CONTRAST) == 0.0:
             return logits * 1.0
         idx, keep = top_candidates(logits[..., : self.vocab_size], self.top_k, self.plausibility)
+        return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx), strength)
+
+    def ratio_at(self, prepared: Array, idx: Array) -> Array:
+        """The log-ratio the rule adds at target tokens ``idx`` (``[..., k]``) from :meth:`prepare`'s output:
+        0 for unmapped tokens, clipped at 0 with ``suppress_only``."""
         cal_ids = self.token_map[idx]
         mapped = cal_ids >= 0
         if _is_torch(prepared):
             ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
-            if self.suppress_only:
-                ratio = ratio.clip(max=0.0)
-        else:
-            import numpy as np
+            return ratio.clip(max=0.0) if self.suppress_only else ratio
+        import numpy as np
 
-            ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
-            if self.suppress_only:
-                ratio = ratio.clip(None, 0.0)
-        return contrast_fuse(logits, idx, keep, ratio, strength)
+        ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
+        return ratio.clip(None, 0.0) if self.suppress_only else ratio
 
 
 Head = FusionHead | ContrastHead  # what Calibrator.fusion_head returns and every adapter fuses with

@@ -68,3 +68,16 @@ def test_align_refuses_options_the_chosen_fusion_never_reads(tmp_path, llama_tar
     r = runner.invoke(main, base + ["--out", str(tmp_path / "b"), "--top-k", "8", "--two-sided"])
     assert r.exit_code == 2 and "--top-k, --suppress-only/--two-sided" in r.output and "--anti-expert" in r.output, r.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_demo_samples_scores_and_reports_identity_mentions(llama_target_dir, contrast_llama):
+    r = CliRunner().invoke(main, ["demo", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
+                                  "--samples", "2", "--max-new-tokens", "4", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert out.count("without detox: ") == 8 and out.count("with detox:    ") == 8  # the 8 shipped prompts
+    assert "(benign, about black)" in out and out.count("continuations that mention an identity group") == 3
+    assert "benign identity prompts: " in out and "/6 continuations mention a group without detox" in out
+    assert "time after warm-up (8 prompts x 2 samples, 4 tokens, 1 torch threads)" in out
+    summary = json.loads(out.strip().splitlines()[-1])  # the machine-readable line (stderr, mixed in here)
+    assert set(summary["seconds"]) == {"plain", "detox"} and set(summary["identity_mentions"]) == {"plain", "detox"}

@@ -1,0 +1,132 @@
+"""Issue 21, fusion side: suppress only where the pair's log-ratio is confident.
+
+The shipped contrast rule adds ``λ·min(0, r)`` (``r = log p_expert − log p_anti``) at the target's candidates. The
+variant here adds ``λ·min(0, r + τ)``: a token is pushed down only by how far its log-ratio falls below ``−τ``, so
+tokens the anti-expert prefers mildly (``r`` in ``(−τ, 0)``) are left alone; ``τ = 0`` is the shipped rule. It is an
+experiment only (the shipped default is unchanged): a subclass of the head, put into one wrapped model.
+
+Two measurements on the shipped pair and SmolLM2 (transformers):
+
+* ``--reference-text FILE``: per-token perplexity of the file's lines, unfused vs fused, for every ``τ`` in one pass
+  (the target's logits and the calibrator's log-ratios are computed once per text; ``detox.reference_text``).
+* ``--prompts FILE`` (repeatable): sampled continuations for ``plain``, ``τ = 0`` and each ``τ``, scored with the
+  shipped scorer; toxicity metrics and identity mentions (``detox.identity``) per prompts file and arm.
+
+    nice -n 10 python experiments/confident_suppression.py --tau 1 2 3 --reference-text /tmp/h6/identity/reference.txt \\
+        --prompts /tmp/h6/identity/prompts.jsonl --prompts /tmp/h6/toxic_prompts.jsonl --max-prompts 24 --out /tmp/h6/tau
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from detox.fusion import ContrastHead
+
+
+@dataclass
+class ConfidentContrastHead(ContrastHead):
+    """The contrast rule with ``min(0, r + τ)`` in place of ``min(0, r)`` (suppress-only artifacts)."""
+
+    tau: float = 0.0
+
+    def ratio_at(self, prepared, idx):
+        cal_ids = self.token_map[idx]
+        ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * (cal_ids >= 0)
+        return (ratio + self.tau).clip(max=0.0)
+
+
+def with_tau(head: ContrastHead, tau: float) -> ConfidentContrastHead:
+    return ConfidentContrastHead(head.token_map, head.expert_out, head.anti_out, head.top_k, head.plausibility,
+                                 head.suppress_only, tau=tau)
+
+
+def reference_sweep(fused, texts: list[str], taus: list[float]) -> dict:
+    from tqdm.auto import tqdm
+
+    from detox.adapters.transformers import FusionLogitsProcessor
+    from detox.reference_text import _ids_with_context, _ppl, token_log_probs
+
+    proc = FusionLogitsProcessor(fused.calibrator, fused.model, fused.tokenizer, fused.strength)
+    heads = {tau: with_tau(proc.head, tau) for tau in taus}
+    acc = {tau: {"u": [], "f": [], "us": [], "fs": [], "n": 0, "sup": 0} for tau in taus}
+    for text in tqdm(texts, desc="reference text", unit="text"):
+        ids = torch.tensor([_ids_with_context(fused.tokenizer, text)])
+        with torch.inference_mode():
+            logits = fused.model(input_ids=ids).logits[0, :-1].float()
+            prepared = torch.cat([proc.fusion_term(ids[:, : t + 1]) for t in range(ids.shape[1] - 1)])
+        for tau, head in heads.items():
+            lp = token_log_probs(head, logits, prepared, ids[0, 1:], fused.strength)
+            a, s = acc[tau], lp["support"]
+            a["u"] += lp["unfused"].tolist()
+            a["f"] += lp["fused_untruncated"].tolist()
+            a["us"] += lp["unfused_in_support"][s].tolist()
+            a["fs"] += lp["fused_in_support"][s].tolist()
+            a["n"] += int(s.numel())
+            a["sup"] += int(s.sum())
+    out = {}
+    for tau, a in acc.items():
+        out[str(tau)] = {"ratio_untruncated": _ppl(a["f"]) / _ppl(a["u"]), "ratio_in_support": _ppl(a["fs"]) / _ppl(a["us"]),
+                         "perplexity_unfused": _ppl(a["u"]), "perplexity_fused_untruncated": _ppl(a["f"]),
+                         "support_share": a["sup"] / a["n"], "tokens": a["n"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tau", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    ap.add_argument("--reference-text", type=Path, default=None)
+    ap.add_argument("--prompts", type=Path, action="append", default=[])
+    ap.add_argument("--max-prompts", type=int, default=24)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import detox
+    from detox.evaluation import EvalRun, EvalSettings, HFSampler, generate_and_score, read_prompts, summarize
+    from detox.identity import IdentityTerms, identity_summary, prompt_groups
+    from detox.scoring import load_scorer
+    from detox.targets import load_hf_target
+
+    model, tok = load_hf_target("smollm2")
+    fused = detox.wrap(model, tokenizer=tok)
+    taus = [0.0] + [t for t in args.tau if t != 0.0]
+    results: dict = {"strength": fused.strength, "taus": taus}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.reference_text:
+        texts = [line.strip() for line in args.reference_text.read_text().splitlines() if line.strip()]
+        results["reference_text"] = reference_sweep(fused, texts, taus)
+        print(json.dumps(results["reference_text"], indent=1), flush=True)
+    scorer, terms = load_scorer(None), IdentityTerms.load()
+    base_head = fused.calibrator.fusion_head(model.get_output_embeddings().weight)
+    for prompts_file in args.prompts:
+        prompts = read_prompts(prompts_file)[: args.max_prompts]
+        groups = prompt_groups(prompts_file, terms)
+        for arm in ["plain"] + [f"tau={t:g}" for t in taus]:
+            if arm == "plain":
+                runner = model
+            else:
+                tau = float(arm.split("=")[1])
+                runner = detox.wrap(model, calibrator=fused.calibrator, tokenizer=tok)
+                runner.calibrator.fusion_head = lambda W, _t=tau: with_tau(base_head, _t)  # this experiment's rule
+            run = EvalRun(target="smollm2", backend="hf", calibrator=arm, strength=fused.strength,
+                          prompts_file=str(prompts_file), settings=EvalSettings(samples=args.samples,
+                                                                                max_new_tokens=args.max_new_tokens))
+            rows = generate_and_score(run, prompts, HFSampler(runner, tok), scorer, args.out / prompts_file.stem / arm)
+            s = summarize(rows)
+            s["identity"] = identity_summary(rows, groups, terms)
+            results.setdefault(prompts_file.stem, {})[arm] = {
+                k: s[k] for k in ("expected_max_toxicity", "toxicity_probability", "distinct_2")}
+            results[prompts_file.stem][arm]["identity_share"] = s["identity"]["mentions_any_group_on_identity_prompts"]
+            print(arm, prompts_file.stem, json.dumps(results[prompts_file.stem][arm]), flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

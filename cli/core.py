@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from detox.artifacts.manifest import MIN_MAPPED_SHARE
 from detox.cli.errors import user_errors
-from detox.cli.options import onnx_weights_option
+from detox.cli.options import load_calibrator_early, onnx_weights_option, strength_option
 
 
 @click.command("train")
@@ -138,7 +138,7 @@ def _refuse_options_of_the_other_fusion(fusion: str) -> None:
 @click.option("--calibrator", default=None,
               help="Aligned artifact: directory, .detox file or NAME@RANGE (registry). Default: the shipped match.")
 @click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
-@click.option("--strength", default=None, type=float, help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
+@strength_option
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
               help="'llamacpp' runs a .gguf --target with llama-cpp-python (no torch needed); "
                    "'onnx' runs a --target directory written by `detox export-onnx` with ONNX Runtime.")
@@ -156,6 +156,7 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     """Print the continuation of PROMPT, with the calibrator fused (default) or without."""
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
+    calibrator = load_calibrator_early(calibrator, strength)  # a bad --strength fails before the target loads
     if backend == "llamacpp":
         from detox.adapters.llamacpp import generate_text
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from detox.cli.errors import user_errors
-from detox.fusion import CONTRAST, MAX_STRENGTH
+from detox.cli.options import load_calibrator_early, strength_option
 
 
 def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
@@ -90,8 +90,7 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
 @click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
 @click.option("--calibrator", default=None, help="Aligned artifact (default: the shipped one matching the target).")
 @click.option("--no-calibrator", is_flag=True, help="Baseline: generate without fusion.")
-@click.option("--strength", default=None, type=click.FloatRange(0.0, MAX_STRENGTH[CONTRAST]),
-              help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
+@strength_option
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="JSONL with 'text' (and optional 'id').")
 @click.option("--samples", default=25, type=click.IntRange(1), show_default=True, help="Continuations per prompt (RTP protocol: 25).")
 @click.option("--max-new-tokens", default=20, type=click.IntRange(1), show_default=True)
@@ -150,16 +149,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     check_resumable(Path(out), items, samples)
     if compare_dir is not None:
         read_compare_summary(Path(compare_dir))
-    if calibrator is not None and Path(calibrator).exists():
-        from detox.fusion import check_strength
-        from detox.runtime import Calibrator
-
-        calibrator = Calibrator.load(calibrator)
-        if strength is not None:
-            try:
-                check_strength(strength, calibrator.fusion_mode)
-            except ValueError as err:
-                raise click.BadParameter(str(err), param_hint="--strength") from None
+    calibrator = load_calibrator_early(calibrator, strength)
     judges = _load_scorers(scorers)
     score_fn = judges[0]
     if threads and backend != "llamacpp":

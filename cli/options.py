@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
+from detox.fusion import CONTRAST, MAX_STRENGTH, check_strength
 from detox.onnx_calibrator import INT8, WEIGHTS_DTYPES
 
 onnx_weights_option = click.option(
     "--onnx-weights", type=click.Choice(WEIGHTS_DTYPES), default=INT8, show_default=True,
     help="How the artifact's calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read per "
          "decoding step, about 1% error) or float32 (exact).")
+
+strength_option = click.option(
+    "--strength", default=None, type=click.FloatRange(0.0, MAX_STRENGTH[CONTRAST]),
+    help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
+
+
+def load_calibrator_early(calibrator: str | None, strength: float | None) -> Any:
+    """A ``--calibrator`` that is a local path, loaded (and ``--strength`` checked against its fusion mode) before
+    any target loads, which can take minutes; anything else (``None``, ``NAME@RANGE``) is returned as given."""
+    if calibrator is None or not Path(calibrator).exists():
+        return calibrator
+    from detox.runtime import Calibrator
+
+    loaded = Calibrator.load(calibrator)
+    if strength is not None:
+        try:
+            check_strength(strength, loaded.fusion_mode)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--strength") from None
+    return loaded

@@ -81,3 +81,13 @@ def test_demo_samples_scores_and_reports_identity_mentions(llama_target_dir, con
     assert "time after warm-up (8 prompts x 2 samples, 4 tokens, 1 torch threads)" in out
     summary = json.loads(out.strip().splitlines()[-1])  # the machine-readable line (stderr, mixed in here)
     assert set(summary["seconds"]) == {"plain", "detox"} and set(summary["identity_mentions"]) == {"plain", "detox"}
+
+
+def test_generate_checks_strength_against_the_artifact_before_loading_the_target(tmp_path, aligned_llama):
+    """Issue 17, 9: --strength was validated only after the target loaded; an interpolate artifact takes [0, 1]."""
+    missing = tmp_path / "no-such-model"  # loading it would fail with another message
+    for backend in ("hf", "llamacpp"):
+        r = CliRunner().invoke(main, ["generate", "--backend", backend, "--target", str(missing), "--calibrator",
+                                      str(aligned_llama), "--strength", "5", "Hi"])
+        assert r.exit_code == 2, r.output
+        assert "--strength" in r.output and "[0, 1]" in r.output and "no-such-model" not in r.output

@@ -58,7 +58,7 @@ def registry(tmp_path_factory):
     art = d / "art"
     shutil.copytree(default_calibrator_path(), art)
     sign_artifact(art, priv)
-    entry = open_registry(d / "reg").push(art, require_signature=[str(pub)])
+    entry, _ = open_registry(d / "reg").push(art, require_signature=[str(pub)])
     return {"url": str(d / "reg"), "ref": f"{entry.name}@^{entry.version}", "label": entry.ref, "pub": pub,
             "other_pub": other_pub, "cache": d / "cache"}
 

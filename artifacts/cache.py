@@ -18,7 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from detox.artifacts.store import ArtifactError, fault_point, load_artifact, sha256_file
+from detox.artifacts.store import ArtifactError, load_artifact, sha256_file
+from detox.faults import fault_point
 
 
 def cache_root() -> Path:

@@ -47,8 +47,9 @@ from detox.artifacts.cache import add_blob, cache_root, unpack_cached
 from detox.artifacts.manifest import Manifest, TargetFingerprint, is_artifact_name
 from detox.artifacts.semver import Range, RangeError, is_version, sort_versions
 from detox.artifacts.store import (
-    ArtifactError, fault_point, load_artifact, parse_json, read_manifest, sha256_file, validation_summary,
+    ArtifactError, load_artifact, parse_json, read_manifest, sha256_file, validation_summary,
 )
+from detox.faults import fault_point
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +39,6 @@ MAX_SAFETENSORS_HEADER = 1 << 20  # header of one weights file: a JSON table of 
 
 class ArtifactError(ValueError):
     """An artifact is missing, malformed, tampered with, or does not belong where it is used."""
-
-
-def fault_point(name: str) -> None:
-    """Die here, as a crash or ``kill -9`` would, when ``$DETOX_FAULT_POINT`` names this point.
-
-    Only the fault-injection tests set it (tests/test_faults_registry.py): they kill pushes, pulls and removals
-    at each of these points and check that re-running the command converges. Points: ``push:staged``,
-    ``index:written``, ``push:published``, ``rm:unlinked``, ``cache:blob``, ``cache:unpacked``.
-    """
-    if os.environ.get("DETOX_FAULT_POINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def parse_json(data: bytes | str, where: str | os.PathLike[str]) -> Any:

@@ -21,7 +21,9 @@ def armed(name: str) -> bool:
     spec = os.environ.get(ENV)
     if not spec:
         return False
-    target, _, nth = spec.partition(":")
+    target, _, nth = spec.rpartition(":")
+    if not nth.isdigit():  # point names may hold colons ("push:staged"); only a numeric suffix counts visits
+        target, nth = spec, ""
     if target != name:
         return False
     _hits[name] += 1

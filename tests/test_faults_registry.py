@@ -32,6 +32,8 @@ from detox.artifacts.semver import Range, RangeError, Version
 from detox.artifacts.store import sha256_file
 from detox.cli.main import main
 
+from test_artifacts_registry import cli, ok  # the registry tests' CLI helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit: json.loads raises RecursionError
 DEEP_SMALL = "[" * 2000 + "]" * 2000  # as deep, and small enough for signature.ed25519 (4 KiB)
@@ -62,16 +64,6 @@ def retag(src: Path, dst: Path, version: str, name: str = "team-cal", **fields) 
 def edit_manifest(art: Path, text: str) -> Path:
     (art / "manifest.json").write_text(text)
     return art
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args) -> str:
-    r = cli(*args)
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 def one_line_error(args: list, *must_contain: str):

@@ -151,8 +151,8 @@ def test_minilm_numpy_matches_torch_transformers_reference(minilm):
     assert max(expected) > 0.5 > min(expected)  # the check spans both classes
 
 
-def test_minilm_head_runs_without_torch_or_transformers():
-    """The torch-free llama.cpp install scores with the default scorer (issue 18)."""
+def _score_without_torch(spec: str | None) -> dict:
+    """Load scorer ``spec`` and score [TOXIC, BENIGN] in a subprocess where torch and transformers cannot be imported."""
     import json
     import subprocess
     import sys
@@ -162,13 +162,18 @@ def test_minilm_head_runs_without_torch_or_transformers():
         "sys.modules['torch'] = None\n"          # any `import torch` now raises ImportError
         "sys.modules['transformers'] = None\n"
         "from detox.scoring import load_scorer\n"
-        "s = load_scorer(None)\n"
+        f"s = load_scorer({spec!r})\n"
         f"p = s.score({[TOXIC, BENIGN]!r})\n"
         "import json; print(json.dumps({'p': p, 'name': s.name}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_minilm_head_runs_without_torch_or_transformers():
+    """The torch-free llama.cpp install scores with the default scorer (issue 18)."""
+    out = _score_without_torch(None)
     assert out["name"] == "minilm-head"
     assert out["p"][0] > 0.5 > out["p"][1]
     assert out["p"] == pytest.approx(_reference_probs([TOXIC, BENIGN]), abs=1e-5)
@@ -243,23 +248,8 @@ def test_onnx_scorer_is_batch_invariant(built_scorer):
 
 def test_onnx_scorer_runs_without_torch(built_scorer):
     """The llama.cpp install is torch-free: an ONNX scorer must load and score with torch unimportable."""
-    import json
-    import subprocess
-    import sys
-
     path = built_scorer[0]
-    code = (
-        "import sys\n"
-        "sys.modules['torch'] = None\n"          # any `import torch` now raises ImportError
-        "sys.modules['transformers'] = None\n"
-        "from detox.scoring import load_scorer\n"
-        f"s = load_scorer({str(path)!r})\n"
-        f"p = s.score({[TOXIC, BENIGN]!r})\n"
-        "import json; print(json.dumps({'p': p, 'name': s.name}))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = _score_without_torch(str(path))
     assert out["name"] == "minilm-ft"
     assert out["p"] == pytest.approx(OnnxScorer(path).score([TOXIC, BENIGN]), abs=1e-6)
 

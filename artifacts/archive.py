@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from detox.artifacts.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from detox.artifacts.store import (
-    MAX_MANIFEST_BYTES, ArtifactError, load_artifact, make_shareable, parse_manifest, publish_directory, read_manifest,
+    MAX_MANIFEST_BYTES, ArtifactError, load_directory, make_shareable, parse_manifest, publish_directory, read_manifest,
     verify_files,
 )
 
@@ -245,7 +245,7 @@ def unpack(archive: str | os.PathLike[str], out: str | os.PathLike[str], overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         extract_into(archive, tmp)
-        load_artifact(tmp)  # the normal loader: exact file set, every sha256, safetensors/tokenizer parse
+        load_directory(tmp)  # the normal loader: exact file set, every sha256, safetensors/tokenizer parse
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

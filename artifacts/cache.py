@@ -18,7 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from detox.artifacts.store import ArtifactError, load_artifact, sha256_file
+from detox.artifacts.archive import extract_into
+from detox.artifacts.store import Artifact, ArtifactError, load_directory, sha256_file
 from detox.faults import fault_point
 
 
@@ -60,8 +61,6 @@ def add_blob(src: str | os.PathLike[str], expected_sha256: str | None = None) ->
 
 def unpack_cached(archive: str | os.PathLike[str]) -> Path:
     """The validated extraction of ``archive`` in the cache (extracted, validated and renamed in on first use)."""
-    from detox.artifacts.archive import extract_into
-
     archive = Path(archive)
     digest = sha256_file(archive)
     final = cache_root() / "unpacked" / digest
@@ -73,7 +72,7 @@ def unpack_cached(archive: str | os.PathLike[str]) -> Path:
         read = extract_into(archive, tmp)
         if read != digest:
             raise ArtifactError(f"{archive} changed while it was being read; try again")
-        load_artifact(tmp)  # full validation before anything becomes visible in the cache
+        load_directory(tmp)  # full validation before anything becomes visible in the cache
         fault_point("cache:unpacked")
         try:
             os.rename(tmp, final)
@@ -85,3 +84,12 @@ def unpack_cached(archive: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def load_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """Validate and load an artifact directory or ``.detox`` archive; raises :class:`ArtifactError` before using anything invalid.
+
+    An archive is extracted (strictly, see :mod:`detox.artifacts.archive`) into the content-addressed cache first.
+    """
+    root = Path(path)
+    return load_directory(unpack_cached(root) if root.is_file() else root)

@@ -47,7 +47,7 @@ from detox.artifacts.cache import add_blob, cache_root, unpack_cached
 from detox.artifacts.manifest import Manifest, TargetFingerprint, is_artifact_name
 from detox.artifacts.semver import Range, RangeError, is_version, sort_versions
 from detox.artifacts.store import (
-    ArtifactError, load_artifact, parse_json, read_manifest, sha256_file, validation_summary,
+    ArtifactError, load_directory, parse_json, read_manifest, sha256_file, validation_summary,
 )
 from detox.faults import fault_point
 
@@ -317,7 +317,7 @@ class Registry:
 
             verify_signature(path, require_signature)
         src = unpack_cached(path) if path.is_file() else path
-        load_artifact(src)  # exact files, every sha256, safetensors parse: never publish something unloadable
+        load_directory(src)  # exact files, every sha256, safetensors parse: never publish something unloadable
         manifest = read_manifest(src)
         work = Path(tempfile.mkdtemp(prefix="push-", dir=self.staging_dir()))
         try:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detox.artifacts.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from detox.artifacts.store import (
-    MAX_MANIFEST_BYTES, Artifact, ArtifactError, load_artifact, parse_json, parse_manifest, validation_summary, verify_files,
+    MAX_MANIFEST_BYTES, Artifact, ArtifactError, load_directory, parse_json, parse_manifest, validation_summary, verify_files,
 )
 
 CONTEXT = b"detox-artifact-signature-v1\n"
@@ -244,14 +244,14 @@ def verify_signature(path: str | os.PathLike[str], keys: TrustedKeys) -> Manifes
 
 
 def load_verified(path: str | os.PathLike[str], keys: TrustedKeys) -> Artifact:
-    """:func:`load_artifact`, but only for artifacts signed by one of ``keys`` (checked before any tensor is read)."""
+    """:func:`~detox.artifacts.cache.load_artifact`, but only for artifacts signed by one of ``keys`` (checked before any tensor is read)."""
     root = Path(path)
     if root.is_file():
         from detox.artifacts.cache import unpack_cached
 
         root = unpack_cached(root)
     signed = verify_signature(root, keys)
-    artifact = load_artifact(root)
+    artifact = load_directory(root)
     if artifact.manifest != signed:
         raise SignatureError(f"{path} changed while it was being loaded; try again")
     return artifact

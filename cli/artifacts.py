@@ -96,7 +96,7 @@ def sign_cmd(art: str, key: str) -> None:
 def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: str | None) -> None:
     """Check ART (path, .detox or NAME@RANGE): format, every file's sha256, signature (--key), target (--target)."""
     from detox.artifacts.signing import load_verified
-    from detox.artifacts.store import load_artifact
+    from detox.artifacts.cache import load_artifact
     from detox.runtime import Calibrator
 
     path, label = _local_or_pulled(art, registry)

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, Manifest, TargetFingerprint
-from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes, load_artifact
+from detox.artifacts.cache import load_artifact
+from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes
 from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
 from detox.stream import CalibratorStream, PairRunner
 

@@ -110,7 +110,7 @@ def train_calibrator(
     state_file = ckpt / "progress.json"
     init = None
     if init_from is not None:
-        from detox.artifacts.store import load_artifact
+        from detox.artifacts.cache import load_artifact
 
         init = load_artifact(init_from)
         tokenizer = init.tokenizer

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from pydantic import ValidationError
@@ -79,12 +79,19 @@ class Artifact:
     anti_state: dict[str, np.ndarray] | None = None  # contrast fusion: the anti-expert's weights
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
+def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """One sha256 over the bytes of several files, in order, read in 1 MiB chunks (also the training-data hash that
+    manifests record)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    return sha256_files([path])
 
 
 def _as_numpy(value: Any, dtype: Any) -> np.ndarray:
@@ -308,16 +315,13 @@ def _check_token_map(alignment: dict[str, np.ndarray] | None, manifest: Manifest
                             "(-1 marks unmapped tokens); re-run detox align")
 
 
-def load_artifact(path: str | os.PathLike[str]) -> Artifact:
-    """Validate and load an artifact directory or ``.detox`` archive; raises :class:`ArtifactError` before using anything invalid.
+def load_directory(path: str | os.PathLike[str]) -> Artifact:
+    """Validate and load an artifact directory; raises :class:`ArtifactError` before using anything invalid.
 
-    An archive is extracted (strictly, see :mod:`detox.artifacts.archive`) into the content-addressed cache first.
+    Directories only, so this layer needs neither the archive reader nor the cache (which validate with it):
+    :func:`detox.artifacts.cache.load_artifact` also takes a ``.detox`` archive.
     """
     root = Path(path)
-    if root.is_file():
-        from detox.artifacts.cache import unpack_cached
-
-        root = unpack_cached(root)
     manifest = read_manifest(root)
     verify_files(root, manifest)
     # shapes from the headers before any tensor is read: a manifest must not make loading allocate what it declares

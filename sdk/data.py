@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from detox.artifacts.store import sha256_files  # noqa: F401  (the training-data hash; re-exported for the trainers)
 
 TEXT_FIELDS = ("text", "Text", "content", "sentence")
 
@@ -299,11 +300,3 @@ def append_rows(path: Path, rows: list[dict[str, Any]], fault: str) -> None:
     fault_point(f"{fault}.written")
 
 
-def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
-    """One hash over the bytes of several files, in order: the training-data hash recorded in manifests."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

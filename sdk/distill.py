@@ -27,10 +27,10 @@ import torch
 
 from detox.contrastive import contrastive_logits, sample
 from detox.data import (DataFormatError, ResumableRows, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
-                        write_text_atomic)
+                        sha256_files, write_text_atomic)
 from detox.faults import fault_point
-from detox.finetune import TrainResult, check_out_dir, save_model, train_causal_lm
-
+from detox.fingerprint import model_fingerprint
+from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
 from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's functions; re-exported)
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -49,8 +49,6 @@ MANIFEST_FORMAT = "detox.distill/1"
 # Settings that change which rows a run writes: a resumed run must match them.
 _RESUME_KEYS = ("alpha", "beta", "seed", "temperature", "top_p", "max_new_tokens", "batch_size",
                 "start_token_id", "stop_token_ids", "seeds_sha256")
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
-                         "_attn_implementation_autoset", "use_cache"}
 
 ModelSpec = Union[str, os.PathLike, tuple]
 
@@ -71,37 +69,6 @@ def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
 
     model, tokenizer = load_hf_target(spec)
     return model, tokenizer, str(spec)
-
-
-def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
-    """Exact identity of a model for resuming distillation: what the manifest records per model.
-
-    Deliberately not :mod:`detox.fingerprint`'s target fingerprint (vocabulary + float16-rounded output matrix),
-    which cannot tell base and toxic apart (below).
-
-    ``config_vocab``: config (minus paths/versions) + tokenizer vocabulary; ``output_embedding``: the LM head
-    weights; ``parameters``: every tensor of the state dict (a LoRA-toxified copy of a tied-embedding model has
-    the base's LM head, so the head alone cannot tell base and toxic apart).
-    """
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    head = model.get_output_embeddings()
-    head_hash = _tensor_sha256([head.weight]) if head is not None else ""
-    state = model.state_dict()
-    return {
-        "config_vocab_sha256": h.hexdigest(),
-        "output_embedding_sha256": head_hash,
-        "parameters_sha256": _tensor_sha256([state[k] for k in sorted(state)]),
-    }
-
-
-def _tensor_sha256(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_same_tokenizer(base_tok: Any, toxic_tok: Any) -> None:
@@ -161,14 +128,8 @@ def toxify(
     toxic text *after BOS*, exactly the context distillation starts from. ``epochs`` (the paper's unit), when
     given, overrides ``steps``. The base model on disk is never modified.
     """
-    from detox.data import read_texts, sha256_files
-
     check_out_dir(out_dir, overwrite)
-    texts = read_texts(toxic_data, field=field)
-    if max_docs is not None:
-        texts = texts[:max_docs]
-    if not texts:
-        raise DistillError(f"{toxic_data} has no non-empty lines of toxic text")
+    texts = read_training_texts(toxic_data, field, max_docs)
     if max_length < 2:
         raise DistillError(f"max_length must be >= 2; got {max_length}")
     model, tokenizer, spec = _load(base_spec)
@@ -182,23 +143,13 @@ def toxify(
         steps = max(1, math.ceil(epochs * math.ceil(len(examples) / batch_size)))
     if steps is None:
         raise DistillError("pass steps or epochs")
-    t0 = time.time()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    model, losses = train_causal_lm(
-        model, examples, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, desc="toxify",
+    return train_and_save(
+        model, tokenizer, examples, out_dir, kind="toxify", pad_id=pad_id, steps=steps, lr=lr,
+        batch_size=batch_size, seed=seed, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        params={"base": spec, "data": str(toxic_data), "data_sha256": sha256_files([toxic_data]),
+                "documents": len(examples), "max_length": max_length, "epochs": epochs, "start_token_id": start},
     )
-    result = TrainResult(
-        out_dir=str(out_dir), steps=steps, losses=losses, seconds=round(time.time() - t0, 1),
-        params={
-            "kind": "detox.toxify", "base": spec, "data": str(toxic_data), "data_sha256": sha256_files([toxic_data]),
-            "documents": len(examples), "lr": lr, "batch_size": batch_size, "max_length": max_length,
-            "epochs": epochs, "lora": lora, "lora_r": lora_r if lora else None,
-            "lora_alpha": lora_alpha if lora else None, "seed": seed, "start_token_id": start,
-        },
-    )
-    save_model(model, tokenizer, out_dir, result)
-    return result
 
 
 # ---------------------------------------------------------------- distill

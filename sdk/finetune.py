@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from detox.data import read_texts, sha256_files
 from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN, PAPER_STEPS  # noqa: F401
 
 TRAIN_INFO_FILE = "detox_train.json"
@@ -199,6 +200,36 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], info
     return out
 
 
+def read_training_texts(path: str | os.PathLike[str], field: str | None, max_docs: int | None) -> list[str]:
+    """The first ``max_docs`` (all if None) documents :func:`detox.data.read_texts` finds in ``path``; an error
+    naming the file when there are none."""
+    texts = read_texts(path, field=field)[:max_docs]
+    if not texts:
+        raise ValueError(f"{path} has no non-empty texts to train on")
+    return texts
+
+
+def train_and_save(
+    model: Any, tokenizer: Any, examples: list[list[int]], out_dir: str | os.PathLike[str], *, kind: str,
+    pad_id: int, steps: int, lr: float, batch_size: int, seed: int, lora: bool, lora_r: int, lora_alpha: int,
+    params: dict[str, Any],
+) -> TrainResult:
+    """The steps ``finetune`` and ``toxify`` share once they have their examples: train (LoRA merged), record the
+    settings (``params`` plus the training ones) in ``detox_train.json``, save the model."""
+    start = time.time()
+    model, losses = train_causal_lm(
+        model, examples, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, desc=kind,
+    )
+    result = TrainResult(
+        out_dir=str(out_dir), steps=steps, losses=losses, seconds=round(time.time() - start, 1),
+        params={"kind": f"detox.{kind}", **params, "lr": lr, "batch_size": batch_size, "lora": lora,
+                "lora_r": lora_r if lora else None, "lora_alpha": lora_alpha if lora else None, "seed": seed},
+    )
+    save_model(model, tokenizer, out_dir, result)
+    return result
+
+
 def finetune(
     target_spec: str | os.PathLike[str],
     data_path: str | os.PathLike[str],
@@ -220,33 +251,18 @@ def finetune(
     ``data_path`` is anything :func:`detox.data.read_texts` reads (the distilled JSONL's ``text`` field, a CSV with
     ``Text`` such as UniDetox's released set, or plain text). Returns the losses and where the model went.
     """
-    from detox.data import read_texts, sha256_files
     from detox.targets import load_hf_target
 
     check_out_dir(out_dir, overwrite)
-    texts = read_texts(data_path, field=field)
-    if max_docs is not None:
-        texts = texts[:max_docs]
-    if not texts:
-        raise ValueError(f"{data_path} has no non-empty texts to fine-tune on")
+    texts = read_training_texts(data_path, field, max_docs)
     model, tokenizer = load_hf_target(target_spec)
     blocks = pack_texts(texts, tokenizer, seq_len, doc_end_id(model, tokenizer))
     if not blocks:
         raise ValueError(f"{data_path}: the texts tokenize to fewer than 2 tokens; nothing to train on")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    start = time.time()
-    model, losses = train_causal_lm(
-        model, blocks, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, desc="finetune",
+    return train_and_save(
+        model, tokenizer, blocks, out_dir, kind="finetune", pad_id=pad_id, steps=steps, lr=lr,
+        batch_size=batch_size, seed=seed, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        params={"target": str(target_spec), "data": str(data_path), "data_sha256": sha256_files([data_path]),
+                "documents": len(texts), "blocks": len(blocks), "seq_len": seq_len},
     )
-    result = TrainResult(
-        out_dir=str(out_dir), steps=steps, losses=losses, seconds=round(time.time() - start, 1),
-        params={
-            "kind": "detox.finetune", "target": str(target_spec), "data": str(data_path),
-            "data_sha256": sha256_files([data_path]), "documents": len(texts), "blocks": len(blocks),
-            "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "lora": lora,
-            "lora_r": lora_r if lora else None, "lora_alpha": lora_alpha if lora else None, "seed": seed,
-        },
-    )
-    save_model(model, tokenizer, out_dir, result)
-    return result

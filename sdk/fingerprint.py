@@ -9,21 +9,29 @@ The matrix is hashed row chunk by row chunk (:class:`MatrixHasher`), so a target
 files without loading the model (:func:`fingerprint_files`: the GGUF's metadata vocabulary and de-quantized output
 tensor, or a HF directory's tokenizer and memory-mapped safetensors head) — with the same digest as hashing the
 loaded model's whole matrix.
+
+:func:`model_fingerprint` is the other identity, kept here beside it: exact (every parameter's bytes), for resuming a
+UniDetox distillation, where a LoRA-toxified copy must not pass for its base (the target fingerprint cannot tell them
+apart; it is deliberately tolerant of dequantization).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
+from detox.gguf_reader import read_gguf
+from detox.targets import TargetFiles, locate_target
+from detox.tokenizer import hf_vocab_tokens
 
-if TYPE_CHECKING:
-    from detox.targets import TargetFiles
+__all__ = ["hash_vocab", "MatrixHasher", "hash_matrix", "make_fingerprint", "hf_vocab_tokens", "fingerprint_hf",
+           "fingerprint_files", "fingerprint_target", "fingerprint_gguf", "gguf_vocab_and_output", "model_fingerprint"]
 
 
 def hash_vocab(tokens: Sequence[str | None]) -> str:
@@ -76,11 +84,6 @@ def make_fingerprint(tokens: Sequence[str | None], output_embedding: np.ndarray,
     )
 
 
-def hf_vocab_tokens(tokenizer: Any) -> list[str | None]:
-    """Id-ordered token strings of a transformers tokenizer (base vocabulary plus added tokens)."""
-    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-
-
 def fingerprint_hf(model: Any, tokenizer: Any, name: str = "") -> TargetFingerprint:
     """Fingerprint of a transformers causal LM (its output embedding) and its tokenizer."""
     weight = model.get_output_embeddings().weight.detach().float().cpu().numpy()
@@ -112,22 +115,51 @@ def fingerprint_files(target: TargetFiles, keep_output: bool = False,
 
 def fingerprint_target(spec: str | os.PathLike[str], progress: bool = False) -> TargetFingerprint:
     """Fingerprint of a target spec (``.gguf``, ``smollm2``, HF directory, hub id) without loading the model."""
-    from detox.targets import locate_target
-
     return fingerprint_files(locate_target(spec), progress=progress)[0]
 
 
 def fingerprint_gguf(path: str | os.PathLike[str]) -> TargetFingerprint:
     """Fingerprint of a GGUF file: its metadata vocabulary and its output matrix, streamed."""
-    from detox.gguf_reader import read_gguf
-    from detox.targets import TargetFiles
-
     return fingerprint_files(TargetFiles(str(path), Path(path), read_gguf(path)))[0]
 
 
 def gguf_vocab_and_output(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
     """Token strings and the de-quantized float32 output matrix (``output.weight`` or tied ``token_embd.weight``)."""
-    from detox.gguf_reader import read_gguf
-
     gguf = read_gguf(path)
     return gguf.tokens(), gguf.output_matrix()
+
+
+# config keys that differ between two loads of the same weights: left out of model_fingerprint
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                         "_attn_implementation_autoset", "use_cache"}
+
+
+def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
+    """Exact identity of a transformers model, for resuming distillation: what the distill manifest records per model.
+
+    ``config_vocab``: config (minus paths/versions) + tokenizer vocabulary; ``output_embedding``: the LM head
+    weights; ``parameters``: every tensor of the state dict (a LoRA-toxified copy of a tied-embedding model has
+    the base's LM head, so the head alone cannot tell base and toxic apart).
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    head = model.get_output_embeddings()
+    head_hash = _tensor_sha256([head.weight]) if head is not None else ""
+    state = model.state_dict()
+    return {
+        "config_vocab_sha256": h.hexdigest(),
+        "output_embedding_sha256": head_hash,
+        "parameters_sha256": _tensor_sha256([state[k] for k in sorted(state)]),
+    }
+
+
+def _tensor_sha256(tensors: list[Any]) -> str:
+    """sha256 of each torch tensor's dtype, shape and raw bytes (viewed as uint8: numpy has no bfloat16)."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

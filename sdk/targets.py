@@ -151,7 +151,7 @@ class TargetFiles:
         a HF directory's from its tokenizer."""
         if self.gguf is not None:
             return list(self.gguf.tokens()), self.gguf.control_tokens()
-        from detox.fingerprint import hf_vocab_tokens
+        from detox.tokenizer import hf_vocab_tokens
 
         tokenizer = self.tokenizer()
         return hf_vocab_tokens(tokenizer), set(tokenizer.all_special_tokens)

@@ -6,7 +6,7 @@ after re-tokenizing it. One special token, ``<|endoftext|>`` (id 0), serves as B
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -37,3 +37,8 @@ def special_id(tok: Tokenizer) -> int:
     if tid is None:
         raise ValueError(f"calibrator tokenizer has no {SPECIAL} token")
     return tid
+
+
+def hf_vocab_tokens(tokenizer: Any) -> list[str | None]:
+    """Id-ordered token strings of a transformers tokenizer (base vocabulary plus added tokens)."""
+    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))

@@ -36,6 +36,8 @@ import math
 
 import torch
 
+from detox.fusion import top_candidates
+
 # A toxic log-probability of -inf (a token the toxic model rules out completely) would give +inf / NaN scores;
 # clamp it to a floor far below any real log-probability (e**-1e4 is 0 in float32) so the scores stay finite.
 _TOXIC_LOGP_FLOOR = -1e4
@@ -54,14 +56,13 @@ def _check_beta(beta: float) -> None:
 def plausibility_mask(base_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """Boolean ``[batch, vocab]`` mask, True where ``p_base(v) >= alpha * max p_base`` (the tokens kept).
 
-    Computed as ``log p >= log(alpha) + max log p`` on ``log_softmax`` in float32; the argmax is always kept.
+    The rule the fused decoder applies to the target (:func:`detox.fusion.top_candidates`, over the whole vocabulary
+    here): ``log p >= log(alpha) + max log p`` on ``log_softmax`` in float32; the argmax is always kept.
     """
     _check_alpha(alpha)
     logp = torch.log_softmax(base_logits.float(), dim=-1)
-    if alpha == 0:
-        return torch.ones_like(logp, dtype=torch.bool)
-    cutoff = logp.max(dim=-1, keepdim=True).values + math.log(alpha)
-    return logp >= cutoff
+    idx, keep = top_candidates(logp, logp.shape[-1], alpha)
+    return torch.zeros_like(keep).scatter(-1, idx, keep)
 
 
 def contrastive_logits(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (dynamic)
 
 __all__ = ["__version__", "wrap", "Calibrator", "FusionLogitsProcessor"]
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
-
-from detox.bench import format_arms
 
 
 def ab_parser(doc: str) -> argparse.ArgumentParser:
@@ -21,6 +20,17 @@ def ab_parser(doc: str) -> argparse.ArgumentParser:
 
 def target_of(args: argparse.Namespace) -> str:
     return args.target or (str(Path.home() / ".cache/detox/onnx/smollm2") if args.backend == "onnx" else "smollm2")
+
+
+def format_arms(times: dict[str, list[float]], tokens: int, baseline: str = "unfused") -> str:
+    """One line per arm: tokens/s, ms per token and time relative to ``baseline`` (medians)."""
+    base = statistics.median(times[baseline])
+    width = max(len(name) for name in times) + 2
+    lines = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"{name:{width}s} {tokens / med:6.2f} tok/s   {1000 * med / tokens:6.2f} ms/token   {med / base:.3f}x")
+    return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:

@@ -74,17 +74,6 @@ def compare(plain: Callable[[], int], fused: Callable[[], int], repetitions: int
     return BenchResult(tokens=counts[0], plain_seconds=times["plain"], fused_seconds=times["fused"])
 
 
-def format_arms(times: Mapping[str, list[float]], tokens: int, baseline: str = "unfused") -> str:
-    """One line per arm: tokens/s, ms per token and time relative to ``baseline`` (medians)."""
-    base = statistics.median(times[baseline])
-    width = max(len(name) for name in times) + 2
-    lines = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"{name:{width}s} {tokens / med:6.2f} tok/s   {1000 * med / tokens:6.2f} ms/token   {med / base:.3f}x")
-    return "\n".join(lines)
-
-
 def format_result(r: BenchResult, backend: str) -> str:
     return "\n".join([
         f"backend: {backend}, {r.tokens} new tokens per run, {len(r.plain_seconds)} repetitions (median)",

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from detox.config import CalibratorConfig
 
-__all__ = ["CalibratorConfig", "CalibratorLM", "KVCache", "per_token_flops"]
+__all__ = ["CalibratorConfig", "CalibratorLM", "KVCache"]
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -111,10 +111,3 @@ class CalibratorLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def per_token_flops(config: CalibratorConfig) -> int:
-    """Multiply-accumulates of one cached decoding step, without the LM head (fusion never uses it)."""
-    d, f, layers = config.hidden_size, config.ffn_size, config.num_layers
-    return layers * (4 * d * d + 2 * d * f)
-

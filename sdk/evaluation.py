@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -431,8 +430,3 @@ def write_summary(out_dir: Path, summary: dict[str, Any], compare_dir: Path | No
     report = markdown_report(summary, other, out_dir.name, compare_dir.name if compare_dir else "other")
     write_text_atomic(out_dir / REPORT, report)
     log(report)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(), time.perf_counter() - t0

@@ -23,7 +23,9 @@ TOKENIZER_FILE = "tokenizer.json"
 ALIGNMENT_WEIGHTS = "alignment.safetensors"
 CALIBRATOR_ONNX = "calibrator.onnx"  # optional: the calibrator (or contrast pair) for torch-free backends
 ANTI_WEIGHTS = "anti_calibrator.safetensors"  # contrast fusion: the anti-expert (same tokenizer and architecture)
-ANTI_ONNX = "anti_calibrator.onnx"  # written before graph layout 3 (now the pair is one calibrator.onnx); not read
+# the anti-expert's graph before layout 3 (now the pair is one calibrator.onnx): never read, still allowed so that
+# artifacts 3.0.0/3.0.1 load and `detox artifacts reexport-onnx` can bring them up to date (not dead code)
+ANTI_ONNX = "anti_calibrator.onnx"
 SIGNATURE_NAME = "signature.ed25519"  # optional; signs manifest.json, so the manifest cannot list it
 UNLISTED_FILES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})  # the only files an artifact may hold beyond manifest.files
 

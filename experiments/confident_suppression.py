@@ -79,8 +79,10 @@ def reference_sweep(fused, texts: list[str], taus: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tau", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    ap.add_argument("--reference-text", type=Path, default=None)
-    ap.add_argument("--prompts", type=Path, action="append", default=[])
+    ap.add_argument("--reference-text", type=Path, default=None,
+                    help="text file whose likelihood under each setting is also scored (`detox eval --reference-text`)")
+    ap.add_argument("--prompts", type=Path, action="append", default=[],
+                    help="prompts JSONL as `detox eval --prompts` reads it (repeatable)")
     ap.add_argument("--max-prompts", type=int, default=24)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=20)

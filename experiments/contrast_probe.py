@@ -1,7 +1,7 @@
 """Quick probe of expert/anti-expert fusion settings on the HF backend (a dev subset, not the full protocol).
 
-    python experiments/contrast_probe.py --pair /tmp/x/pair2 --prompts 80 --samples 5 \
-        --config none --config 2:64:0.02 --config 4:64:0.02
+    python experiments/contrast_probe.py --pair /tmp/x/pair2 --prompts-file DATA/prompts_dev.jsonl --prompts 80 \
+        --samples 5 --config none --config 2:64:0.02 --config 4:64:0.02
 
 A config is ``none`` or ``STRENGTH:TOP_K:PLAUSIBILITY[:suppress]`` (``suppress``: only the negative log-ratio).
 """
@@ -39,9 +39,10 @@ class WithProcessor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pair", required=True, help="a contrast artifact aligned to SmolLM2 (detox align --anti-expert)")
-    ap.add_argument("--prompts-file", default="../shared/data/prompts_dev.jsonl")
+    ap.add_argument("--prompts-file", required=True,
+                    help="prompts JSONL as `detox eval --prompts` reads it (the development set: prompts_dev.jsonl)")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--samples", type=int, default=5)

@@ -1,11 +1,11 @@
 """Issue 21: identity retention and the likelihood of benign identity text, shipped default vs no calibrator.
 
-Builds benign identity prompts from a ``group<TAB>text`` file (``../shared/data/benign_identity.tsv``) the way the
+Builds benign identity prompts from a ``group<TAB>text`` file (``--data``, e.g. ``benign_identity.tsv``) the way the
 dev set was built (each sentence cut to the first half of its words, 3–12 words; ``group`` kept as the prompt's
 group), writes the whole sentences as a reference-text file, then runs ``detox eval`` without and with the
 calibrator (the fused run also scores the reference text, ``--reference-text``) and prints the numbers.
 
-    nice -n 10 python experiments/identity_retention.py --data ../shared/data/benign_identity.tsv \\
+    nice -n 10 python experiments/identity_retention.py --data DATA/benign_identity.tsv \\
         --out /tmp/h6/identity --max-prompts 100 --samples 5 --max-new-tokens 20
 """
 

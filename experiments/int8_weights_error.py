@@ -4,7 +4,7 @@
   before λ) of the int8 graph against the float32 graph, token by token over development prompts;
 * one cached step of each graph after a 240 MB pass (cold caches, as after the target's forward pass), median of 40.
 
-    python experiments/int8_weights_error.py [--prompts ../shared/data/prompts_dev.jsonl] [--every 12]
+    python experiments/int8_weights_error.py --prompts DATA/prompts_dev.jsonl [--every 12]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from detox.runtime import Calibrator
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", default="../shared/data/prompts_dev.jsonl")
+    ap.add_argument("--prompts", required=True,
+                    help="prompts JSONL as `detox eval --prompts` reads it (the development set: prompts_dev.jsonl)")
     ap.add_argument("--every", type=int, default=12, help="use every N-th prompt")
     args = ap.parse_args()
     cal = Calibrator.load(default_calibrator_path())

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The evaluations behind docs/results.md (issue 9): the shipped contrast calibrator vs no calibrator, same seeds,
 # on every backend and on a second model family. One thread per run so two runs share the 2-core machine.
-#   [TAG=v3] experiments/issue9_evals.sh smollm2-llamacpp|smollm2-hf|smollm2-onnx|gemma-llamacpp|unidetox-hf OUT_ROOT
+#   [TAG=v3] experiments/issue9_evals.sh --prompts FILE smollm2-llamacpp|smollm2-hf|smollm2-onnx|gemma-llamacpp|unidetox-hf OUT_ROOT
+#   --prompts FILE: prompts JSONL as `detox eval --prompts` reads it (the development set, prompts_dev.jsonl)
 # A baseline (no calibrator) that OUT_ROOT already holds is reused; fused runs go to <backend>_$TAG (default
 # "contrast"), so a new shipped calibrator is compared against the same unfused generations.
 # FULL=1 runs the smollm2-hf, smollm2-onnx and gemma-llamacpp cases on all prompts too (into *_full dirs).
 # The strength sweep (transformers): experiments/strength_sweep.py, command in docs/results.md.
 set -euo pipefail
-which=$1; out=${2:-/tmp/evals}; tag=${TAG:-contrast}
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,9p' "$0" | cut -c3-; exit 0; fi
+if [ "${1:-}" != --prompts ] || [ $# -lt 3 ]; then
+  echo "usage: experiments/issue9_evals.sh --prompts FILE CASE [OUT_ROOT] (--help for the cases)" >&2; exit 2
+fi
+prompts=$2; which=$3; out=${4:-/tmp/evals}; tag=${TAG:-contrast}
 subset() { if [ "${FULL:-0}" = 1 ]; then sel=(); sfx=_full; else sel=(--max-prompts "$1"); sfx=; fi; }
 plain() { [ -f "$1/summary.json" ] || detox eval "${@:2}" --no-calibrator "${common[@]}" --out "$1"; }
-prompts=../shared/data/prompts_dev.jsonl
 common=(--prompts "$prompts" --samples 10 --max-new-tokens 20 --top-p 0.9 --seed 0 --threads 1)
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 case $which in

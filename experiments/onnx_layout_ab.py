@@ -4,10 +4,10 @@ this was written, the pair in one graph since 3.0.2: see experiments/pair_graph_
 weights, so the only difference between the fused arms is the graph. The three arms are interleaved in one
 process; medians are printed.
 
-    mkdir -p /tmp/v300 && for f in manifest.json calibrator.onnx anti_calibrator.onnx calibrator.safetensors \\
-        anti_calibrator.safetensors alignment.safetensors tokenizer.json; do \\
-        git show 454f17e:artifacts/shipped/smollm2-135m-instruct/$f > /tmp/v300/$f; done
+    detox artifacts pull smollm2-135m-instruct@3.0.0 --registry REGISTRY --out /tmp/v300
     python experiments/onnx_layout_ab.py --legacy /tmp/v300 --backend hf|onnx|llamacpp [--tokens 32] [--repetitions 5]
+
+(the 3.0.0 artifact from a registry it was published to, or any local copy of it: a directory or ``.detox`` file)
 
 The current runner refuses the old layout, so this script carries a minimal runner for it (comparison only).
 """
@@ -47,12 +47,13 @@ class LegacyOnnxRunner:
 
 def main() -> None:
     ap = ab_parser(__doc__)
-    ap.add_argument("--legacy", required=True, type=Path, help="the 3.0.0 artifact directory (see above)")
+    ap.add_argument("--legacy", required=True, type=Path,
+                    help="the 3.0.0 artifact (directory or .detox), e.g. from `detox artifacts pull` (see above)")
     args = ap.parse_args()
 
     legacy = Calibrator.load(args.legacy)
-    legacy._onnx_runner = PairRunner(LegacyOnnxRunner(args.legacy / "calibrator.onnx"),
-                                     LegacyOnnxRunner(args.legacy / "anti_calibrator.onnx"))
+    legacy._onnx_runner = PairRunner(LegacyOnnxRunner(legacy.path / "calibrator.onnx"),
+                                     LegacyOnnxRunner(legacy.path / "anti_calibrator.onnx"))
     target = target_of(args)
 
     plain, fused_new, new_cal, _ = runners_for(args.backend, target, None, None, args.tokens, args.prompt, "cpu")

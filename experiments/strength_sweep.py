@@ -1,7 +1,7 @@
 """Fusion-strength sweep with ``detox eval``: toxicity vs perplexity (the trade-off curve), as a table and a plot.
 
     python experiments/strength_sweep.py --calibrator artifacts/shipped/smollm2-135m-instruct \
-        --strengths 0,1,2,4,6,8 --max-prompts 100 --samples 5 --out /tmp/sweep --plot docs/strength_sweep.png
+        --prompts DATA/prompts_dev.jsonl --strengths 0,1,2,4,6,8 --max-prompts 100 --samples 5 --out /tmp/sweep --plot docs/strength_sweep.png
 
 Each strength is one resumable ``detox eval`` run in OUT/s<λ>; the baseline (no calibrator) is OUT/none
 (strength 0 gives the same logits; it is kept as a check of that).
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--calibrator", required=True)
     ap.add_argument("--strengths", default="0,1,2,4,6,8")
     ap.add_argument("--backend", default="hf")
-    ap.add_argument("--prompts", default="../shared/data/prompts_dev.jsonl")
+    ap.add_argument("--prompts", required=True,
+                    help="prompts JSONL passed to `detox eval --prompts` (the development set: prompts_dev.jsonl)")
     ap.add_argument("--max-prompts", type=int, default=100)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)

@@ -244,7 +244,8 @@ def verify_signature(path: str | os.PathLike[str], keys: TrustedKeys) -> Manifes
 
 
 def load_verified(path: str | os.PathLike[str], keys: TrustedKeys) -> Artifact:
-    """:func:`~detox.artifacts.cache.load_artifact`, but only for artifacts signed by one of ``keys`` (checked before any tensor is read)."""
+    """:func:`~detox.artifacts.cache.load_artifact`, but only for artifacts signed by one of ``keys`` (checked before
+    any tensor is read)."""
     root = Path(path)
     if root.is_file():
         from detox.artifacts.cache import unpack_cached

@@ -298,5 +298,3 @@ def append_rows(path: Path, rows: list[dict[str, Any]], fault: str) -> None:
     if created:
         _fsync_dir(path.parent)
     fault_point(f"{fault}.written")
-
-

@@ -110,6 +110,21 @@ def test_lean_llamacpp_install_has_no_torch_and_wraps_a_llama_in_one_line(lean):
     assert got["wrapper"] == "DetoxLlama" and got["heavy"] == [] and got["text"].strip()
 
 
+def test_lean_install_carries_the_shipped_artifacts_and_one_version(lean):
+    """The wheel holds what code reads (the shipped calibrator and scorer), not the distilled corpus kept in the
+    repository as a record; its version is read from ``detox.__version__`` (pyproject's version is dynamic)."""
+    script = ("import importlib.metadata, json, detox\n"
+              "from detox.artifacts.shipped import SHIPPED_DIR\n"
+              "print(json.dumps({'dirs': sorted(p.name for p in SHIPPED_DIR.iterdir() if p.is_dir()),\n"
+              "                  'versions': [importlib.metadata.version('detox'), detox.__version__]}))\n")
+    out = _in(lean, python_of(lean), "-c", script)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "smollm2-135m-instruct" in got["dirs"] and "scorer-minilm" in got["dirs"], got
+    assert "distilled" not in got["dirs"], got
+    assert got["versions"][0] == got["versions"][1], got
+
+
 def test_lean_install_generates_exactly_what_the_full_install_does(lean):
     """``detox generate --backend llamacpp`` there, greedy, gives this environment's fused continuation."""
     pytest.importorskip("llama_cpp")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from detox.fusion import FusionHead, fuse_logits
+from detox.fusion import fuse_logits
+from detox.methods.interpolate import FusionHead
 
 
 def _random_case(seed=0, vocab=50, d_t=12, d_c=8):

@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from detox.fusion import check_strength
-from detox.methods import METHODS
+from detox.methods import METHODS, check_strength
 from detox.onnx_calibrator import INT8, WEIGHTS_DTYPES
 
 onnx_weights_option = click.option(

@@ -27,10 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from detox.methods.interpolate import InterpolateConfig
 from detox.token_map import shared_token_pairs
 
 if TYPE_CHECKING:
+    from detox.methods.interpolate import InterpolateConfig
     from detox.runtime import Calibrator
 
 
@@ -90,7 +90,7 @@ def train_vocab_alignment(amap: AlignmentMap, cal_emb: torch.Tensor, tgt_emb: to
     return {"vocab_shared_tokens": float(n), "vocab_final_loss": float(loss.item()), "vocab_top1": correct / max(1, n)}
 
 
-def context_examples(calibrator: "Calibrator", target_tokenizer: Any, texts: list[str], progress: bool = True,
+def context_examples(calibrator: Calibrator, target_tokenizer: Any, texts: list[str], progress: bool = True,
                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibrator states and the target's next token at target-token boundaries that are calibrator-token boundaries.
 
@@ -175,23 +175,19 @@ def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: tor
     }
 
 
-def align(calibrator: "Calibrator", W_out: Any, target_tokenizer: Any, texts: list[str] | None,
-          settings: InterpolateConfig | None = None, seed: int = 0, progress: bool = True,
-          log: Callable[[str], None] = lambda m: None,
-          vocabulary: tuple[list[str | None], set[str]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def align(calibrator: Calibrator, W_out: Any, target_tokenizer: Any, texts: list[str] | None,
+          vocabulary: tuple[list[str | None], set[str]], s: InterpolateConfig, seed: int = 0, progress: bool = True,
+          log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Learn the alignment of ``calibrator`` to a frozen target, given by its output matrix ``W_out``
-    (``[vocab, hidden]``, numpy or torch) and tokenizer; returns ``(arrays, metrics)``. ``vocabulary``: the target's
-    token strings and special tokens (default: the tokenizer's, see :meth:`detox.targets.TargetFiles.vocabulary`)."""
-    s = settings or InterpolateConfig()
+    (``[vocab, hidden]``, numpy or torch), tokenizer and ``vocabulary`` (its token strings and special tokens, see
+    :meth:`detox.targets.TargetFiles.vocabulary`); returns ``(arrays, metrics)``."""
     torch.manual_seed(seed)
     random.seed(seed)
     W_out = torch.as_tensor(W_out).detach().float()
     cal_model = calibrator.torch_model()
     cal_emb = cal_model.embed.weight.detach().float()
     cal_tokens = [calibrator.tokenizer.id_to_token(i) for i in range(calibrator.tokenizer.get_vocab_size())]
-    from detox.fingerprint import hf_vocab_tokens
-
-    tgt_tokens, special = vocabulary or (hf_vocab_tokens(target_tokenizer), set(target_tokenizer.all_special_tokens))
+    tgt_tokens, special = vocabulary
     pairs = shared_token_pairs(cal_tokens, tgt_tokens, special)
     if len(pairs) < 2 * s.vocab_negatives:
         raise ValueError(f"the calibrator and target share only {len(pairs)} token strings; alignment needs more")

@@ -56,14 +56,6 @@ class Head(Protocol):
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array: ...
 
 
-def check_strength(strength: float, mode: str = INTERPOLATE) -> float:
-    """λ as a float in the range of the fusion method ``mode`` (its config's ``max_strength``); every place that
-    accepts a strength validates it here."""
-    from detox.methods import get_method  # not at the top: the method modules are built on this module's math
-
-    return get_method(mode).config.check_strength(strength)
-
-
 class FusedWrapper:
     """What every backend's wrapper shares: a validated ``strength``, ``disable_fusion``, and attribute forwarding
     to the wrapped object (named by ``_wrapped``). Torch-free, so the llama.cpp path can use it."""
@@ -86,7 +78,7 @@ class FusedWrapper:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "strength":
-            self.__dict__["strength"] = check_strength(value, self.__dict__["calibrator"].fusion_mode)
+            self.__dict__["strength"] = self.__dict__["calibrator"].check_strength(value)
         elif name in self._own_attributes:
             self.__dict__[name] = value
         elif name in self.__dict__:  # calibrator, tokenizer, head, the wrapped model: fixed when wrapping
@@ -102,9 +94,10 @@ class FusedWrapper:
 def fuse_logits(logits: Array, term: Array, strength: float) -> Array:
     """``(1 − λ)·logits + λ·term`` over the first ``term.shape[-1]`` entries; extra (padding) logits are kept.
 
-    Never mutates ``logits``; strength 0 returns the input values exactly.
+    Never mutates ``logits``; strength 0 returns the input values exactly. λ is the caller's to validate
+    (:meth:`detox.methods.base.MethodConfig.check_strength`).
     """
-    strength = check_strength(strength)
+    strength = float(strength)
     if strength == 0.0:
         return logits * 1.0
     v = term.shape[-1]
@@ -159,9 +152,9 @@ def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, stre
     """``logits[v] + λ·log_ratio[v]`` on the target's plausible candidates ``idx[keep]``, ``-inf`` elsewhere.
 
     ``idx``/``keep`` come from :func:`top_candidates`, ``log_ratio`` (``[..., k]``) is ``log p_expert − log p_anti``
-    at those candidates. Never mutates ``logits``.
+    at those candidates. Never mutates ``logits``; λ is the caller's to validate.
     """
-    strength = check_strength(strength, CONTRAST)
+    strength = float(strength)
     if _is_torch(logits):
         import torch
 

@@ -13,7 +13,7 @@ import numpy as np
 from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, Manifest, TargetFingerprint
 from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes, load_artifact
 from detox.fusion import INTERPOLATE, Head
-from detox.methods import get_method
+from detox.methods import check_strength, get_method
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -84,6 +84,10 @@ class Calibrator:
     def fusion_mode(self) -> str:
         """``interpolate`` (one calibrator, the paper's rule) or ``contrast`` (expert/anti-expert pair)."""
         return self.manifest.alignment.fusion if self.manifest.alignment else INTERPOLATE
+
+    def check_strength(self, strength: float) -> float:
+        """λ as a float in the range of this artifact's fusion method."""
+        return check_strength(strength, self.fusion_mode)
 
     @property
     def has_anti_expert(self) -> bool:

@@ -10,7 +10,8 @@ import torch
 import detox
 from detox.artifacts import ArtifactError
 from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, CALIBRATOR_ONNX, Manifest
-from detox.fusion import CONTRAST, check_strength, contrast_fuse, top_candidates
+from detox.fusion import CONTRAST, INTERPOLATE, top_candidates
+from detox.methods import check_strength
 from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -106,9 +107,10 @@ def test_identical_expert_and_anti_expert_only_truncate():
 def test_strength_ranges_depend_on_the_mode():
     assert check_strength(4.0, CONTRAST) == 4.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        check_strength(4.0)
+        check_strength(4.0, INTERPOLATE)
+    *_, head = _head(np.random.default_rng(0), top_k=4, plausibility=0.0)
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
-        contrast_fuse(np.zeros(3), np.array([0]), np.array([True]), np.zeros(1), 21.0)
+        head.apply(np.zeros(30), np.zeros(30), 21.0)
 
 
 def test_token_map_maps_each_target_token_to_the_calibrator_token_its_text_starts_with(tiny_calibrator):

@@ -10,8 +10,7 @@ from click.testing import CliRunner
 from detox.artifacts.manifest import AlignmentInfo, Manifest
 from detox.cli.core import align_cmd
 from detox.cli.main import main
-from detox.fusion import check_strength
-from detox.methods import METHODS, get_method
+from detox.methods import METHODS, check_strength, get_method
 from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.methods.interpolate import InterpolateConfig
 from detox.runtime import Calibrator

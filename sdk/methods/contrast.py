@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import Field
 
-from detox.fusion import CONTRAST, _is_torch, check_strength, contrast_fuse, pair_log_ratio, top_candidates
+from detox.fusion import CONTRAST, _is_torch, contrast_fuse, pair_log_ratio, top_candidates
 from detox.methods.base import AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class ContrastHead:
 
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
         """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""
-        if check_strength(strength, CONTRAST) == 0.0:
+        if ContrastConfig.check_strength(strength) == 0.0:
             return logits * 1.0
         idx, keep = top_candidates(logits[..., : self.vocab_size], self.config.top_k, self.config.plausibility)
         return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx), strength)

@@ -71,7 +71,7 @@ class FusionHead:
 
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
         """The fused logits from :meth:`prepare`'s output; never mutates ``logits``."""
-        return fuse_logits(logits, prepared, strength)
+        return fuse_logits(logits, prepared, InterpolateConfig.check_strength(strength))
 
     @property
     def vocab_size(self) -> int:
@@ -105,8 +105,8 @@ def align(inputs: AlignInputs, config: InterpolateConfig) -> Alignment:
 
     data = inputs.data or [default_alignment_text()]
     texts = [t for p in data for t in read_texts(p)]
-    arrays, metrics = learn(inputs.calibrator, inputs.W_out, inputs.target.tokenizer(), texts, config, inputs.seed,
-                            inputs.progress, inputs.log, inputs.vocabulary)
+    arrays, metrics = learn(inputs.calibrator, inputs.W_out, inputs.target.tokenizer(), texts, inputs.vocabulary, config,
+                            inputs.seed, inputs.progress, inputs.log)
     settings = {"ln_eps": config.ln_eps, "vocab_epochs": config.vocab_epochs, "vocab_negatives": config.vocab_negatives,
                 "context_epochs": config.context_epochs, "data_sha256": sha256_files(data)}
     return Alignment(arrays, metrics, config.method, settings)

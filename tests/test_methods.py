@@ -97,3 +97,25 @@ def test_method_options_are_unique_across_methods():
     names = [o.name for m in METHODS.values() for o in m.cli_options]
     flags = [f for m in METHODS.values() for o in m.cli_options for f in o.flags.split("/")]
     assert len(names) == len(set(names)) and len(flags) == len(set(flags))
+
+
+def test_each_method_names_the_alignment_arrays_it_needs(aligned_llama, contrast_llama):
+    """The store checks alignment.safetensors' header against the artifact's method before reading any array."""
+    from detox.artifacts.store import ArtifactError, _check_alignment_shapes, safetensors_shapes
+
+    shapes, manifests = {}, {}
+    for art in (aligned_llama, contrast_llama):
+        manifests[art] = Calibrator.load(art).manifest
+        shapes[art] = safetensors_shapes(art / "alignment.safetensors")
+        _check_alignment_shapes(shapes[art], manifests[art], "here")  # as align_artifact wrote them
+    d_cal, d_tgt = shapes[aligned_llama]["A"]
+    m = manifests[aligned_llama]
+    with pytest.raises(ArtifactError, match=rf"here: A is \[{d_tgt}, {d_cal}\], but .* need \[{d_cal}, {d_tgt}\]; re-run"):
+        _check_alignment_shapes({**shapes[aligned_llama], "A": (d_tgt, d_cal)}, m, "here")
+    with pytest.raises(ArtifactError, match="here: has no 'ln_bias' tensor, which interpolate fusion needs"):
+        _check_alignment_shapes({k: v for k, v in shapes[aligned_llama].items() if k != "ln_bias"}, m, "here")
+    with pytest.raises(ArtifactError, match="here: has no 'token_map' tensor, which contrast fusion needs"):
+        _check_alignment_shapes(shapes[aligned_llama], manifests[contrast_llama], "here")
+    v = manifests[contrast_llama].alignment.target.vocab_size
+    with pytest.raises(ArtifactError, match=rf"token_map is \[{v + 1}\], but the target has {v} tokens"):
+        _check_alignment_shapes({"token_map": (v + 1,)}, manifests[contrast_llama], "here")

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 if TYPE_CHECKING:
-    from detox.artifacts.manifest import AlignmentInfo
+    from detox.artifacts.manifest import AlignmentInfo, TargetFingerprint
     from detox.runtime import Calibrator
     from detox.targets import TargetFiles
 
@@ -106,6 +106,7 @@ class FusionMethod:
 
     config: type[MethodConfig]
     build_head: Callable[["Calibrator", Array, MethodConfig], Any]  # (artifact, target W_out, config) → a Head
+    check_arrays: Callable[[dict[str, tuple[int, ...]], int, "TargetFingerprint"], None]  # see require_shapes
     align: Callable[[AlignInputs, MethodConfig], Alignment]
     cli_options: tuple[CliOption, ...]
     chosen_by: str  # when `detox align` uses this method, for messages
@@ -115,6 +116,16 @@ class FusionMethod:
     @property
     def name(self) -> str:
         return self.config.name
+
+
+def require_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...] | None], fusion: str) -> None:
+    """Raise ValueError unless the alignment arrays' ``shapes`` (read from the file's header, before any data) hold
+    each ``expected`` name with its shape (``None``: any); a method's ``check_arrays`` calls it at load."""
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"has no {name!r} tensor, which {fusion} fusion needs")
+        if shape is not None and shapes[name] != shape:
+            raise ValueError(f"{name} is {list(shapes[name])}, but the manifest's calibrator and target need {list(shape)}")
 
 
 def as_arrays(W_out: Array) -> tuple[Array, Callable[[Any], Array], Callable[[Any], Array]]:

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import Field
 
 from detox.fusion import CONTRAST, _is_torch, contrast_fuse, pair_log_ratio, top_candidates
-from detox.methods.base import AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays
+from detox.methods.base import (
+    AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays, require_shapes,
+)
 
 if TYPE_CHECKING:
-    from detox.artifacts.manifest import AlignmentInfo
+    from detox.artifacts.manifest import AlignmentInfo, TargetFingerprint
     from detox.runtime import Calibrator
 
 TopK = Annotated[int, Field(ge=1)]
@@ -107,6 +109,12 @@ def build_head(calibrator: "Calibrator", W_out: Array, config: ContrastConfig) -
     return ContrastHead(index(token_map), to(calibrator.artifact.calibrator_state[key]), to(anti[key]), config)
 
 
+def check_arrays(shapes: dict[str, tuple[int, ...]], d_cal: int, target: "TargetFingerprint") -> None:
+    require_shapes(shapes, {"token_map": None}, CONTRAST)
+    if len(shapes["token_map"]) != 1 or shapes["token_map"][0] > target.vocab_size:
+        raise ValueError(f"token_map is {list(shapes['token_map'])}, but the target has {target.vocab_size} tokens")
+
+
 def align(inputs: AlignInputs, config: ContrastConfig) -> Alignment:
     """A pair's per-target alignment is only the token map (built from the two vocabularies, no training)."""
     m = inputs.token_map_metrics
@@ -118,6 +126,7 @@ def align(inputs: AlignInputs, config: ContrastConfig) -> Alignment:
 METHOD = FusionMethod(
     config=ContrastConfig,
     build_head=build_head,
+    check_arrays=check_arrays,
     align=align,
     cli_options=(
         CliOption("--top-k", "top_k", "candidate tokens per step."),

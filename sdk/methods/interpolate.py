@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from detox.fusion import INTERPOLATE, fuse_logits
-from detox.methods.base import AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays
+from detox.methods.base import (
+    AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays, require_shapes,
+)
 
 if TYPE_CHECKING:
+    from detox.artifacts.manifest import TargetFingerprint
     from detox.runtime import Calibrator
 
 
@@ -93,6 +96,11 @@ def build_head(calibrator: "Calibrator", W_out: Array, config: InterpolateConfig
     return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), config.ln_eps)
 
 
+def check_arrays(shapes: dict[str, tuple[int, ...]], d_cal: int, target: "TargetFingerprint") -> None:
+    d = target.hidden_size
+    require_shapes(shapes, {"A": (d_cal, d), "ln_weight": (d,), "ln_bias": (d,)}, INTERPOLATE)
+
+
 def default_alignment_text() -> str:
     """Path of the non-toxic sample text shipped for alignment (a user's clone has no training data)."""
     return str(Path(__file__).resolve().parent.parent / "resources" / "align_text.txt")
@@ -115,6 +123,7 @@ def align(inputs: AlignInputs, config: InterpolateConfig) -> Alignment:
 METHOD = FusionMethod(
     config=InterpolateConfig,
     build_head=build_head,
+    check_arrays=check_arrays,
     align=align,
     cli_options=(
         CliOption("--data", "data", "text for contextual alignment. Default: the non-toxic sample shipped with detox.",

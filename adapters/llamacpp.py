@@ -29,7 +29,8 @@ import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusedWrapper, Head, check_strength, prepare_term
+from detox.fusion import FusedWrapper, Head, prepare_term
+from detox.methods import check_strength
 from detox.runtime import Calibrator
 
 __all__ = [

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from detox.fusion import FusedWrapper, Head, check_strength, prepare_term
+from detox.fusion import FusedWrapper, Head, prepare_term
+from detox.methods import check_strength
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner, CalibratorStream
 

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from detox.artifacts.semver import MAX_VERSION_CHARS, is_version
 from detox.config import CalibratorConfig
+from detox.fusion import INTERPOLATE
+from detox.methods import METHODS, MethodConfig, get_method
+from detox.methods.contrast import ContrastConfig, Plausibility, TopK
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -92,26 +95,34 @@ class TrainingInfo(_Strict):
 MIN_MAPPED_SHARE = 0.5  # see AlignmentInfo.mapped_share and docs/align.md
 
 
+_CONTRAST = ContrastConfig()  # format 1 keeps the contrast rule's settings at the top of "alignment"
+
+
+# How an artifact is bound to its target and fused into it. `fusion` names a method of detox.methods, whose config
+# validates (and is rebuilt from) default_strength, its own fields here and `settings`.
 class AlignmentInfo(_Strict):
-    method: str
+    method: str  # how the alignment arrays were made: "vocab+context", "vocab" (interpolate), "token-map" (contrast)
     target: TargetFingerprint
-    fusion: Literal["interpolate", "contrast"] = "interpolate"  # see detox.fusion
-    default_strength: float = Field(ge=0.0, le=20.0)  # ≤ 1 for interpolate (checked below)
-    top_k: int = Field(default=64, ge=1)  # contrast only: candidate tokens per step ...
-    plausibility: float = Field(default=0.001, ge=0.0, le=1.0)  # ... with p ≥ plausibility · max p
-    suppress_only: bool = True  # contrast only: use min(0, log p_expert − log p_anti)
+    fusion: str = Field(default=INTERPOLATE, json_schema_extra={"enum": list(METHODS)})
+    default_strength: float = Field(ge=0.0, le=max(m.config.max_strength for m in METHODS.values()))
+    top_k: TopK = _CONTRAST.top_k  # contrast only: candidate tokens per step ...
+    plausibility: Plausibility = _CONTRAST.plausibility  # ... with p ≥ plausibility · max p
+    suppress_only: bool = _CONTRAST.suppress_only  # contrast only: use min(0, log p_expert − log p_anti)
     seed: int
-    # share of the target's vocabulary whose text the calibrator reads (detox.alignment.check_mapped_share); None:
+    # share of the target's vocabulary whose text the calibrator reads (detox.token_map.check_mapped_share); None:
     # aligned before detox recorded it. detox align refuses below MIN_MAPPED_SHARE unless told otherwise; wrap warns.
     mapped_share: float | None = Field(default=None, ge=0.0, le=1.0)
     metrics: dict[str, float] = {}
     settings: dict[str, float | int | str | bool] = {}
 
     @model_validator(mode="after")
-    def _check_strength(self) -> "AlignmentInfo":
-        if self.fusion == "interpolate" and self.default_strength > 1.0:
-            raise ValueError(f"default_strength of interpolate fusion must be in [0, 1], got {self.default_strength}")
+    def _check_method(self) -> "AlignmentInfo":
+        self.fusion_config()  # an unknown method, or a setting (e.g. default_strength) out of its range
         return self
+
+    def fusion_config(self) -> MethodConfig:
+        """The fusion method's config this artifact was aligned with."""
+        return get_method(self.fusion).config.from_alignment(self)
 
 
 class Manifest(_Strict):
@@ -131,9 +142,12 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _check_pair(self) -> "Manifest":
-        contrast = self.alignment is not None and self.alignment.fusion == "contrast"
-        if contrast != (self.anti_expert is not None):
-            raise ValueError("contrast fusion needs an anti_expert, and only contrast fusion has one")
+        fusion = self.alignment.fusion if self.alignment is not None else None
+        pair = fusion is not None and get_method(fusion).uses_anti_expert
+        if pair != (self.anti_expert is not None):
+            with_anti = ", ".join(m.name for m in METHODS.values() if m.uses_anti_expert)
+            raise ValueError(f"{fusion} fusion needs an anti_expert" if pair else
+                             f"only {with_anti} fusion has an anti_expert, not {fusion or 'an unaligned calibrator'}")
         return self
 
     @field_validator("name")

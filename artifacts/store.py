@@ -32,6 +32,7 @@ from detox.artifacts.manifest import (
     FileEntry,
     Manifest,
 )
+from detox.methods import get_method
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SAFETENSORS_HEADER = 1 << 20  # header of one weights file: a JSON table of names, dtypes, shapes and offsets
@@ -286,22 +287,14 @@ def check_state_shapes(shapes: dict[str, tuple[int, ...]], manifest: Manifest, w
 
 
 def _check_alignment_shapes(shapes: dict[str, tuple[int, ...]], manifest: Manifest, where: Path) -> None:
+    """The alignment arrays its fusion method needs, with the shapes the manifest implies (:mod:`detox.methods`)."""
     al = manifest.alignment
     if al is None:
         return
-    d_cal, d_tgt, v_tgt = manifest.calibrator.hidden_size, al.target.hidden_size, al.target.vocab_size
-    if al.fusion == "contrast":
-        expected = {"token_map": None}
-    else:
-        expected = {"A": (d_cal, d_tgt), "ln_weight": (d_tgt,), "ln_bias": (d_tgt,)}
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise ArtifactError(f"{where} has no {name!r} tensor, which {al.fusion} fusion needs; re-run detox align")
-        if shape is not None and shapes[name] != shape:
-            raise ArtifactError(f"{where}: {name} is {list(shapes[name])}, but the manifest's calibrator (hidden_size "
-                                f"{d_cal}) and target (hidden_size {d_tgt}) need {list(shape)}; re-run detox align")
-    if al.fusion == "contrast" and (len(shapes["token_map"]) != 1 or shapes["token_map"][0] > v_tgt):
-        raise ArtifactError(f"{where}: token_map is {list(shapes['token_map'])}, but the target has {v_tgt} tokens")
+    try:
+        get_method(al.fusion).check_arrays(shapes, manifest.calibrator.hidden_size, al.target)
+    except ValueError as err:
+        raise ArtifactError(f"{where}: {err}; re-run detox align") from None
 
 
 def _check_token_map(alignment: dict[str, np.ndarray] | None, manifest: Manifest, where: Path) -> None:

@@ -125,7 +125,7 @@ def check(path: Path, real: bool) -> None:
     assert fingerprint_gguf(path) == whole, "streamed fingerprint differs from the whole-matrix one"
     print("  streamed fingerprint == whole-matrix fingerprint")
     if real:
-        from detox.alignment import build_token_map
+        from detox.token_map import build_token_map
         from detox.artifacts.shipped import default_calibrator_path
         from detox.fingerprint import hf_vocab_tokens
         from detox.runtime import Calibrator

@@ -20,7 +20,9 @@ import torch
 
 import detox
 from detox.adapters.transformers import FusionLogitsProcessor
-from detox.fusion import CONTRAST, ContrastHead, FusionHead
+from detox.fusion import CONTRAST
+from detox.methods.contrast import ContrastHead
+from detox.methods.interpolate import FusionHead
 from detox.stream import PairRunner
 from detox.targets import load_hf_target
 

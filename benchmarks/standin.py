@@ -18,7 +18,7 @@ def build_standin(fp, cache_dir: Path, name: str = "bench-standin") -> Path:
 
     import detox
     import detox.onnx_calibrator
-    from detox.alignment import default_alignment_text
+    from detox.methods.interpolate import default_alignment_text
     from detox.artifacts.manifest import CALIBRATOR_ONNX
     from detox.artifacts.store import save_artifact
     from detox.calibrator import CalibratorLM

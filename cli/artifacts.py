@@ -143,7 +143,7 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str
     For artifacts exported by an older detox, whose calibrator.onnx this one refuses, or to change
     --onnx-weights; needs no target model. The copy is unsigned: sign it again with `detox artifacts sign`.
     """
-    from detox.alignment import reexport_onnx
+    from detox.artifact_onnx import reexport_onnx
 
     m = reexport_onnx(src, out, version=version, overwrite=overwrite, onnx_weights=onnx_weights)
     click.echo(f"wrote {out} ({m.name}@{m.version})")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import typing
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -10,6 +12,7 @@ from click.core import ParameterSource
 from detox.artifacts.manifest import MIN_MAPPED_SHARE
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, onnx_weights_option, strength_option
+from detox.methods import METHODS
 
 
 @click.command("train")
@@ -57,41 +60,69 @@ def train_cmd(data, out, field, epochs, max_steps, batch_size, seq_len, lr, warm
         click.echo(f"wrote {out}: {m.name}@{m.version}, {m.training.steps} steps, metrics {m.training.metrics}")
 
 
+def _method_options(command: Any) -> Any:
+    """Add every registered fusion method's ``detox align`` options, each with its default and type from the
+    method's config (:mod:`detox.methods`), so defaults live once."""
+    for method in reversed(list(METHODS.values())):
+        for opt in reversed(method.cli_options):
+            help = f"{method.name.capitalize()} fusion: {opt.help}"
+            if opt.files:
+                command = click.option(opt.flags, opt.name, multiple=True, type=click.Path(exists=True, dir_okay=False),
+                                       help=help)(command)
+                continue
+            info = method.config.model_fields[opt.name]
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+            kind = click.Choice(choices) if choices else (None if "/" in opt.flags else info.annotation)
+            command = click.option(opt.flags, opt.name, type=kind, default=info.default, show_default=True,
+                                   help=help)(command)
+    return command
+
+
+def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -> Any:
+    """``method``'s config from ``detox align``'s options; an option of another method given on the command line is
+    a user mistake (that method never reads it): say so instead of silently ignoring it."""
+    ctx = click.get_current_context()
+    for other in METHODS.values():
+        if other is method:
+            continue
+        flags = [o.flags for o in other.cli_options
+                 if ctx.get_parameter_source(o.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+        if flags:
+            raise click.UsageError(f"{', '.join(flags)}: only used by {other.name} fusion ({other.chosen_by}), but this "
+                                   f"alignment uses {method.name} fusion ({method.chosen_by}). Drop them.")
+    own = {o.name: given[o.name] for o in method.cli_options if not o.files}
+    return method.config.parse({**own, **({} if strength is None else {"default_strength": strength})})
+
+
+def _strength_help() -> str:
+    defaults = ", ".join(f"{m.config().default_strength:g} {m.name}" for m in METHODS.values())
+    return f"Default fusion strength recorded in the artifact [default: {defaults}]."
+
+
 @click.command("align")
 @click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
 @click.option("--calibrator", default=None,
               help="Trained (or aligned) calibrator artifact: directory or .detox file. Default: the shipped calibrator.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the aligned artifact to write.")
-@click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Text for contextual alignment. Default: the non-toxic sample shipped with detox.")
-@click.option("--method", type=click.Choice(["vocab+context", "vocab"]), default="vocab+context", show_default=True,
-              help="'vocab' is the paper's InfoNCE over shared tokens; 'vocab+context' adds contextual alignment.")
 @click.option("--anti-expert", default=None, type=click.Path(exists=True),
               help="Anti-expert calibrator (the expert fine-tuned on toxic text: detox train --init EXPERT ...). "
                    "Gives contrast fusion: target + λ·(expert − anti-expert) on the target's plausible tokens. "
                    "A contrast --calibrator keeps its own anti-expert.")
-@click.option("--strength", default=None, type=float,
-              help="Default fusion strength recorded in the artifact [default: 0.3 interpolate, 8.0 contrast].")
-@click.option("--top-k", default=64, show_default=True, help="Contrast fusion: candidate tokens per step.")
-@click.option("--plausibility", default=0.001, show_default=True,
-              help="Contrast fusion: candidates need p ≥ plausibility · max p under the target.")
-@click.option("--suppress-only/--two-sided", default=True, show_default=True,
-              help="Contrast fusion: only push down tokens the anti-expert prefers (min(0, log-ratio)).")
+@click.option("--fusion", default=None, type=click.Choice(sorted(METHODS)),
+              help="Fusion method (docs/method.md) [default: contrast with an anti-expert, else interpolate].")
+@click.option("--strength", default=None, type=float, help=_strength_help())
+@_method_options
 @onnx_weights_option
 @click.option("--min-mapped-share", default=MIN_MAPPED_SHARE, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Refuse a target unless at least this share of its vocabulary has text the calibrator can read "
                    "(real targets: 97-99%; see docs/align.md).")
-@click.option("--vocab-epochs", default=8, show_default=True)
-@click.option("--context-epochs", default=3, show_default=True)
-@click.option("--max-docs", default=4000, show_default=True, help="Documents of --data used for contextual alignment.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--name", default=None, help="Artifact name (default: the calibrator's).")
 @click.option("--version", "version", default=None, help="Artifact version (default: the calibrator's).")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_k, plausibility, suppress_only,
-              onnx_weights, min_mapped_share, vocab_epochs, context_epochs, max_docs, seed, name, version,
-              overwrite) -> None:
+def align_cmd(target, calibrator, out, anti_expert, fusion, strength, onnx_weights, min_mapped_share, seed, name, version,
+              overwrite, **method_options) -> None:
     """Align a calibrator to a target model (target frozen) and write an artifact bound to that target.
 
     The target is not loaded: only its vocabulary (and, for interpolate artifacts, its output matrix) is read from
@@ -100,36 +131,14 @@ def align_cmd(target, calibrator, out, data, method, anti_expert, strength, top_
     from detox.artifacts.shipped import default_calibrator_path
 
     calibrator = calibrator or str(default_calibrator_path())
-    _refuse_options_of_the_other_fusion(alignment_fusion(calibrator, anti_expert))
-    s = AlignSettings(method=method, default_strength=strength, vocab_epochs=vocab_epochs, context_epochs=context_epochs,
-                      max_context_docs=max_docs, seed=seed, top_k=top_k, plausibility=plausibility,
-                      suppress_only=suppress_only, onnx_weights=onnx_weights, min_mapped_share=min_mapped_share)
-    m = align_artifact(calibrator, target, out, list(data) or None, s, name=name,
+    config = _method_config(alignment_fusion(calibrator, anti_expert, fusion), strength, method_options)
+    s = AlignSettings(config, onnx_weights=onnx_weights, min_mapped_share=min_mapped_share, seed=seed)
+    m = align_artifact(calibrator, target, out, list(method_options.get("data", ())) or None, s, name=name,
                        version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
                        anti_expert=anti_expert)
     metrics = m.alignment.metrics
     click.echo(f"wrote {out}: aligned to {m.alignment.target.name} in {metrics['align_seconds']:.1f}s; "
                + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "align_seconds"))
-
-
-_INTERPOLATE_ONLY = ("data", "method", "vocab_epochs", "context_epochs", "max_docs")
-_CONTRAST_ONLY = ("top_k", "plausibility", "suppress_only")
-
-
-def _refuse_options_of_the_other_fusion(fusion: str) -> None:
-    """An option the chosen fusion never reads is a user mistake: say so instead of silently ignoring it."""
-    ctx = click.get_current_context()
-    given = [n for n in (_INTERPOLATE_ONLY if fusion == "contrast" else _CONTRAST_ONLY)
-             if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
-    if not given:
-        return
-    opts = {p.name: "/".join(p.opts + p.secondary_opts) for p in ctx.command.params}
-    flags = ", ".join(opts[n] for n in given)
-    if fusion == "contrast":
-        raise click.UsageError(f"{flags}: only used by interpolate alignment, but this alignment is a contrast pair "
-                               "(--anti-expert, or a contrast --calibrator) whose alignment is a token map. Drop them.")
-    raise click.UsageError(f"{flags}: only used by contrast fusion; pass --anti-expert (an anti-expert calibrator) "
-                           "or drop them.")
 
 
 @click.command("generate")

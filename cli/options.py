@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from detox.fusion import CONTRAST, MAX_STRENGTH, check_strength
+from detox.methods import METHODS, check_strength
 from detox.onnx_calibrator import INT8, WEIGHTS_DTYPES
 
 onnx_weights_option = click.option(
@@ -16,8 +16,9 @@ onnx_weights_option = click.option(
          "decoding step, about 1% error) or float32 (exact).")
 
 strength_option = click.option(
-    "--strength", default=None, type=click.FloatRange(0.0, MAX_STRENGTH[CONTRAST]),
-    help="Fusion strength λ: [0, 1] for interpolate artifacts, [0, 20] for contrast ones (default: the artifact's).")
+    "--strength", default=None, type=click.FloatRange(0.0, max(m.config.max_strength for m in METHODS.values())),
+    help="Fusion strength λ: " + ", ".join(f"[0, {m.config.max_strength:g}] for {m.name}" for m in METHODS.values())
+         + " artifacts (default: the artifact's).")
 
 
 def load_calibrator_early(calibrator: str | None, strength: float | None) -> Any:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detox.fusion import ContrastHead
+from detox.methods.contrast import ContrastHead
 
 
 @dataclass
@@ -41,8 +41,7 @@ class ConfidentContrastHead(ContrastHead):
 
 
 def with_tau(head: ContrastHead, tau: float) -> ConfidentContrastHead:
-    return ConfidentContrastHead(head.token_map, head.expert_out, head.anti_out, head.top_k, head.plausibility,
-                                 head.suppress_only, tau=tau)
+    return ConfidentContrastHead(head.token_map, head.expert_out, head.anti_out, head.config, tau=tau)
 
 
 def reference_sweep(fused, texts: list[str], taus: list[float]) -> dict:

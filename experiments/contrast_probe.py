@@ -26,7 +26,7 @@ from detox.targets import load_hf_target
 def contrast_processor(pair: Calibrator, model, tok, lam: float, k: int, alpha: float, suppress: bool) -> FusionLogitsProcessor:
     """The product's processor with the candidate settings overridden (the artifact records its defaults)."""
     proc = FusionLogitsProcessor(pair, model, tok, lam)
-    proc.head.top_k, proc.head.plausibility, proc.head.suppress_only = k, alpha, suppress
+    proc.head.config = proc.head.config.model_copy(update={"top_k": k, "plausibility": alpha, "suppress_only": suppress})
     return proc
 
 

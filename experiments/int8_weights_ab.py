@@ -7,7 +7,7 @@
     python experiments/int8_weights_ab.py --backend hf|onnx|llamacpp [--tokens 32] [--repetitions 5]
 
 Greedy decoding of a fixed number of tokens; both artifacts are made here from the shipped one with
-``detox.alignment.reexport_onnx`` (same weights, only calibrator.onnx differs).
+``detox.artifact_onnx.reexport_onnx`` (same weights, only calibrator.onnx differs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ab_common import ab_parser, report, target_of
-from detox.alignment import reexport_onnx
+from detox.artifact_onnx import reexport_onnx
 from detox.artifacts.shipped import default_calibrator_path
 from detox.bench import time_arms
 from detox.cli.bench import runners_for

@@ -1,14 +1,25 @@
-"""Interpolate alignment (the torch half of :mod:`detox.alignment`): learn the map ``A`` and the fusion LayerNorm.
+"""Interpolate alignment, the torch half of :mod:`detox.methods.interpolate`: learn the map ``A`` and the LayerNorm.
 
-Split from :mod:`detox.alignment` so that a contrast pair's alignment (a token map and a streamed fingerprint)
-never imports torch; these names stay importable from :mod:`detox.alignment`.
+Two stages, both with the target frozen:
+
+1. ``vocab`` — the paper's method (synlp/LLM-Detoxic): over token strings both vocabularies share, the
+   calibrator's embedding row mapped through ``A`` must score its own target output-embedding row above
+   ``n`` randomly sampled other shared tokens (InfoNCE). Cross-tokenizer: tokens are matched by the text
+   they decode to, not by id.
+2. ``context`` (default, on top of 1) — run the calibrator over shared text exactly as it runs during
+   generation (its own tokens, re-tokenized from text) and train ``A`` and the LayerNorm so that the fusion
+   term ``W_out·LayerNorm(h_cal·A)`` predicts the target's next token at every target-token boundary that
+   is also a calibrator-token boundary. This aligns contextual states, not just embeddings, and learns the
+   LayerNorm the paper leaves untrained.
+
+Its own module so that the method's config and head (and a contrast pair's alignment) never import torch.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -16,8 +27,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from detox.alignment import AlignSettings, shared_token_pairs
-from detox.runtime import Calibrator
+from detox.token_map import shared_token_pairs
+
+if TYPE_CHECKING:
+    from detox.methods.interpolate import InterpolateConfig
+    from detox.runtime import Calibrator
 
 
 class AlignmentMap(nn.Module):
@@ -40,9 +54,9 @@ class AlignmentMap(nn.Module):
 
 
 def train_vocab_alignment(amap: AlignmentMap, cal_emb: torch.Tensor, tgt_emb: torch.Tensor, pairs: list[tuple[int, int]],
-                          s: AlignSettings, progress: bool = True) -> dict[str, float]:
+                          s: InterpolateConfig, progress: bool = True, seed: int = 0) -> dict[str, float]:
     """The paper's InfoNCE over shared tokens: positive = own target row, ``n`` random shared negatives."""
-    g = torch.Generator().manual_seed(s.seed)
+    g = torch.Generator().manual_seed(seed)
     cal_ids = torch.tensor([p[0] for p in pairs])
     tgt_ids = torch.tensor([p[1] for p in pairs])
     X = cal_emb[cal_ids]
@@ -116,9 +130,9 @@ def context_examples(calibrator: Calibrator, target_tokenizer: Any, texts: list[
 
 
 def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: torch.Tensor, labels: torch.Tensor,
-                            s: AlignSettings, progress: bool = True) -> dict[str, float]:
+                            s: InterpolateConfig, progress: bool = True, seed: int = 0) -> dict[str, float]:
     """Cross-entropy of the target's next token under ``W_out·LayerNorm(h_cal·A)``; held-out CE before and after."""
-    g = torch.Generator().manual_seed(s.seed)
+    g = torch.Generator().manual_seed(seed)
     n = len(labels)
     perm = torch.randperm(n, generator=g)
     n_eval = max(1, int(n * s.eval_fraction))
@@ -162,34 +176,28 @@ def train_context_alignment(amap: AlignmentMap, W_out: torch.Tensor, states: tor
 
 
 def align(calibrator: Calibrator, W_out: Any, target_tokenizer: Any, texts: list[str] | None,
-          settings: AlignSettings | None = None, progress: bool = True,
-          log: Callable[[str], None] = lambda m: None,
-          vocabulary: tuple[list[str | None], set[str]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+          vocabulary: tuple[list[str | None], set[str]], s: InterpolateConfig, seed: int = 0, progress: bool = True,
+          log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Learn the alignment of ``calibrator`` to a frozen target, given by its output matrix ``W_out``
-    (``[vocab, hidden]``, numpy or torch) and tokenizer; returns ``(arrays, metrics)``. ``vocabulary``: the target's
-    token strings and special tokens (default: the tokenizer's, see :meth:`detox.targets.TargetFiles.vocabulary`)."""
-    s = settings or AlignSettings()
-    if s.method not in ("vocab", "vocab+context"):
-        raise ValueError(f"unknown alignment method {s.method!r}; use 'vocab' or 'vocab+context'")
-    torch.manual_seed(s.seed)
-    random.seed(s.seed)
+    (``[vocab, hidden]``, numpy or torch), tokenizer and ``vocabulary`` (its token strings and special tokens, see
+    :meth:`detox.targets.TargetFiles.vocabulary`); returns ``(arrays, metrics)``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
     W_out = torch.as_tensor(W_out).detach().float()
     cal_model = calibrator.torch_model()
     cal_emb = cal_model.embed.weight.detach().float()
     cal_tokens = [calibrator.tokenizer.id_to_token(i) for i in range(calibrator.tokenizer.get_vocab_size())]
-    from detox.fingerprint import hf_vocab_tokens
-
-    tgt_tokens, special = vocabulary or (hf_vocab_tokens(target_tokenizer), set(target_tokenizer.all_special_tokens))
+    tgt_tokens, special = vocabulary
     pairs = shared_token_pairs(cal_tokens, tgt_tokens, special)
     if len(pairs) < 2 * s.vocab_negatives:
         raise ValueError(f"the calibrator and target share only {len(pairs)} token strings; alignment needs more")
     log(f"{len(pairs)} token strings shared by both vocabularies")
     amap = AlignmentMap(cal_model.config.hidden_size, W_out.shape[1], eps=s.ln_eps)
-    metrics = train_vocab_alignment(amap, cal_emb, W_out[: len(tgt_tokens)], pairs, s, progress)
+    metrics = train_vocab_alignment(amap, cal_emb, W_out[: len(tgt_tokens)], pairs, s, progress, seed)
     if s.method == "vocab+context":
         if not texts:
             raise ValueError("contextual alignment needs text: pass --data FILE (or use --method vocab)")
         texts = texts[: s.max_context_docs]
         states, labels = context_examples(calibrator, target_tokenizer, texts, progress)
-        metrics.update(train_context_alignment(amap, W_out, states, labels, s, progress))
+        metrics.update(train_context_alignment(amap, W_out, states, labels, s, progress, seed))
     return amap.arrays(), metrics

@@ -16,7 +16,8 @@ and with ``x = h_cal · A``, ``μ``/``σ`` its mean/std over the target width, a
 ``vocab × d_cal`` product instead of a second full LM head — and backends that only expose logits
 (llama.cpp) can fuse too. Functions here use only operators that torch and numpy share.
 
-The default shipped artifact uses the second mode, ``contrast`` (:class:`ContrastHead`): an *expert* calibrator
+That is the ``interpolate`` method (:mod:`detox.methods.interpolate`). The default shipped artifact uses the second,
+``contrast`` (:mod:`detox.methods.contrast`): an *expert* calibrator
 (clean text: UniDetox-distilled since 3.0.0) and an *anti-expert* (the expert fine-tuned on toxic text), read in their own vocabulary and
 mapped to the target's tokens by text; on the target's plausible tokens::
 
@@ -29,72 +30,30 @@ mapped to the target's tokens by text; on the target's plausible tokens::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
 
-INTERPOLATE = "interpolate"  # the paper's (1 − λ)·target + λ·calibrator
-CONTRAST = "contrast"  # expert/anti-expert: target + λ·(expert − anti-expert) on the target's plausible tokens
-MAX_STRENGTH = {INTERPOLATE: 1.0, CONTRAST: 20.0}
+INTERPOLATE = "interpolate"  # the paper's (1 − λ)·target + λ·calibrator: detox.methods.interpolate
+CONTRAST = "contrast"  # expert/anti-expert: target + λ·(expert − anti-expert), detox.methods.contrast
 
 
-def _mean_last(x: Array) -> Array:
-    return x.mean(-1)[..., None]
+class Head(Protocol):
+    """What a fusion method's head (``Calibrator.fusion_head``) gives every backend: the part of the fusion that
+    needs no target logits (:meth:`prepare`, overlapped with the target's step) and the fused logits (:meth:`apply`)."""
 
-
-@dataclass
-class FusionHead:
-    """Precomputed per-target pieces of ``W_out · LayerNorm(h_cal · A)``."""
-
-    A: Array  # [d_cal, d_target]
-    P: Array  # [vocab, d_cal]
-    g: Array  # [vocab]
-    b: Array  # [vocab]
-    eps: float
-    mode = INTERPOLATE
-
-    @classmethod
-    def build(cls, W_out: Array, A: Array, ln_weight: Array, ln_bias: Array, eps: float = 1e-5) -> "FusionHead":
-        """Precompute ``P``, ``g``, ``b`` from the target's output embedding ``W_out`` ([vocab, d_target])."""
-        if W_out.shape[1] != A.shape[1]:
-            raise ValueError(f"alignment maps into width {A.shape[1]} but the target's hidden size is {W_out.shape[1]}")
-        P = (W_out * ln_weight[None, :]) @ A.T
-        return cls(A=A, P=P, g=W_out @ ln_weight, b=W_out @ ln_bias, eps=eps)
+    mode: str  # the fusion method's name
 
     @property
-    def device(self) -> Any:
-        return getattr(self.P, "device", None)
-
-    def prepare(self, hidden: Array) -> Array:
-        """What a backend may compute before the target's logits are known (overlapped with the target's step)."""
-        return self.term(hidden)
-
-    def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
-        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``."""
-        return fuse_logits(logits, prepared, strength)
+    def vocab_size(self) -> int: ...
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.P.shape[0])
+    def device(self) -> Any: ...
 
-    def term(self, h_cal: Array) -> Array:
-        """``W_out · LayerNorm(h_cal · A)`` for ``h_cal`` of shape ``[..., d_cal]``; returns ``[..., vocab]``."""
-        x = h_cal @ self.A
-        mu = _mean_last(x)
-        var = _mean_last((x - mu) ** 2)
-        inv_std = (var + self.eps) ** -0.5
-        return (h_cal @ self.P.T - mu * self.g) * inv_std + self.b
+    def prepare(self, hidden: Array) -> Array: ...
 
-
-def check_strength(strength: float, mode: str = INTERPOLATE) -> float:
-    """λ as a float in the range of the fusion ``mode``; every place that accepts a strength validates it here."""
-    value = float(strength)
-    top = MAX_STRENGTH[mode]
-    if not 0.0 <= value <= top:
-        raise ValueError(f"fusion strength for {mode} fusion must be in [0, {top:g}], got {strength}")
-    return value
+    def apply(self, logits: Array, prepared: Array, strength: float) -> Array: ...
 
 
 class FusedWrapper:
@@ -119,7 +78,7 @@ class FusedWrapper:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "strength":
-            self.__dict__["strength"] = check_strength(value, self.__dict__["calibrator"].fusion_mode)
+            self.__dict__["strength"] = self.__dict__["calibrator"].check_strength(value)
         elif name in self._own_attributes:
             self.__dict__[name] = value
         elif name in self.__dict__:  # calibrator, tokenizer, head, the wrapped model: fixed when wrapping
@@ -135,9 +94,10 @@ class FusedWrapper:
 def fuse_logits(logits: Array, term: Array, strength: float) -> Array:
     """``(1 − λ)·logits + λ·term`` over the first ``term.shape[-1]`` entries; extra (padding) logits are kept.
 
-    Never mutates ``logits``; strength 0 returns the input values exactly.
+    Never mutates ``logits``; strength 0 returns the input values exactly. λ is the caller's to validate
+    (:meth:`detox.methods.base.MethodConfig.check_strength`).
     """
-    strength = check_strength(strength)
+    strength = float(strength)
     if strength == 0.0:
         return logits * 1.0
     v = term.shape[-1]
@@ -192,9 +152,9 @@ def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, stre
     """``logits[v] + λ·log_ratio[v]`` on the target's plausible candidates ``idx[keep]``, ``-inf`` elsewhere.
 
     ``idx``/``keep`` come from :func:`top_candidates`, ``log_ratio`` (``[..., k]``) is ``log p_expert − log p_anti``
-    at those candidates. Never mutates ``logits``.
+    at those candidates. Never mutates ``logits``; λ is the caller's to validate.
     """
-    strength = check_strength(strength, CONTRAST)
+    strength = float(strength)
     if _is_torch(logits):
         import torch
 
@@ -206,63 +166,6 @@ def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, stre
     out = np.full_like(logits, -np.inf)
     np.put_along_axis(out, idx, vals, -1)
     return out
-
-
-@dataclass
-class ContrastHead:
-    """Expert/anti-expert fusion: the calibrators' own next-token distributions, read at the target's candidates.
-
-    Both calibrators share one tokenizer; each target token ``v`` is mapped (``token_map``, built by ``detox align``
-    from the two vocabularies) to the calibrator token that starts its text. On the target's plausible tokens::
-
-        fused[v] = logits_target[v] + λ · (log p_expert(map v) − log p_anti(map v))        (−inf elsewhere)
-
-    Target tokens with no calibrator counterpart (``-1``: special or partial-byte tokens) get no change.
-    """
-
-    token_map: Array  # [vocab_target] int, -1 = no counterpart
-    expert_out: Array  # [vocab_cal, d_cal] the expert's (tied) output embedding
-    anti_out: Array  # [vocab_cal, d_cal] the anti-expert's
-    top_k: int = 64  # at most this many of the target's tokens are candidates ...
-    plausibility: float = 0.001  # ... those with p ≥ plausibility · max p
-    suppress_only: bool = True  # use min(0, log-ratio): push down what the anti-expert prefers, boost nothing
-    mode = CONTRAST
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.token_map.shape[0])
-
-    @property
-    def device(self) -> Any:
-        return getattr(self.expert_out, "device", None)
-
-    def prepare(self, hidden: Array) -> Array:
-        """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
-        ``[..., 2, d_cal]`` (expert first); needs no target logits, so backends overlap it with the target's step."""
-        return pair_log_ratio(hidden, self.expert_out, self.anti_out)
-
-    def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
-        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""
-        if check_strength(strength, CONTRAST) == 0.0:
-            return logits * 1.0
-        idx, keep = top_candidates(logits[..., : self.vocab_size], self.top_k, self.plausibility)
-        return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx), strength)
-
-    def ratio_at(self, prepared: Array, idx: Array) -> Array:
-        """The log-ratio the rule adds at target tokens ``idx`` (``[..., k]``) from :meth:`prepare`'s output:
-        0 for unmapped tokens, clipped at 0 with ``suppress_only``."""
-        cal_ids = self.token_map[idx]
-        mapped = cal_ids >= 0
-        if _is_torch(prepared):
-            ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
-            return ratio.clip(max=0.0) if self.suppress_only else ratio
-        import numpy as np
-
-        ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
-        return ratio.clip(None, 0.0) if self.suppress_only else ratio
-
-
-Head = FusionHead | ContrastHead  # what Calibrator.fusion_head returns and every adapter fuses with
 
 
 def prepare_term(head: Head, output: Array, runner: Any) -> Array:

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
-from detox.fusion import ContrastHead, Head
+from detox.fusion import Head
+from detox.methods.contrast import ContrastHead
 
 
 def read_lines(path: str | os.PathLike[str]) -> list[str]:

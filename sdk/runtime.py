@@ -13,7 +13,8 @@ import numpy as np
 from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, Manifest, TargetFingerprint
 from detox.artifacts.cache import load_artifact
 from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes
-from detox.fusion import INTERPOLATE, ContrastHead, FusionHead, Head
+from detox.fusion import INTERPOLATE, Head
+from detox.methods import check_strength, get_method
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -84,6 +85,10 @@ class Calibrator:
     def fusion_mode(self) -> str:
         """``interpolate`` (one calibrator, the paper's rule) or ``contrast`` (expert/anti-expert pair)."""
         return self.manifest.alignment.fusion if self.manifest.alignment else INTERPOLATE
+
+    def check_strength(self, strength: float) -> float:
+        """λ as a float in the range of this artifact's fusion method."""
+        return check_strength(strength, self.fusion_mode)
 
     @property
     def has_anti_expert(self) -> bool:
@@ -182,28 +187,13 @@ class Calibrator:
         return self.artifact.alignment
 
     def fusion_head(self, W_out: Any) -> Head:
-        """Precompute the fusion head for a target output embedding (torch tensor or numpy array): a
-        :class:`FusionHead` (interpolate) or :class:`ContrastHead` (contrast), on W_out's framework and device."""
-        a = self.alignment_arrays()
-        al = self.manifest.alignment
-        if hasattr(W_out, "detach"):
-            import torch
-
-            W = W_out.detach().float()
-            to = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(W.device)  # noqa: E731
-            index = lambda x: torch.from_numpy(np.asarray(x, dtype=np.int64)).to(W.device)  # noqa: E731
-        else:
-            W = np.asarray(W_out, dtype=np.float32)
-            to = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
-            index = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-        if self.fusion_mode == INTERPOLATE:
-            eps = float(al.settings.get("ln_eps", 1e-5)) if al else 1e-5
-            return FusionHead.build(W, to(a["A"]), to(a["ln_weight"]), to(a["ln_bias"]), eps)
-        if "token_map" not in a or self.artifact.anti_state is None:
-            raise ArtifactError(f"{self.path}: a contrast artifact needs a token map and an anti-expert; re-run detox align")
-        token_map = a["token_map"]
-        if token_map.shape[0] > W.shape[0]:
-            raise ArtifactError(f"{self.path}: token map covers {token_map.shape[0]} tokens, the target has {W.shape[0]}")
-        key = "embed.weight"
-        return ContrastHead(index(token_map), to(self.artifact.calibrator_state[key]), to(self.artifact.anti_state[key]),
-                            top_k=al.top_k, plausibility=al.plausibility, suppress_only=al.suppress_only)
+        """Precompute the fusion head of this artifact's method (:mod:`detox.methods`) for a target output embedding
+        (torch tensor or numpy array), on W_out's framework and device."""
+        self.alignment_arrays()  # an unaligned calibrator has no head: say so before anything else
+        config = self.manifest.alignment.fusion_config()
+        try:
+            return get_method(self.fusion_mode).build_head(self, W_out, config)
+        except ArtifactError:
+            raise
+        except ValueError as err:  # the alignment does not fit this target, or the artifact misses a piece
+            raise ArtifactError(f"{self.path}: {err}") from None

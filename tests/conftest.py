@@ -115,9 +115,10 @@ def tiny_anti(tiny_calibrator, tmp_path_factory) -> Path:
 def contrast_llama(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path_factory) -> Path:
     """The tiny expert/anti-expert pair aligned to the tiny llama target (contrast fusion)."""
     from detox.alignment import AlignSettings, align_artifact
+    from detox.methods.contrast import ContrastConfig
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-llama-contrast"
-    s = AlignSettings(top_k=20, plausibility=0.001, onnx_weights=EXACT)
+    s = AlignSettings(ContrastConfig(top_k=20, plausibility=0.001), onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), settings=s,
                    progress=False, log=lambda m: None, anti_expert=str(tiny_anti))
     return out
@@ -126,9 +127,11 @@ def contrast_llama(tiny_calibrator, tiny_anti, llama_target_dir, tmp_path_factor
 @pytest.fixture(scope="session")
 def aligned_llama(tiny_calibrator, llama_target_dir, tmp_path_factory) -> Path:
     from detox.alignment import AlignSettings, align_artifact
+    from detox.methods.interpolate import InterpolateConfig
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-llama"
-    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4, onnx_weights=EXACT)
+    s = AlignSettings(InterpolateConfig(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4),
+                      onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(llama_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
                    progress=False, log=lambda m: None)
     return out
@@ -137,9 +140,11 @@ def aligned_llama(tiny_calibrator, llama_target_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def aligned_gpt2(tiny_calibrator, gpt2_target_dir, tmp_path_factory) -> Path:
     from detox.alignment import AlignSettings, align_artifact
+    from detox.methods.interpolate import InterpolateConfig
 
     out = tmp_path_factory.mktemp("aligned") / "tiny-gpt2"
-    s = AlignSettings(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4, onnx_weights=EXACT)
+    s = AlignSettings(InterpolateConfig(vocab_epochs=2, context_epochs=1, max_context_docs=60, default_strength=0.4),
+                      onnx_weights=EXACT)
     align_artifact(str(tiny_calibrator), str(gpt2_target_dir), str(out), data=[str(SAMPLE_TEXT)], settings=s,
                    progress=False, log=lambda m: None)
     return out

@@ -114,7 +114,7 @@ def test_gguf_vocabulary_gives_the_shipped_token_map_with_control_tokens_unmappe
     tokenizer of the loaded GGUF) except for the GGUF's CONTROL tokens, which are now special (unmapped): transformers'
     GGUF tokenizer marks only <|im_start|> and <|endoftext|> special, so the old map sent <|im_end|> — the model's
     end-of-turn token — and 14 other control tokens to the calibrator's "<"."""
-    from detox.alignment import build_token_map
+    from detox.token_map import build_token_map
     from detox.runtime import Calibrator
 
     shipped = Calibrator.load(SHIPPED)

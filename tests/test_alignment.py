@@ -3,10 +3,9 @@
 import torch
 from transformers import AutoTokenizer
 
-from detox.alignment import (
-    AlignmentMap, AlignSettings, context_examples, shared_token_pairs, token_surface, train_context_alignment,
-    train_vocab_alignment,
-)
+from detox.align_interpolate import AlignmentMap, context_examples, train_context_alignment, train_vocab_alignment
+from detox.methods.interpolate import InterpolateConfig
+from detox.token_map import shared_token_pairs, token_surface
 from detox.fingerprint import hf_vocab_tokens
 from detox.runtime import Calibrator
 
@@ -41,9 +40,9 @@ def test_vocab_infonce_recovers_a_planted_map():
     tgt_emb = cal_emb @ A_true + 0.05 * torch.randn(n, d_t, generator=g)
     pairs = [(i, i) for i in range(n)]
     torch.manual_seed(0)
-    untrained = train_vocab_alignment(AlignmentMap(d_c, d_t), cal_emb, tgt_emb, pairs, AlignSettings(vocab_epochs=0), progress=False)
+    untrained = train_vocab_alignment(AlignmentMap(d_c, d_t), cal_emb, tgt_emb, pairs, InterpolateConfig(vocab_epochs=0), progress=False)
     torch.manual_seed(0)
-    trained = train_vocab_alignment(AlignmentMap(d_c, d_t), cal_emb, tgt_emb, pairs, AlignSettings(vocab_epochs=30), progress=False)
+    trained = train_vocab_alignment(AlignmentMap(d_c, d_t), cal_emb, tgt_emb, pairs, InterpolateConfig(vocab_epochs=30), progress=False)
     # top-1 retrieval of the own target row among all 400 by dot product; chance is 1/400
     assert untrained["vocab_top1"] < 0.03
     assert trained["vocab_top1"] > 0.12
@@ -58,7 +57,7 @@ def test_contextual_alignment_lowers_heldout_loss_on_a_learnable_problem():
     with torch.no_grad():
         labels = torch.distributions.Categorical(logits=3 * teacher(states) @ W_out.T).sample()
     amap = AlignmentMap(d_c, d_t)
-    m = train_context_alignment(amap, W_out, states, labels, AlignSettings(context_epochs=6, context_batch_size=128), progress=False)
+    m = train_context_alignment(amap, W_out, states, labels, InterpolateConfig(context_epochs=6, context_batch_size=128), progress=False)
     assert m["heldout_ce"] < m["heldout_ce_vocab_only"] - 0.3
 
 

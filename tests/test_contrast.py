@@ -10,7 +10,9 @@ import torch
 import detox
 from detox.artifacts import ArtifactError
 from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, CALIBRATOR_ONNX, Manifest
-from detox.fusion import CONTRAST, ContrastHead, check_strength, contrast_fuse, top_candidates
+from detox.fusion import CONTRAST, INTERPOLATE, top_candidates
+from detox.methods import check_strength
+from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
 
@@ -20,7 +22,7 @@ def _head(rng, vocab=40, vocab_cal=30, d_cal=6, **rule):
     token_map[[3, 7]] = -1  # two target tokens without a calibrator counterpart
     E_e = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
     E_a = rng.normal(size=(vocab_cal, d_cal)).astype(np.float32)
-    return token_map, E_e, E_a, ContrastHead(token_map, E_e, E_a, **{"suppress_only": False, **rule})
+    return token_map, E_e, E_a, ContrastHead(token_map, E_e, E_a, ContrastConfig(**{"suppress_only": False, **rule}))
 
 
 def _log_softmax64(x):
@@ -55,8 +57,8 @@ def test_contrast_matches_the_formula_on_numpy_and_torch(top_k, alpha):
     np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).sum() <= top_k
 
-    th = ContrastHead(torch.from_numpy(token_map), torch.from_numpy(E_e), torch.from_numpy(E_a), top_k=top_k, plausibility=alpha,
-                      suppress_only=False)
+    th = ContrastHead(torch.from_numpy(token_map), torch.from_numpy(E_e), torch.from_numpy(E_a),
+                      ContrastConfig(top_k=top_k, plausibility=alpha, suppress_only=False))
     batch = torch.from_numpy(np.stack([logits, logits[::-1].copy()]))
     states = torch.from_numpy(np.stack([hidden, hidden[::-1].copy()]))
     got_t = th.apply(batch, th.prepare(states), 2.5).numpy()
@@ -80,7 +82,7 @@ def test_strength_zero_keeps_logits_and_padding_logits_are_never_candidates():
 def test_suppress_only_lowers_what_the_anti_expert_prefers_and_raises_nothing():
     rng = np.random.default_rng(3)
     token_map, E_e, E_a, two_sided = _head(rng, top_k=40, plausibility=0.0)
-    one_sided = ContrastHead(token_map, E_e, E_a, top_k=40, plausibility=0.0, suppress_only=True)
+    one_sided = ContrastHead(token_map, E_e, E_a, ContrastConfig(top_k=40, plausibility=0.0, suppress_only=True))
     logits = rng.normal(size=40).astype(np.float32)
     ratio = two_sided.prepare(rng.normal(size=(2, 6)).astype(np.float32))
     both, down = two_sided.apply(logits, ratio, 3.0), one_sided.apply(logits, ratio, 3.0)
@@ -92,7 +94,7 @@ def test_identical_expert_and_anti_expert_only_truncate():
     """log p_expert − log p_anti vanishes for identical models: the target's own plausible tokens, unchanged."""
     rng = np.random.default_rng(2)
     token_map, E_e, _, _ = _head(rng)
-    head = ContrastHead(token_map, E_e, E_e.copy(), top_k=40, plausibility=0.1)
+    head = ContrastHead(token_map, E_e, E_e.copy(), ContrastConfig(top_k=40, plausibility=0.1))
     logits = (rng.normal(size=40) * 2).astype(np.float32)
     h = rng.normal(size=6).astype(np.float32)
     fused = head.apply(logits, head.prepare(np.stack([h, h])), 5.0)
@@ -105,13 +107,14 @@ def test_identical_expert_and_anti_expert_only_truncate():
 def test_strength_ranges_depend_on_the_mode():
     assert check_strength(4.0, CONTRAST) == 4.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        check_strength(4.0)
+        check_strength(4.0, INTERPOLATE)
+    *_, head = _head(np.random.default_rng(0), top_k=4, plausibility=0.0)
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
-        contrast_fuse(np.zeros(3), np.array([0]), np.array([True]), np.zeros(1), 21.0)
+        head.apply(np.zeros(30), np.zeros(30), 21.0)
 
 
 def test_token_map_maps_each_target_token_to_the_calibrator_token_its_text_starts_with(tiny_calibrator):
-    from detox.alignment import build_token_map
+    from detox.token_map import build_token_map
 
     tok = Calibrator.load(tiny_calibrator).tokenizer
     word = next(t for t in (tok.id_to_token(i) for i in range(tok.get_vocab_size())) if t.startswith("Ġ") and len(t) > 3)
@@ -170,7 +173,7 @@ def test_alignment_text_for_a_contrast_pair_is_refused(contrast_llama, llama_tar
     from detox.alignment import align_artifact, alignment_fusion
     from tests.conftest import SAMPLE_TEXT
 
-    assert alignment_fusion(str(contrast_llama)) == "contrast"
+    assert alignment_fusion(str(contrast_llama)).name == "contrast"
     with pytest.raises(ValueError, match="Drop --data"):
         align_artifact(str(contrast_llama), str(llama_target_dir), str(tmp_path / "out"), [str(SAMPLE_TEXT)],
                        progress=False, log=lambda m: None)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from detox.fusion import FusionHead, fuse_logits
+from detox.fusion import fuse_logits
+from detox.methods.interpolate import FusionHead
 
 
 def _random_case(seed=0, vocab=50, d_t=12, d_c=8):
@@ -57,8 +58,8 @@ def test_padded_logits_keep_their_tail():
 
 def test_bad_inputs_are_refused():
     W, A, gamma, beta, *_ = _random_case()
-    with pytest.raises(ValueError, match="strength"):
-        fuse_logits(torch.zeros(1, 50), torch.zeros(1, 50), 1.5)
+    with pytest.raises(ValueError, match=r"strength for interpolate fusion must be in \[0, 1\]"):
+        FusionHead.build(W, A, gamma, beta).apply(torch.zeros(1, 50), torch.zeros(1, 50), 1.5)
     with pytest.raises(ValueError, match="hidden size"):
         FusionHead.build(W[:, :5], A, gamma, beta)
     with pytest.raises(ValueError, match="logits"):

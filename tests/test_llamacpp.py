@@ -57,18 +57,21 @@ def _align_to_gguf(calibrator, gguf, out, settings, **kwargs):
 @pytest.fixture(scope="session")
 def aligned_smollm2(tiny_calibrator, smollm2_gguf, tmp_path_factory):
     from detox.alignment import AlignSettings
+    from detox.methods.interpolate import InterpolateConfig
 
     return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2",
-                          AlignSettings(method="vocab", vocab_epochs=1, default_strength=0.5, onnx_weights=EXACT))
+                          AlignSettings(InterpolateConfig(method="vocab", vocab_epochs=1, default_strength=0.5),
+                                        onnx_weights=EXACT))
 
 
 @pytest.fixture(scope="session")
 def contrast_smollm2(tiny_calibrator, tiny_anti, smollm2_gguf, tmp_path_factory):
     """The tiny expert/anti-expert pair aligned to SmolLM2 (a token map from the GGUF's vocabulary)."""
     from detox.alignment import AlignSettings
+    from detox.methods.contrast import ContrastConfig
 
     return _align_to_gguf(tiny_calibrator, smollm2_gguf, tmp_path_factory.mktemp("aligned") / "tiny-smollm2-contrast",
-                          AlignSettings(method="vocab", vocab_epochs=1, top_k=32, plausibility=0.001, onnx_weights=EXACT),
+                          AlignSettings(ContrastConfig(top_k=32, plausibility=0.001), onnx_weights=EXACT),
                           anti_expert=str(tiny_anti))
 
 
@@ -202,11 +205,11 @@ def test_a_rewritten_artifact_at_the_same_path_gets_a_new_fusion_head(contrast_s
 
     path = tmp_path / "pair"
     shutil.copytree(contrast_smollm2, path)
-    assert detox.wrap(llm, calibrator=path).head.top_k == 32
+    assert detox.wrap(llm, calibrator=path).head.config.top_k == 32
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["alignment"]["top_k"] = 16
     (path / "manifest.json").write_text(json.dumps(manifest))
-    assert detox.wrap(llm, calibrator=path).head.top_k == 16
+    assert detox.wrap(llm, calibrator=path).head.config.top_k == 16
 
 
 def test_overlapped_and_inline_fusion_agree_and_the_llama_is_left_as_it_was(aligned_smollm2, llm):

@@ -346,7 +346,7 @@ def test_int8_graph_runs_every_product_on_8_bit_weights(exported_pair_int8, tmp_
 
 
 def test_an_unknown_weights_dtype_is_refused_before_anything_is_written(aligned_llama, tmp_path):
-    from detox.alignment import reexport_onnx
+    from detox.artifact_onnx import reexport_onnx
 
     with pytest.raises(ValueError, match="onnx_weights must be one of int8, float32, got 'int4'"):
         reexport_onnx(str(aligned_llama), str(tmp_path / "out"), onnx_weights="int4")

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import detox
-from detox.fusion import ContrastHead
+from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.reference_text import ReferenceScore, read_lines, score_ids, score_reference_texts, token_log_probs
 
 from conftest import SAMPLE_TEXT
@@ -18,8 +18,8 @@ from conftest import SAMPLE_TEXT
 
 def _head(vocab: int, top_k: int, plausibility: float) -> ContrastHead:
     # token v maps to calibrator token v; the embeddings are unused: the tests pass the log-ratio itself
-    return ContrastHead(torch.arange(vocab), torch.zeros(vocab, 2), torch.zeros(vocab, 2), top_k=top_k,
-                        plausibility=plausibility, suppress_only=True)
+    return ContrastHead(torch.arange(vocab), torch.zeros(vocab, 2), torch.zeros(vocab, 2),
+                        ContrastConfig(top_k=top_k, plausibility=plausibility, suppress_only=True))
 
 
 def test_a_suppressed_token_gets_less_likely_and_the_others_more():

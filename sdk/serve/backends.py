@@ -21,7 +21,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from detox.fusion import check_strength
+from detox.methods import check_strength
 from detox.serve.engine import Choice, Job, TokenInfo, batch_key_of
 
 

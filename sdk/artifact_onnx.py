@@ -1,0 +1,86 @@
+"""The ``calibrator.onnx`` an aligned artifact carries for torch-free backends: kept when re-aligning, exported
+otherwise, and exported again into a new version of an artifact (``detox artifacts reexport-onnx``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+from detox.artifacts.manifest import CALIBRATOR_ONNX, check_name_version
+from detox.onnx_calibrator import INT8, check_weights_dtype
+from detox.runtime import Calibrator
+
+
+def reusable_onnx(calibrator: Calibrator, pair: bool, weights_dtype: str) -> Path | None:
+    """The ``calibrator.onnx`` of an aligned ``calibrator`` being re-aligned with its own weights (and pair), when it
+    is the graph this detox would export: same layout, model count and weight type. The graph never depends on the
+    target, and the file's sha256 was verified at load, so re-exporting it would only cost time and memory (6 s and
+    300 MB for the shipped pair on a busy 2-core machine). ``None`` when it must be exported."""
+    from detox.onnx_calibrator import LAYOUT, ROTARY_POSITIONS
+
+    if CALIBRATOR_ONNX not in calibrator.manifest.files or importlib.util.find_spec("onnx") is None:
+        return None
+    import onnx
+
+    path = calibrator.path / CALIBRATOR_ONNX
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    wanted = {"layout": LAYOUT, "rotary_positions": str(ROTARY_POSITIONS), "models": str(2 if pair else 1),
+              "weights_dtype": weights_dtype}
+    return path if props == wanted else None
+
+
+def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str], None] = print,
+                 weights_dtype: str = INT8) -> dict[str, Any]:
+    """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph; products' weights stored as
+    ``weights_dtype``) written into ``tmp_dir``, as ``save_artifact``'s ``extra_files``; none, with a note, when the
+    ``onnx`` package is missing."""
+    from detox.onnx_calibrator import export_calibrator_onnx
+
+    if importlib.util.find_spec("onnx") is None:
+        log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
+        return {}
+    return {CALIBRATOR_ONNX: export_calibrator_onnx(expert, Path(tmp_dir) / CALIBRATOR_ONNX, anti=anti,
+                                                    weights_dtype=weights_dtype)}
+
+
+def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False,
+                  onnx_weights: str = INT8) -> Any:
+    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox,
+    the products' weights stored as ``onnx_weights`` (``"int8"`` or ``"float32"``, see
+    :func:`detox.onnx_calibrator.build_calibrator_graph`).
+
+    Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) and the
+    alignment's ``onnx_weights`` setting change, so the copy gets a new ``version`` (default: the next patch
+    version). This is how an artifact exported by an older detox, whose graph layout this one no longer runs, is
+    brought up to date without its target model. The copy is unsigned (its manifest differs): sign it again with
+    ``detox artifacts sign``. Returns the new manifest.
+    """
+    import tempfile
+    from datetime import datetime, timezone
+
+    from detox.artifacts.semver import Version
+    from detox.artifacts.store import ArtifactError, save_artifact
+
+    check_weights_dtype(onnx_weights, "onnx_weights")
+    cal = Calibrator.load(src)
+    m = cal.manifest
+    if m.kind != "aligned":
+        raise ArtifactError(f"{src} is a {m.kind} calibrator; only aligned artifacts carry ONNX exports")
+    if version is None:
+        old = Version.parse(m.version)
+        version = f"{old.major}.{old.minor}.{old.patch + 1}"
+    check_name_version(version=version)
+    if version == m.version:
+        raise ArtifactError(f"the re-exported artifact must get a new version (artifacts are immutable); {src} is {version}")
+    fields = m.model_dump(exclude={"files", "format_version"})
+    fields.update(version=version, created_at=datetime.now(timezone.utc))
+    fields["alignment"]["settings"]["onnx_weights"] = onnx_weights
+    anti = cal.torch_model("anti") if cal.has_anti_expert else None
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = onnx_exports(cal.torch_model(), anti, tmp, weights_dtype=onnx_weights)
+        if not extra:
+            raise ArtifactError("re-exporting needs the onnx package: pip install onnx")
+        return save_artifact(out_dir, fields, cal.artifact.calibrator_state, cal.tokenizer,
+                             alignment=cal.artifact.alignment, overwrite=overwrite, extra_files=extra,
+                             anti_state=cal.artifact.anti_state)

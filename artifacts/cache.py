@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from detox.artifacts.archive import extract_into
-from detox.artifacts.store import Artifact, ArtifactError, load_directory, sha256_file
+from detox.artifacts.store import Artifact, ArtifactError, load_directory
+from detox.data import sha256_file
 from detox.faults import fault_point
 
 

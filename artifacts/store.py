@@ -7,14 +7,13 @@ leaves a half-written artifact visible. Reads validate the manifest, the exact f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -32,6 +31,7 @@ from detox.artifacts.manifest import (
     FileEntry,
     Manifest,
 )
+from detox.data import sha256_file
 from detox.methods import get_method
 
 MAX_MANIFEST_BYTES = 1 << 20
@@ -78,21 +78,6 @@ class Artifact:
     tokenizer: Tokenizer
     alignment: dict[str, np.ndarray] | None
     anti_state: dict[str, np.ndarray] | None = None  # contrast fusion: the anti-expert's weights
-
-
-def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
-    """One sha256 over the bytes of several files, in order, read in 1 MiB chunks (also the training-data hash that
-    manifests record)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    return sha256_files([path])
 
 
 def _as_numpy(value: Any, dtype: Any) -> np.ndarray:

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from detox.artifacts.store import sha256_files  # noqa: F401  (the training-data hash; re-exported for the trainers)
+
+def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """One sha256 over the bytes of several files, in order, read in 1 MiB chunks (also the training-data hash that
+    manifests record)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    return sha256_files([path])
+
 
 TEXT_FIELDS = ("text", "Text", "content", "sentence")
 

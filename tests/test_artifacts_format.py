@@ -21,7 +21,7 @@ from detox.artifacts import ArtifactError, load_artifact
 from detox.artifacts.archive import pack, unpack
 from detox.artifacts.manifest import FORMAT_VERSION
 from detox.artifacts.semver import Range, Version, sort_versions
-from detox.artifacts.store import sha256_file
+from detox.data import sha256_file
 from detox.cli.main import main
 from detox.runtime import Calibrator
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from detox.artifacts.cache import blob_path
 from detox.artifacts.registry import HubRegistry, RegistryError, open_registry
-from detox.artifacts.store import sha256_file
+from detox.data import sha256_file
 from detox.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from detox.artifacts import ArtifactError, load_artifact
 from detox.artifacts.archive import pack
 from detox.artifacts.registry import RegistryError, open_registry
 from detox.artifacts.semver import Range, RangeError, Version
-from detox.artifacts.store import sha256_file
+from detox.data import sha256_file
 from detox.cli.main import main
 
 from test_artifacts_registry import cli, ok  # the registry tests' CLI helpers

@@ -40,7 +40,9 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 
 # Share of each training epoch's examples per source family (renormalised over the families present).
-FAMILY_SHARES = {"davidson": 0.27, "paradetox": 0.37, "dghs": 0.30, "toxigen": 0.045, "identity_templates": 0.015}
+# DynaHate (dghs) gets the largest share: its hate/not-hate contrast pairs are the only source that teaches
+# "identity-directed hate" apart from "profane"; ParaDetox (profanity/insults) the smallest of the big three.
+FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.05, "identity_templates": 0.02}
 
 
 @dataclass

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -62,7 +62,9 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
-    max_steps: int | None = None  # stop early (smoke tests)
+    max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
+    stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
+    max_minutes: float | None = None  # wall-clock cap; the build records the step it stopped at as stop_at_step
     threads: int = 2
 
 
@@ -78,6 +80,10 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
         parts.append("--no-templates")
     if d.max_steps is not None:
         parts.append(f"--max-steps {d.max_steps}")
+    if d.stop_at_step is not None:
+        parts.append(f"--stop-at-step {d.stop_at_step}")
+    if d.max_minutes is not None:  # only before a build ran: a build replaces it with the step it stopped at
+        parts.append(f"--max-minutes {d.max_minutes:g}")
     return " ".join(parts)
 
 
@@ -370,7 +376,9 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     t0 = time.perf_counter()
     ema = None
     every = max(1, steps // 100)
-    for step, batch in enumerate(batches, 1):
+    last = steps if settings.stop_at_step is None else min(steps, settings.stop_at_step)
+    done = 0
+    for step, batch in enumerate(batches[:last], 1):
         ids, mask = encode_batch(tok, [e.text for e in batch])
         y = torch.tensor([float(e.label) for e in batch])
         w = torch.where(y > 0.5, torch.tensor(w_pos), torch.tensor(w_neg))
@@ -385,12 +393,19 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
         if step % every == 0 or step == steps:
             el = time.perf_counter() - t0
             log(f"step {step}/{steps} loss {ema:.4f} {step * settings.batch_size / el:.1f} ex/s "
-                f"elapsed {el / 60:.1f} min eta {(steps - step) * el / step / 60:.1f} min")
+                f"elapsed {el / 60:.1f} min eta {(last - step) * el / step / 60:.1f} min")
+        done = step
+        if settings.max_minutes is not None and time.perf_counter() - t0 >= 60 * settings.max_minutes and step < last:
+            log(f"--max-minutes {settings.max_minutes:g} reached: stopping after step {step} of {steps} "
+                f"(rebuild with --stop-at-step {step})")
+            break
     model.eval()
-    return model, {"steps": steps, "sampled_examples": min(n, steps * settings.batch_size),
+    seen = [e for b in batches[:done] for e in b]
+    return model, {"steps": done, "planned_steps": steps, "sampled_examples": len(seen),
                    "class_weights": {"toxic": round(w_pos, 4), "non_toxic": round(w_neg, 4)},
                    "train_seconds": round(time.perf_counter() - t0, 1),
-                   "family_counts": _count(sample[: steps * settings.batch_size])}
+                   "final_loss_ema": None if ema is None else round(ema, 4),
+                   "family_counts": _count(seen)}
 
 
 def _count(examples: list[Example]) -> dict[str, int]:
@@ -588,6 +603,12 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         raise ValueError("no rows left for calibration; the data is too small for --test-share/--calib-share")
 
     model, train_stats = train_classifier(splits.train, base, settings, log=log)
+    if settings.max_minutes is not None:
+        # A wall-clock cap is not reproducible; the step it stopped at is (same batches, same schedule).
+        stopped = train_stats["steps"] < train_stats["planned_steps"]
+        settings = replace(settings, max_minutes=None,
+                           stop_at_step=train_stats["steps"] if stopped else settings.stop_at_step)
+        command = rebuild_command(settings)
     tok = load_tokenizer(base / TOKENIZER_FILE, settings.max_length)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

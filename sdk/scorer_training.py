@@ -62,6 +62,7 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
+    frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
     max_minutes: float | None = None  # wall-clock cap; the build records the step it stopped at as stop_at_step
@@ -75,6 +76,8 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
              f"--max-length {d.max_length}", f"--batch-size {d.batch_size}", f"--lr {d.lr:g}", f"--head-lr {d.head_lr:g}",
              f"--test-share {d.test_share:g}", f"--calib-share {d.calib_share:g}",
              f"--identity-test-share {d.identity_test_share:g}", f"--threads {d.threads}"]
+    if d.frozen_layers:
+        parts.append(f"--frozen-layers {d.frozen_layers}")
     parts += [f"--hold-out {f}" for f in d.hold_out]
     if not d.templates:
         parts.append("--no-templates")
@@ -345,6 +348,23 @@ def _batches_by_length(examples: list[Example], batch_size: int, seed: int) -> l
     return batches
 
 
+def freeze_bottom(encoder: Any, layers: int) -> None:
+    """Freeze the embeddings and the ``layers`` lowest transformer layers (0 = train everything).
+
+    Why: on a CPU the backward pass and AdamW over the 11.7 M-weight embedding table are most of a step's
+    cost; the upper layers are where a classifier's fine-tuning changes the most."""
+    n = len(encoder.encoder.layer)
+    if not 0 <= layers <= n:
+        raise ValueError(f"--frozen-layers must be between 0 and {n} (the encoder's layers), got {layers}")
+    if layers == 0:
+        return
+    for p in encoder.embeddings.parameters():
+        p.requires_grad_(False)
+    for layer in encoder.encoder.layer[:layers]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
 def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettings,
                      log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
     """Fine-tune encoder + head on a family-balanced sample of ``train``; returns (model, training stats)."""
@@ -364,9 +384,10 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     if n_pos in (0, n):
         raise ValueError(f"the training sample has only one class ({n_pos} toxic of {n}); the data needs both labels")
     w_pos, w_neg = n / (2 * n_pos), n / (2 * (n - n_pos))
+    freeze_bottom(model.encoder, settings.frozen_layers)
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
-    enc_params = [p for p in model.parameters() if id(p) not in head_ids]
+    enc_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
     opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr}, {"params": head_params, "lr": settings.head_lr}],
                             weight_decay=settings.weight_decay)
     warm = max(1, int(settings.warmup * steps))
@@ -386,7 +407,7 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()

@@ -550,3 +550,26 @@ def test_scorer_data_reads_families_groups_and_drops_conflicts(tmp_path):
     (data / "judge_train.csv").write_text("text,label,source\nhello,2,davidson:1\n")
     with pytest.raises(ValueError, match="judge_train.csv:2: label must be 0 or 1"):
         load_examples(data)
+
+
+def test_max_minutes_stop_is_recorded_and_rebuilds_the_same_weights():
+    """A wall-clock cap is not reproducible; the step it stopped at is: --stop-at-step N follows the same
+    schedule and batches and gives the same weights."""
+    from dataclasses import replace
+
+    from detox.scorer_data import Example
+    from detox.scorer_training import TrainSettings, base_model_dir, rebuild_command, train_classifier
+
+    rows = [Example(t, 1, "davidson") for t in CLEAR_TOXIC] + [Example(t, 0, "paradetox") for t in CLEAR_BENIGN]
+    base = base_model_dir(None)
+    capped = TrainSettings(examples=32, batch_size=4, threads=1, max_minutes=1e-9)  # stops after the first step
+    m1, stats = train_classifier(rows, base, capped, log=lambda _: None)
+    assert stats["steps"] == 1 and stats["planned_steps"] == 8 and stats["sampled_examples"] == 4
+    again = replace(capped, max_minutes=None, stop_at_step=stats["steps"])
+    assert rebuild_command(again).endswith("--stop-at-step 1") and "--max-minutes" not in rebuild_command(again)
+    m2, stats2 = train_classifier(rows, base, again, log=lambda _: None)
+    assert stats2["steps"] == 1 and stats2["planned_steps"] == 8
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    m3, _ = train_classifier(rows, base, replace(again, stop_at_step=2), log=lambda _: None)  # the test can fail
+    assert not torch.equal(m1.head.weight, m3.head.weight)

@@ -68,7 +68,8 @@ def scorer_group() -> None:
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
 @user_errors
 def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, out, base_model,
-              examples, max_length, batch_size, lr, head_lr, frozen_layers, max_steps, stop_at_step, max_minutes, threads) -> None:
+              examples, max_length, batch_size, lr, head_lr, frozen_layers, max_steps, stop_at_step, max_minutes,
+              threads) -> None:
     """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
 
     Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
@@ -79,8 +80,8 @@ def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_s
     settings = TrainSettings(seed=seed, max_length=max_length, batch_size=batch_size, examples=examples, lr=lr,
                              head_lr=head_lr, test_share=test_share, calib_share=calib_share,
                              identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
-                             templates=not no_templates, frozen_layers=frozen_layers, max_steps=max_steps, stop_at_step=stop_at_step,
-                             max_minutes=max_minutes, threads=threads)
+                             templates=not no_templates, frozen_layers=frozen_layers, max_steps=max_steps,
+                             stop_at_step=stop_at_step, max_minutes=max_minutes, threads=threads)
     cfg = build_scorer(data_dir, out, settings, base_model=base_model,
                        log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
     click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))

@@ -56,11 +56,20 @@ def scorer_group() -> None:
 @click.option("--batch-size", default=D.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=D.lr, show_default=True, type=float, help="Encoder learning rate (AdamW).")
 @click.option("--head-lr", default=D.head_lr, show_default=True, type=float)
+@click.option("--frozen-layers", default=D.frozen_layers, show_default=True, type=click.IntRange(0, 6),
+              help="Keep the embeddings and the N lowest of the 6 encoder layers frozen (0: fine-tune everything); "
+                   "a step costs less, so more examples fit a CPU budget.")
 @click.option("--max-steps", default=None, type=click.IntRange(1), help="Stop after N steps (smoke runs).")
+@click.option("--stop-at-step", default=None, type=click.IntRange(1),
+              help="Follow the learning-rate schedule planned for --examples but stop after step N (what a build "
+                   "stopped by --max-minutes records, so that it can be rebuilt exactly).")
+@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
 @user_errors
 def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, out, base_model,
-              examples, max_length, batch_size, lr, head_lr, max_steps, threads) -> None:
+              examples, max_length, batch_size, lr, head_lr, frozen_layers, max_steps, stop_at_step, max_minutes,
+              threads) -> None:
     """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
 
     Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
@@ -71,7 +80,8 @@ def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_s
     settings = TrainSettings(seed=seed, max_length=max_length, batch_size=batch_size, examples=examples, lr=lr,
                              head_lr=head_lr, test_share=test_share, calib_share=calib_share,
                              identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
-                             templates=not no_templates, max_steps=max_steps, threads=threads)
+                             templates=not no_templates, frozen_layers=frozen_layers, max_steps=max_steps,
+                             stop_at_step=stop_at_step, max_minutes=max_minutes, threads=threads)
     cfg = build_scorer(data_dir, out, settings, base_model=base_model,
                        log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
     click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))

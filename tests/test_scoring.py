@@ -206,7 +206,8 @@ def built_scorer(tmp_path_factory):
     data = _tiny_data_dir(root / "data")
     out = root / "scorer"
     args = ["scorer", "train", "--data-dir", str(data), "--out", str(out), "--examples", "16", "--batch-size", "8",
-            "--max-steps", "1", "--threads", "1", "--test-share", "0.2", "--calib-share", "0.2", "--hold-out", "dghs"]
+            "--max-steps", "1", "--threads", "1", "--test-share", "0.2", "--calib-share", "0.2", "--hold-out", "dghs",
+            "--frozen-layers", "2"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     return out, args
@@ -519,6 +520,7 @@ def test_scorer_train_runs_end_to_end_and_writes_a_loadable_scorer(built_scorer,
     assert cfg["split_sizes"]["held_out_families"] == 12 and cfg["temperature"] > 0
     assert cfg["command"].startswith("detox scorer train ")
     assert "--hold-out dghs" in cfg["command"] and "--max-steps 1" in cfg["command"]
+    assert "--frozen-layers 2" in cfg["command"] and cfg["settings"]["frozen_layers"] == 2
     m = cfg["metrics"]
     assert m["held_out_families"]["n"] == 12 and "roc_auc" in m["held_out_families"]
     assert "benign_identity (ToxiGen neutral, held out)" in m["benign_fpr"]
@@ -550,3 +552,46 @@ def test_scorer_data_reads_families_groups_and_drops_conflicts(tmp_path):
     (data / "judge_train.csv").write_text("text,label,source\nhello,2,davidson:1\n")
     with pytest.raises(ValueError, match="judge_train.csv:2: label must be 0 or 1"):
         load_examples(data)
+
+
+def test_max_minutes_stop_is_recorded_and_rebuilds_the_same_weights():
+    """A wall-clock cap is not reproducible; the step it stopped at is: --stop-at-step N follows the same
+    schedule and batches and gives the same weights."""
+    from dataclasses import replace
+
+    from detox.scorer_data import Example
+    from detox.scorer_training import TrainSettings, base_model_dir, rebuild_command, train_classifier
+
+    rows = [Example(t, 1, "davidson") for t in CLEAR_TOXIC] + [Example(t, 0, "paradetox") for t in CLEAR_BENIGN]
+    base = base_model_dir(None)
+    capped = TrainSettings(examples=32, batch_size=4, threads=1, max_minutes=1e-9)  # stops after the first step
+    m1, stats = train_classifier(rows, base, capped, log=lambda _: None)
+    assert stats["steps"] == 1 and stats["planned_steps"] == 8 and stats["sampled_examples"] == 4
+    again = replace(capped, max_minutes=None, stop_at_step=stats["steps"])
+    assert rebuild_command(again).endswith("--stop-at-step 1") and "--max-minutes" not in rebuild_command(again)
+    m2, stats2 = train_classifier(rows, base, again, log=lambda _: None)
+    assert stats2["steps"] == 1 and stats2["planned_steps"] == 8
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    m3, _ = train_classifier(rows, base, replace(again, stop_at_step=2), log=lambda _: None)  # the test can fail
+    assert not torch.equal(m1.head.weight, m3.head.weight)
+
+
+def test_frozen_layers_train_only_the_upper_layers_and_the_head():
+    from transformers import AutoModel
+
+    from detox.scorer_data import Example
+    from detox.scorer_training import TrainSettings, base_model_dir, train_classifier
+
+    rows = [Example(t, 1, "davidson") for t in CLEAR_TOXIC] + [Example(t, 0, "paradetox") for t in CLEAR_BENIGN]
+    base = base_model_dir(None)
+    ref = AutoModel.from_pretrained(base, local_files_only=True).state_dict()
+    m, _ = train_classifier(rows, base, TrainSettings(examples=8, batch_size=4, threads=1, frozen_layers=4, lr=1e-3),
+                            log=lambda _: None)
+    got = m.encoder.state_dict()
+    for name, w in ref.items():
+        frozen = name.startswith("embeddings.") or any(name.startswith(f"encoder.layer.{i}.") for i in range(4))
+        if name.endswith("weight") and (name.startswith("embeddings.") or name.startswith("encoder.layer.")):
+            assert torch.equal(got[name], w) == frozen, name
+    with pytest.raises(ValueError, match="--frozen-layers must be between 0 and 6"):
+        train_classifier(rows, base, TrainSettings(examples=8, batch_size=4, threads=1, frozen_layers=7), log=lambda _: None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # torch is imported only by the scorers that need it
     import torch
@@ -29,59 +29,16 @@ __all__ = [
     "DEFAULT_SCORER",
 ]
 
-DEFAULT_SCORER = "minilm-head"
-DEFAULT_SCORER_DIRNAME = "scorer-minilm"
-TOXIC_LABEL_WORDS = ("toxic", "offensive", "hate", "abusive")
-NEGATION_PREFIXES = ("non", "not", "no-", "no_", "no ", "neither", "clean", "benign")
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """What the evaluation code needs from a toxicity scorer."""
-
-    name: str
-    version: str
-
-    def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
-        """Return P(toxic) in [0, 1] for each text, in input order."""
-        ...
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Index batches of similar length: padding to the batch max is what costs CPU time."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _iter_batches(
-    texts: Sequence[str], batch_size: int, progress: bool, desc: str
-) -> Iterator[tuple[list[int], list[str]]]:
-    batches = _length_sorted_batches(texts, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc=desc, unit="text")
-    for idx in batches:
-        yield idx, [texts[i] for i in idx]
-        if progress:
-            bar.update(len(idx))
-    if progress:
-        bar.close()
-
-
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("score() takes a list of texts, not a single string; wrap it: score([text])")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
-    return out
+from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
+    DEFAULT_SCORER,
+    DEFAULT_SCORER_DIRNAME,
+    NEGATION_PREFIXES,
+    TOXIC_LABEL_WORDS,
+    Scorer,
+    _check_texts,
+    _iter_batches,
+    shipped_scorer_dir,
+)
 
 
 def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> int:
@@ -92,29 +49,6 @@ def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> in
         limits.append(int(cap))
     limits = [n for n in limits if 0 < n < 1_000_000]
     return min(limits) if limits else 512
-
-
-def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
-    """Directory of a scorer shipped in `detox.artifacts/shipped/`.
-
-    Works installed (package data of `detox.artifacts`) and from a source checkout
-    (`artifacts/` next to `sdk/`).
-    """
-    candidates: list[Path] = []
-    try:
-        from importlib.resources import files
-
-        candidates.append(Path(str(files("detox.artifacts"))) / "shipped" / name)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidates.append(Path(__file__).resolve().parent.parent / "artifacts" / "shipped" / name)
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise FileNotFoundError(
-        f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
-        "Reinstall detox (its scorers ship in detox.artifacts)."
-    )
 
 
 # --------------------------------------------------------------------------- scorers built by `detox scorer train` (ONNX)

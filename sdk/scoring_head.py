@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from detox.scoring import _check_texts, _iter_batches, shipped_scorer_dir
+from detox.scorer_base import _check_texts, _iter_batches, shipped_scorer_dir
 
 __all__ = [
     "MiniLMScorer",

@@ -178,6 +178,11 @@ def _settings_before(settings_path: Path) -> dict | None:
         return None
 
 
+def scorer_id(scorer: Any) -> str:
+    """``name@version`` of a scorer: recorded with a run, so its stored scores are never reported under another."""
+    return f"{getattr(scorer, 'name', type(scorer).__name__)}@{getattr(scorer, 'version', '?')}"
+
+
 def generate_and_score(run: EvalRun, prompts: list[Prompt], sampler: Sampler, scorer: Any, out_dir: Path,
                        progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Fill ``out_dir/generations.jsonl``, continuing what a previous run with the same settings wrote; returns all
@@ -185,15 +190,22 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sampler: Sampler, sc
 
     Every complete row already there is kept; a torn last line (the run was killed while writing it) is dropped
     and ``log`` (default: a warning) says so. A damaged complete line, rows that do not match these prompts, or
-    rows made with other settings stop the run before anything is changed. A batch that was cut short is sampled
-    again in full (the same seeds, so the same texts as an uninterrupted run) and only its missing rows are appended.
+    rows made with other settings or scored by another scorer stop the run before anything is changed. A batch that
+    was cut short is sampled again in full (the same seeds, so the same texts as an uninterrupted run) and only its missing rows are appended.
     """
     s = run.settings
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / SETTINGS, out_dir / GENERATIONS
-    this = json.loads(json.dumps(asdict(run)))
+    this = {**json.loads(json.dumps(asdict(run))), "scorer": scorer_id(scorer)}
     before = _settings_before(settings_path)
+    if before is not None and "scorer" not in before:  # written by a detox that did not record the scorer
+        this = {k: v for k, v in this.items() if k != "scorer"}
     if gen_path.exists() and gen_path.stat().st_size > 0 and before != this:
+        if before is not None and before.get("scorer") != this.get("scorer") and \
+                {k: v for k, v in before.items() if k != "scorer"} == {k: v for k, v in this.items() if k != "scorer"}:
+            raise ValueError(f"{out_dir} holds rows scored by {before['scorer']}, not by {this['scorer']} ({settings_path}); "
+                             f"to judge them with both, pass the scorer that made them as the first --scorer and the "
+                             f"other as a second --scorer, or use another --out")
         why = "other settings" if before is not None else "settings it did not record (missing or unreadable)"
         raise ValueError(f"{out_dir} holds a run with {why} ({settings_path}); use another --out")
     found = read_resumable_rows(gen_path, _expected_rows(prompts, s.samples), "eval run")

@@ -69,6 +69,21 @@ def test_eval_resumes_without_duplicates(tmp_path, llama_target_dir, prompts_fil
     assert (full / "generations.jsonl").read_text() == before
 
 
+def test_resume_refuses_rows_scored_by_another_scorer(tmp_path, llama_target_dir, finished_run):
+    """Stored scores are never reported under another scorer's name: the run records which scorer made them."""
+    prompts, full = finished_run
+    out = tmp_path / "other-judge"
+    _copy_run(full, out, _lines(full / "generations.jsonl"))
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["scorer"].startswith("minilm-head@")
+    settings["scorer"] = "another-judge@1"
+    (out / "settings.json").write_text(json.dumps(settings))
+    before = (out / "generations.jsonl").read_bytes()
+    r = _resume(llama_target_dir, prompts, out)
+    assert r.exit_code != 0 and "scored by another-judge@1" in r.output and "first --scorer" in r.output
+    assert (out / "generations.jsonl").read_bytes() == before and not (out / "summary.json").exists()
+
+
 def test_malformed_prompts_fail_with_the_line_number(tmp_path, llama_target_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"id": 3}\n')

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from detox.backends import names as backend_names
 from detox.cli.errors import user_errors
 
 
@@ -23,7 +24,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--target", default="smollm2", show_default=True,
               help="llamacpp: a .gguf file or 'smollm2' (packaged); hf: a HF directory, .gguf, 'smollm2' or hub id; "
                    "onnx: a directory written by `detox export-onnx`.")
-@click.option("--backend", type=click.Choice(["llamacpp", "hf", "onnx"]), default="llamacpp", show_default=True,
+@click.option("--backend", type=click.Choice(backend_names()), default="llamacpp", show_default=True,
               help="llamacpp decodes one request at a time from a bounded queue; hf and onnx decode requests that "
                    "arrive together as one batch.")
 @click.option("--calibrator", default=None,
@@ -71,7 +72,7 @@ def serve_cmd(target, backend, calibrator, strength, registry, keys, host, port,
         import uvicorn
 
         from detox.serve.app import ServeSettings, create_app
-        from detox.serve.backends import load_backend
+        from detox.serve.model import load_backend
     except ImportError as err:
         raise click.ClickException(f"detox serve needs the serve extra ({err.name} is missing): "
                                    "pip install 'detox[serve]'") from err

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detox.serve.backends import Backend
+from detox.serve.model import ServedModel
 from detox.serve.engine import Delta, Done, Failed, Finish, GenRequest, Job, QueueFull, Scheduler, TokenInfo
 from detox.serve.metrics import ServeMetrics
 from detox.serve.schema import ChatRequest, CompletionRequest
@@ -66,8 +66,8 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastAPI:
-    """The OpenAI-compatible app around a loaded :class:`Backend`; starts its scheduler (stopped on shutdown)."""
+def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The OpenAI-compatible app around a loaded :class:`~detox.serve.model.ServedModel`; starts its scheduler (stopped on shutdown)."""
     settings = settings or ServeSettings()
     scheduler = Scheduler(backend, max_queue=settings.max_queue, batch_wait=settings.batch_wait)
     metrics = ServeMetrics(

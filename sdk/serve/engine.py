@@ -1,7 +1,7 @@
 """The backend-independent part of ``detox serve``: one request's state (:class:`Job`, :class:`Choice`) and the
 :class:`Scheduler` that feeds jobs to a backend from a bounded queue on one worker thread.
 
-Backends (:mod:`detox.serve.backends`) only produce tokens; stop strings, ``max_tokens``, cancellation and the
+Backends (:meth:`detox.backends.Backend.decode`) only produce tokens; stop strings, ``max_tokens``, cancellation and the
 hand-over of text to the asyncio side live here, once.
 """
 
@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Hashable
 
+from detox.backends.base import TokenInfo
+
 if TYPE_CHECKING:
-    from detox.serve.backends import Backend
+    from detox.serve.model import ServedModel
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,6 @@ class GenRequest:
     strength: float | None = None  # None: fusion off (the unwrapped model)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely alternatives
     n: int = 1
-
-
-@dataclass
-class TokenInfo:
-    """A generated token with its log-probability under the (fused) distribution it was sampled from."""
-
-    text: str
-    logprob: float
-    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -86,6 +79,14 @@ class Choice:
         self._held = ""
         self._held_tokens: list[TokenInfo] = []
         self.finish_reason: str | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.job.request.prompt_ids
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.job.request.logprobs or 0
 
     @property
     def done(self) -> bool:
@@ -184,13 +185,13 @@ class Scheduler:
     """A bounded queue in front of one worker thread that runs the backend.
 
     The worker takes the oldest waiting job and every other waiting job the backend can decode with it in one
-    batch (same :meth:`Backend.batch_key`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
+    batch (same :meth:`ServedModel.batch_key`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
     decodes one request at a time. When the worker was idle it first waits ``batch_wait`` seconds so requests
     that arrive together share a batch. A job that arrives while a batch runs waits for the next one (no
     continuous batching: a batch ends when its longest row ends).
     """
 
-    def __init__(self, backend: "Backend", max_queue: int = 64, batch_wait: float = 0.01,
+    def __init__(self, backend: "ServedModel", max_queue: int = 64, batch_wait: float = 0.01,
                  on_batch: Any = None, on_done: Any = None) -> None:
         self.backend = backend
         self.max_queue = max_queue

@@ -50,7 +50,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
               help="hf/onnx: most sequences decoded in one batch.")
 @click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="hf/onnx: how long an idle server waits for more requests to batch with the first one.")
+              help="hf/onnx: a batch starts once no request arrived for this long (or it is full), at most 10x this "
+                   "long after its oldest request arrived.")
 @click.option("--max-tokens", "max_tokens_limit", default=1024, show_default=True, type=click.IntRange(1),
               help="Largest max_tokens a request may ask for.")
 @click.option("--max-n", default=8, show_default=True, type=click.IntRange(1), help="Largest n a request may ask for.")

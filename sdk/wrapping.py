@@ -6,10 +6,9 @@ import os
 from typing import Any
 
 from detox.fusion import FusedWrapper
-from detox.resolve import resolve_calibrator
 from detox.runtime import Calibrator
 
-__all__ = ["wrap", "resolve_calibrator"]
+__all__ = ["wrap"]
 
 
 def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,

@@ -74,7 +74,7 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         {"model": backend.model_id, "backend": backend.kind, "calibrator": backend.calibrator_label,
          "fusion": backend.fusion_mode, "default_strength": f"{backend.default_strength:g}"},
         queue_depth=lambda: scheduler.depth, running=lambda: scheduler.running)
-    scheduler.on_batch = lambda jobs: metrics.batch_rows.observe(sum(j.request.n for j in jobs))
+    scheduler.on_batch = metrics.observe_batch
     scheduler.on_done = metrics.observe_job
     created = int(time.time())
 

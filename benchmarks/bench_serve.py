@@ -82,21 +82,21 @@ def run_level(url: str, model: str, concurrency: int, requests: int, tokens: int
     return {"tokens": total, "wall": wall, "ttft": ttft, "tpot": tpot}
 
 
-def batch_stats(url: str, fused: bool) -> tuple[float, float]:
-    """(batches, rows) the server has decoded so far for one mode (its ``detox_serve_batch_rows`` histogram)."""
+def batch_stats(url: str) -> tuple[float, float]:
+    """(batches, rows) the server has decoded so far (its ``detox_serve_batch_rows`` histogram); levels and modes run
+    one after the other, so the difference over one run is that run's."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url + "/metrics", timeout=60) as response:  # noqa: S310 - the local server
         text = response.read().decode()
-    got = {"count": 0.0, "sum": 0.0}
+    got = {"detox_serve_batch_rows_count": 0.0, "detox_serve_batch_rows_sum": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            for part in got:
-                if sample.name == f"detox_serve_batch_rows_{part}" and sample.labels.get("fusion") == ("fused" if fused else "unfused"):
-                    got[part] += sample.value
-    return got["count"], got["sum"]
+            if sample.name in got:
+                got[sample.name] += sample.value
+    return got["detox_serve_batch_rows_count"], got["detox_serve_batch_rows_sum"]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -140,9 +140,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in levels:
                 for fused in (False, True):
-                    before = batch_stats(url, fused)
+                    before = batch_stats(url)
                     r = run_level(url, args.model, c, args.requests, args.tokens, fused)
-                    after = batch_stats(url, fused)
+                    after = batch_stats(url)
                     acc = totals.setdefault((c, fused), {"tokens": 0, "wall": 0.0, "ttft": [], "tpot": [], "rounds": [],
                                                          "batches": 0.0, "rows": 0.0})
                     acc["tokens"] += r["tokens"]

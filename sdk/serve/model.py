@@ -77,6 +77,6 @@ def load_backend(kind: str, target: str, calibrator: str | None = None, strength
     if backend.tokenizer is not None:
         backend.tokenizer.padding_side = "left"
     fused = backend.wrap(calibrator, strength, list(require_signature) if require_signature else None)
-    if kind == "hf" and threads is not None and threads < (os.cpu_count() or 1):
-        fused.overlap = True  # torch leaves cores free: run the calibrator while the target computes (DetoxModel)
+    if threads is not None and threads < (os.cpu_count() or 1):
+        fused.overlap = True  # cores left free: run the calibrator while the target computes (hf's default is off)
     return ServedModel(backend, model_id or default_model_id(target), context_window, max_batch)

@@ -49,7 +49,7 @@ def _is_loopback(host: str) -> bool:
               help="Requests that may wait for the model; one more is answered 429.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
               help="hf/onnx: most sequences decoded in one batch.")
-@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
+@click.option("--batch-wait-ms", default=50.0, show_default=True, type=click.FloatRange(0),
               help="hf/onnx: a batch starts once no request arrived for this long (or it is full), at most 10x this "
                    "long after its oldest request arrived.")
 @click.option("--max-tokens", "max_tokens_limit", default=1024, show_default=True, type=click.IntRange(1),

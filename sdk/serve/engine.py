@@ -192,7 +192,7 @@ class Scheduler:
     continuous batching: a batch ends when its longest row ends).
     """
 
-    def __init__(self, backend: "ServedModel", max_queue: int = 64, batch_wait: float = 0.01,
+    def __init__(self, backend: "ServedModel", max_queue: int = 64, batch_wait: float = 0.05,
                  on_batch: Any = None, on_done: Any = None) -> None:
         self.backend = backend
         self.max_queue = max_queue

@@ -35,7 +35,7 @@ from detox.runtime import Calibrator
 
 __all__ = [
     "DetoxLlama", "LlamaFusionProcessor", "FusionError", "IncrementalDetokenizer", "wrap_llama", "load_llama",
-    "generate_text", "gguf_fingerprint", "clear_caches",
+    "gguf_fingerprint", "clear_caches",
 ]
 
 
@@ -67,7 +67,7 @@ def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signatu
     """The artifact (checked against the GGUF's fingerprint) and its fusion head; the output matrix is read only for
     an interpolate head (a contrast head needs only its shape)."""
     from detox.fusion import INTERPOLATE
-    from detox.wrapping import resolve_calibrator
+    from detox.resolve import resolve_calibrator
 
     key = _file_key(gguf_path)
     fp = gguf_fingerprint(gguf_path)
@@ -424,7 +424,7 @@ def wrap_llama(llama: Any, calibrator: Calibrator | str | os.PathLike[str] | Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading and the CLI.
+# Loading.
 
 
 def load_llama(path: str | os.PathLike[str], extra_buffers: bool | None = None, **kwargs: Any) -> Any:
@@ -454,24 +454,3 @@ def load_llama(path: str | os.PathLike[str], extra_buffers: bool | None = None, 
         return llama_cpp.Llama(str(path), **kwargs)
     finally:
         llama_module.llama_cpp.llama_model_default_params = original
-
-
-def generate_text(prompt: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
-                  max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
-                  echo: Callable[[str], None]) -> None:
-    """``detox generate --backend llamacpp``: stream the continuation of ``prompt`` through ``echo``."""
-    from detox.targets import is_gguf, resolve_target
-
-    path = resolve_target(target)
-    if not is_gguf(path):
-        raise ValueError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
-    if not os.path.isfile(path):
-        raise ValueError(f"GGUF file not found: {path}")
-    llm: Any = load_llama(path, n_ctx=2048, seed=seed)
-    if not no_calibrator:
-        llm = wrap_llama(llm, calibrator=calibrator, strength=strength)
-    kwargs: dict[str, Any] = (
-        {"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0} if sample else {"temperature": 0.0}
-    )
-    for chunk in llm.create_completion(prompt, max_tokens=max_new_tokens, seed=seed, stream=True, **kwargs):
-        echo(chunk["choices"][0]["text"])

@@ -27,7 +27,7 @@ import ctypes
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ from detox.fusion import Head
 from detox.runtime import Calibrator
 
 __all__ = ["DetoxORTModel", "OverlappedFusionProcessor", "default_providers", "resolve_providers", "load_ort_target",
-           "wrap_ort", "calibrator_runner", "generate_text", "limit_torch_threads"]
+           "wrap_ort", "calibrator_runner", "limit_torch_threads"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -199,7 +199,7 @@ def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None 
     ``overlap``: compute each step's fusion term while the target's forward pass runs (same values either way).
     """
     from detox.onnx_export import fingerprint_onnx, load_export_tokenizer, onnx_output_embedding
-    from detox.wrapping import resolve_calibrator
+    from detox.resolve import resolve_calibrator
 
     file = model.path
     tokenizer = tokenizer if tokenizer is not None else load_export_tokenizer(file.parent)
@@ -208,26 +208,3 @@ def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None 
     head = cal.fusion_head(torch.from_numpy(weight).to(model.device))
     providers = model.providers if calibrator_providers is None else resolve_providers(calibrator_providers)
     return DetoxORTModel(model, cal, tokenizer, strength, head, calibrator_runner(cal, providers), torch_threads, overlap)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line.
-
-
-def generate_text(prompt: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
-                  max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
-                  providers: str | None = None, echo: Callable[[str], None] = print) -> str:
-    """``detox generate --backend onnx``: continue ``prompt`` with an exported model (fused unless ``no_calibrator``)."""
-    from detox.wrapping import wrap
-
-    torch.manual_seed(seed)
-    model, tokenizer = load_ort_target(target, providers)
-    if not no_calibrator:
-        model = wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    kwargs = {"do_sample": True, "top_p": top_p, "temperature": temperature} if sample else {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    echo(text)
-    return text
-

@@ -4,9 +4,10 @@ One server process is started (or ``--url`` names a running one); "unfused" requ
 ``"detox": {"enabled": false}``, which decodes with the unwrapped model: the same process, model and queue, so the
 two differ only by the fusion. Rounds alternate unfused/fused at every concurrency (the machine's load drifts).
 
-Per mode and concurrency: generated tokens/s (all clients together, wall clock), p50/p95 time to first token and
-p50/p95 time per output token (per request: (last − first token) / (tokens − 1)). The last lines are the
-fused/unfused throughput ratios.
+Per mode and concurrency: generated tokens/s (all clients together, wall clock), p50/p95 time to first token,
+p50/p95 time per output token (per request: (last − first token) / (tokens − 1)) and the mean rows per batch (from
+the server's ``detox_serve_batch_rows`` metric: how the requests were batched). The last lines are the
+fused/unfused throughput ratios, overall and round by round (their spread is the machine's noise).
 
     nice -n 10 .venv/bin/python benchmarks/bench_serve.py --backend llamacpp --threads 1
     nice -n 10 .venv/bin/python benchmarks/bench_serve.py --backend hf --threads 1
@@ -81,6 +82,23 @@ def run_level(url: str, model: str, concurrency: int, requests: int, tokens: int
     return {"tokens": total, "wall": wall, "ttft": ttft, "tpot": tpot}
 
 
+def batch_stats(url: str) -> tuple[float, float]:
+    """(batches, rows) the server has decoded so far (its ``detox_serve_batch_rows`` histogram); levels and modes run
+    one after the other, so the difference over one run is that run's."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as response:  # noqa: S310 - the local server
+        text = response.read().decode()
+    got = {"detox_serve_batch_rows_count": 0.0, "detox_serve_batch_rows_sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in got:
+                got[sample.name] += sample.value
+    return got["detox_serve_batch_rows_count"], got["detox_serve_batch_rows_sum"]
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -122,31 +140,41 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in levels:
                 for fused in (False, True):
+                    before = batch_stats(url)
                     r = run_level(url, args.model, c, args.requests, args.tokens, fused)
-                    acc = totals.setdefault((c, fused), {"tokens": 0, "wall": 0.0, "ttft": [], "tpot": []})
+                    after = batch_stats(url)
+                    acc = totals.setdefault((c, fused), {"tokens": 0, "wall": 0.0, "ttft": [], "tpot": [], "rounds": [],
+                                                         "batches": 0.0, "rows": 0.0})
                     acc["tokens"] += r["tokens"]
                     acc["wall"] += r["wall"]
                     acc["ttft"] += r["ttft"]
                     acc["tpot"] += r["tpot"]
+                    acc["rounds"].append(r["tokens"] / r["wall"])
+                    acc["batches"] += after[0] - before[0]
+                    acc["rows"] += after[1] - before[1]
                     print(f"  round: {c:>2} clients {'fused' if fused else 'unfused':>7}: "
-                          f"{r['tokens'] / r['wall']:7.1f} tok/s", file=sys.stderr, flush=True)
+                          f"{r['tokens'] / r['wall']:7.1f} tok/s, {after[0] - before[0]:.0f} batches",
+                          file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.stop()
 
     print(f"backend {args.backend}, target {args.target}, max_tokens {args.tokens}, {args.requests} requests per "
           f"level, mode and round, {args.rounds} rounds")
-    print(f"{'clients':>7} {'mode':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9} {'TPOT p95':>9}")
+    print(f"{'clients':>7} {'mode':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9} {'TPOT p95':>9} "
+          f"{'rows/batch':>10}")
     for c in levels:
         for fused in (False, True):
             a = totals[(c, fused)]
             print(f"{c:>7} {'fused' if fused else 'unfused':>8} {a['tokens'] / a['wall']:>8.1f} "
                   f"{1000 * pct(a['ttft'], 50):>7.0f}ms {1000 * pct(a['ttft'], 95):>7.0f}ms "
-                  f"{1000 * pct(a['tpot'], 50):>7.1f}ms {1000 * pct(a['tpot'], 95):>7.1f}ms")
+                  f"{1000 * pct(a['tpot'], 50):>7.1f}ms {1000 * pct(a['tpot'], 95):>7.1f}ms "
+                  f"{a['rows'] / max(a['batches'], 1):>10.1f}")
     for c in levels:
         u, f = totals[(c, False)], totals[(c, True)]
         ratio = (f["tokens"] / f["wall"]) / (u["tokens"] / u["wall"])
-        print(f"fused/unfused throughput at {c:>2} clients: {ratio:.3f}x")
+        each = ", ".join(f"{fr / ur:.3f}x" for ur, fr in zip(u["rounds"], f["rounds"]))
+        print(f"fused/unfused throughput at {c:>2} clients: {ratio:.3f}x (round by round: {each})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from detox.artifacts.manifest import MIN_MAPPED_SHARE
+from detox.backends import names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, onnx_weights_option, strength_option
 from detox.methods import METHODS
@@ -148,7 +149,7 @@ def align_cmd(target, calibrator, out, anti_expert, fusion, strength, onnx_weigh
               help="Aligned artifact: directory, .detox file or NAME@RANGE (registry). Default: the shipped match.")
 @click.option("--no-calibrator", is_flag=True, help="Generate without fusion (the baseline).")
 @strength_option
-@click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True,
+@click.option("--backend", type=click.Choice(backend_names()), default="hf", show_default=True,
               help="'llamacpp' runs a .gguf --target with llama-cpp-python (no torch needed); "
                    "'onnx' runs a --target directory written by `detox export-onnx` with ONNX Runtime.")
 @click.option("--provider", default="auto", show_default=True,
@@ -166,35 +167,19 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
     calibrator = load_calibrator_early(calibrator, strength)  # a bad --strength fails before the target loads
-    if backend == "llamacpp":
-        from detox.adapters.llamacpp import generate_text
+    from detox.backends import get
 
-        generate_text(prompt, target, calibrator, no_calibrator, strength, max_new_tokens, sample, top_p, temperature,
-                      seed, echo=lambda text: click.echo(text, nl=False))
-        click.echo()
-        return
-    if backend == "onnx":
-        from detox.adapters.onnxruntime import generate_text as onnx_generate_text
-
-        try:
-            onnx_generate_text(prompt, target, calibrator, no_calibrator, strength, max_new_tokens, sample, top_p,
-                               temperature, seed, providers=provider, echo=click.echo)
-        except ImportError as err:  # optimum-onnx / onnxruntime missing: the message says what to install
-            raise click.ClickException(str(err)) from err
-        return
-    import torch
-
-    import detox
-    from detox.targets import load_hf_target
-
-    torch.manual_seed(seed)
-    model, tokenizer = load_hf_target(target)
+    try:
+        target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
+    except ImportError as err:  # optimum-onnx / onnxruntime missing: the message says what to install
+        if isinstance(err, ModuleNotFoundError):
+            raise  # user_errors names the extra to install
+        raise click.ClickException(str(err)) from err
     if not no_calibrator:
-        model = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    kwargs = {"do_sample": True, "top_p": top_p, "temperature": temperature} if sample else {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    click.echo(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        target_on.wrap(calibrator, strength)
+    target_on.generate(prompt, max_new_tokens, sample, top_p, temperature, seed, fused=not no_calibrator,
+                       echo=lambda text: click.echo(text, nl=False))  # in pieces where the backend streams
+    click.echo()
     sys.stdout.flush()
 
 

@@ -35,14 +35,11 @@ def demo_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
     return [row for _, row in iter_jsonl(p)]
 
 
-def _sample(runner: Any, batch: Any, gen: dict, seed: int) -> tuple[Any, float]:
-    import torch
-
-    torch.manual_seed(seed)
+def _sample(sampler: Any, texts: list[str], samples: int, max_new_tokens: int, top_p: float,
+            seed: int) -> tuple[list[list[str]], float]:
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        ids = runner.generate(**batch, **gen)
-    return ids, time.perf_counter() - t0
+    outputs = sampler.sample(texts, samples, max_new_tokens, top_p, seed)
+    return outputs, time.perf_counter() - t0
 
 
 @click.command("demo")
@@ -61,35 +58,27 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
     """Sample continuations with and without the calibrator and show toxicity and identity mentions side by side."""
     import torch
 
-    import detox
+    from detox.backends import get
     from detox.identity import IdentityTerms, groups_of_prompt
     from detox.scoring import load_scorer
-    from detox.targets import load_hf_target
 
     rows = demo_prompts(prompts)
     texts = [r["text"] for r in rows]
     terms = IdentityTerms.load()
+    click.echo(f"loading {target} through transformers ...", err=True)
     # torch's OpenMP threads wait for each other at every operator: on a 2-core machine with any other load, two of them
     # made a batch up to 6x slower, plain and fused alike (one thread: stable), so one core is left free by default
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    click.echo(f"loading {target} through transformers ...", err=True)
-    model, tokenizer = load_hf_target(target)
-    tokenizer.padding_side = "left"
-    fused = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
+    loaded = get("hf").load(target, threads=threads or max(1, (os.cpu_count() or 1) - 1))
+    fused = loaded.wrap(calibrator, strength)
     m = fused.calibrator.manifest
     click.echo(f"calibrator {m.name}@{m.version} ({fused.calibrator.path.name}), strength {fused.strength}", err=True)
     scorer = load_scorer(None)
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
-               num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
-    warm = tokenizer(texts[:1], return_tensors="pt")
-    for runner in (model, fused):  # start-up costs (torch's first steps, the calibrator's ONNX Runtime session) go here
-        _sample(runner, warm, dict(gen, max_new_tokens=2, num_return_sequences=1), seed)
+    samplers = {"plain": loaded.sampler(fused=False), "detox": loaded.sampler(fused=True)}
+    for sampler in samplers.values():  # start-up costs (torch's first steps, the calibrator's ONNX Runtime session) go here
+        _sample(sampler, texts[:1], 1, 2, top_p, seed)
     outputs, seconds = {}, {}
-    for label, runner in (("plain", model), ("detox", fused)):
-        ids, seconds[label] = _sample(runner, batch, gen, seed)
-        flat = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        outputs[label] = [flat[i * samples:(i + 1) * samples] for i in range(len(texts))]
+    for label, sampler in samplers.items():
+        outputs[label], seconds[label] = _sample(sampler, texts, samples, max_new_tokens, top_p, seed)
     scores = {k: [scorer.score(v) for v in outs] for k, outs in outputs.items()}
 
     def show(label: str, i: int) -> str:

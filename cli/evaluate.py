@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from detox.backends import names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, strength_option
 
@@ -16,52 +17,15 @@ from detox.cli.options import load_calibrator_early, strength_option
 def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
                  threads: int | None = None) -> tuple[Any, dict, Any]:
     """``(sampler, identity info, (hf_model, tokenizer) or None for perplexity)`` for one backend."""
-    from detox.evaluation import HFSampler
-    from detox.fingerprint import fingerprint_gguf, fingerprint_hf
-    from detox.targets import is_gguf, load_hf_target, resolve_target
+    from detox.backends import get
 
-    info: dict[str, Any] = {"backend": backend, "target": target}
-    if backend == "hf":
-        import detox
-
-        model, tokenizer = load_hf_target(target)
-        path = resolve_target(target)
-        info["target_fingerprint"] = (fingerprint_gguf(path) if is_gguf(path) else fingerprint_hf(model, tokenizer)).model_dump()
-        runner = model
-        if not no_calibrator:
-            runner = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
-            m = runner.calibrator.manifest
-            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(runner.calibrator.path), "strength": runner.strength}
-        return HFSampler(runner, tokenizer), info, (model, tokenizer)
-    if backend == "llamacpp":
-        from detox.adapters.llamacpp import gguf_fingerprint, load_llama, wrap_llama
-        from detox.evaluation import LlamaCppSampler
-
-        path = resolve_target(target)
-        if not is_gguf(path):
-            raise click.UsageError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
-        threads_kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}  # default: llama.cpp's choice
-        llm: Any = load_llama(path, n_ctx=512, seed=0, **threads_kw)
-        info["target_fingerprint"] = gguf_fingerprint(path).model_dump()
-        if not no_calibrator:
-            llm = wrap_llama(llm, calibrator=calibrator, strength=strength)
-            m = llm.calibrator.manifest
-            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(llm.calibrator.path), "strength": llm.strength}
-        return LlamaCppSampler(llm), info, None
-    if backend == "onnx":
-        import detox
-        from detox.adapters.onnxruntime import load_ort_target
-        from detox.onnx_export import fingerprint_onnx
-
-        model, tokenizer = load_ort_target(target)
-        info["target_fingerprint"] = fingerprint_onnx(target).model_dump()
-        runner = model
-        if not no_calibrator:
-            runner = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
-            m = runner.calibrator.manifest
-            info["calibrator"] = {"name": m.name, "version": m.version, "path": str(runner.calibrator.path), "strength": runner.strength}
-        return HFSampler(runner, tokenizer), info, None  # ORTModelForCausalLM generates like transformers
-    raise click.UsageError(f"unknown backend {backend!r}")
+    loaded = get(backend).load(target, context_window=512, seed=0, threads=threads)
+    info: dict[str, Any] = {"backend": backend, "target": target, "target_fingerprint": loaded.fingerprint().model_dump()}
+    if not no_calibrator:
+        fused = loaded.wrap(calibrator, strength)
+        m = fused.calibrator.manifest
+        info["calibrator"] = {"name": m.name, "version": m.version, "path": str(fused.calibrator.path), "strength": fused.strength}
+    return loaded.sampler(fused=not no_calibrator), info, loaded.perplexity_model()
 
 
 def _installed(*modules: str) -> bool:
@@ -87,7 +51,7 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
 
 @click.command("eval")
 @click.option("--target", default="smollm2", show_default=True, help="Model: HF dir, .gguf, 'smollm2', hub id (backend-dependent).")
-@click.option("--backend", type=click.Choice(["hf", "llamacpp", "onnx"]), default="hf", show_default=True)
+@click.option("--backend", type=click.Choice(backend_names()), default="hf", show_default=True)
 @click.option("--calibrator", default=None, help="Aligned artifact (default: the shipped one matching the target).")
 @click.option("--no-calibrator", is_flag=True, help="Baseline: generate without fusion.")
 @strength_option
@@ -152,10 +116,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     calibrator = load_calibrator_early(calibrator, strength)
     judges = _load_scorers(scorers)
     score_fn = judges[0]
-    if threads and backend != "llamacpp":
-        import torch
-
-        torch.set_num_threads(threads)
     sampler, info, ref = make_sampler(backend, target, calibrator, no_calibrator, strength, threads)
     run = EvalRun(target=target, backend=backend, calibrator=(info.get("calibrator") or {}).get("path"),
                   strength=(info.get("calibrator") or {}).get("strength"), prompts_file=str(Path(prompts).resolve()),

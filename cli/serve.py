@@ -7,6 +7,7 @@ import os
 
 import click
 
+from detox.backends import names as backend_names
 from detox.cli.errors import user_errors
 
 
@@ -23,7 +24,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--target", default="smollm2", show_default=True,
               help="llamacpp: a .gguf file or 'smollm2' (packaged); hf: a HF directory, .gguf, 'smollm2' or hub id; "
                    "onnx: a directory written by `detox export-onnx`.")
-@click.option("--backend", type=click.Choice(["llamacpp", "hf", "onnx"]), default="llamacpp", show_default=True,
+@click.option("--backend", type=click.Choice(backend_names()), default="llamacpp", show_default=True,
               help="llamacpp decodes one request at a time from a bounded queue; hf and onnx decode requests that "
                    "arrive together as one batch.")
 @click.option("--calibrator", default=None,
@@ -48,8 +49,9 @@ def _is_loopback(host: str) -> bool:
               help="Requests that may wait for the model; one more is answered 429.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
               help="hf/onnx: most sequences decoded in one batch.")
-@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="hf/onnx: how long an idle server waits for more requests to batch with the first one.")
+@click.option("--batch-wait-ms", default=50.0, show_default=True, type=click.FloatRange(0),
+              help="hf/onnx: a batch starts once no request arrived for this long (or it is full), at most 10x this "
+                   "long after its oldest request arrived.")
 @click.option("--max-tokens", "max_tokens_limit", default=1024, show_default=True, type=click.IntRange(1),
               help="Largest max_tokens a request may ask for.")
 @click.option("--max-n", default=8, show_default=True, type=click.IntRange(1), help="Largest n a request may ask for.")
@@ -71,7 +73,7 @@ def serve_cmd(target, backend, calibrator, strength, registry, keys, host, port,
         import uvicorn
 
         from detox.serve.app import ServeSettings, create_app
-        from detox.serve.backends import load_backend
+        from detox.serve.model import load_backend
     except ImportError as err:
         raise click.ClickException(f"detox serve needs the serve extra ({err.name} is missing): "
                                    "pip install 'detox[serve]'") from err

@@ -128,13 +128,15 @@ def test_lean_install_carries_the_shipped_artifacts_and_one_version(lean):
 def test_lean_install_generates_exactly_what_the_full_install_does(lean):
     """``detox generate --backend llamacpp`` there, greedy, gives this environment's fused continuation."""
     pytest.importorskip("llama_cpp")
-    from detox.adapters.llamacpp import generate_text
+    from detox.backends import get
 
     out = _in(lean, lean / "bin" / "detox", "generate", "--backend", "llamacpp", "--target", "smollm2",
               "--max-new-tokens", "12", PROMPT)
     assert out.returncode == 0, out.stderr[-3000:]
     here: list[str] = []
-    generate_text(PROMPT, "smollm2", None, False, None, 12, False, 0.9, 1.0, 0, echo=here.append)
+    llm = get("llamacpp").load("smollm2", context_window=2048, seed=0)
+    llm.wrap()
+    llm.generate(PROMPT, 12, False, 0.9, 1.0, 0, echo=here.append)
     assert out.stdout.rstrip("\n") == "".join(here)
     assert "".join(here).strip()
 

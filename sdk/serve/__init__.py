@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "load_backend", "ServeSettings", "Backend"]
+__all__ = ["create_app", "load_backend", "ServeSettings", "ServedModel"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,8 +22,8 @@ def __getattr__(name: str) -> Any:
         from detox.serve import app
 
         return getattr(app, name)
-    if name in ("load_backend", "Backend"):
-        from detox.serve import backends
+    if name in ("load_backend", "ServedModel"):
+        from detox.serve import model
 
-        return getattr(backends, name)
+        return getattr(model, name)
     raise AttributeError(f"module 'detox.serve' has no attribute {name!r}")

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detox.serve.backends import Backend
 from detox.serve.engine import Delta, Done, Failed, Finish, GenRequest, Job, QueueFull, Scheduler, TokenInfo
 from detox.serve.metrics import ServeMetrics
+from detox.serve.model import ServedModel
 from detox.serve.schema import ChatRequest, CompletionRequest
 
 log = logging.getLogger("detox.serve")
@@ -40,7 +40,7 @@ class ServeSettings:
     max_tokens_limit: int = 1024
     max_n: int = 8
     default_completion_tokens: int = 16  # OpenAI's default max_tokens for /v1/completions
-    batch_wait: float = 0.01
+    batch_wait: float = 0.05
 
 
 class APIError(Exception):
@@ -66,15 +66,16 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastAPI:
-    """The OpenAI-compatible app around a loaded :class:`Backend`; starts its scheduler (stopped on shutdown)."""
+def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The OpenAI-compatible app around a loaded :class:`~detox.serve.model.ServedModel`; starts its scheduler
+    (stopped on shutdown)."""
     settings = settings or ServeSettings()
     scheduler = Scheduler(backend, max_queue=settings.max_queue, batch_wait=settings.batch_wait)
     metrics = ServeMetrics(
         {"model": backend.model_id, "backend": backend.kind, "calibrator": backend.calibrator_label,
          "fusion": backend.fusion_mode, "default_strength": f"{backend.default_strength:g}"},
         queue_depth=lambda: scheduler.depth, running=lambda: scheduler.running)
-    scheduler.on_batch = lambda jobs: metrics.batch_rows.observe(sum(j.request.n for j in jobs))
+    scheduler.on_batch = metrics.observe_batch
     scheduler.on_done = metrics.observe_job
     created = int(time.time())
 

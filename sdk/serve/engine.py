@@ -1,7 +1,7 @@
 """The backend-independent part of ``detox serve``: one request's state (:class:`Job`, :class:`Choice`) and the
 :class:`Scheduler` that feeds jobs to a backend from a bounded queue on one worker thread.
 
-Backends (:mod:`detox.serve.backends`) only produce tokens; stop strings, ``max_tokens``, cancellation and the
+Backends (:meth:`detox.backends.Backend.decode`) only produce tokens; stop strings, ``max_tokens``, cancellation and the
 hand-over of text to the asyncio side live here, once.
 """
 
@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Hashable
 
+from detox.backends.base import TokenInfo
+
 if TYPE_CHECKING:
-    from detox.serve.backends import Backend
+    from detox.serve.model import ServedModel
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,6 @@ class GenRequest:
     strength: float | None = None  # None: fusion off (the unwrapped model)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely alternatives
     n: int = 1
-
-
-@dataclass
-class TokenInfo:
-    """A generated token with its log-probability under the (fused) distribution it was sampled from."""
-
-    text: str
-    logprob: float
-    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -86,6 +79,14 @@ class Choice:
         self._held = ""
         self._held_tokens: list[TokenInfo] = []
         self.finish_reason: str | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.job.request.prompt_ids
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.job.request.logprobs or 0
 
     @property
     def done(self) -> bool:
@@ -184,13 +185,14 @@ class Scheduler:
     """A bounded queue in front of one worker thread that runs the backend.
 
     The worker takes the oldest waiting job and every other waiting job the backend can decode with it in one
-    batch (same :meth:`Backend.batch_key`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
-    decodes one request at a time. When the worker was idle it first waits ``batch_wait`` seconds so requests
-    that arrive together share a batch. A job that arrives while a batch runs waits for the next one (no
+    batch (same :meth:`ServedModel.batch_key`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
+    decodes one request at a time. Before a batch starts, the worker waits while requests keep arriving (less than
+    ``batch_wait`` seconds apart, at most ``10 * batch_wait`` after the oldest), so requests sent together share a
+    batch (:meth:`_gather`). A job that arrives while a batch runs waits for the next one (no
     continuous batching: a batch ends when its longest row ends).
     """
 
-    def __init__(self, backend: "Backend", max_queue: int = 64, batch_wait: float = 0.01,
+    def __init__(self, backend: "ServedModel", max_queue: int = 64, batch_wait: float = 0.05,
                  on_batch: Any = None, on_done: Any = None) -> None:
         self.backend = backend
         self.max_queue = max_queue
@@ -198,6 +200,7 @@ class Scheduler:
         self.on_batch = on_batch  # called with the jobs of a batch as it starts (metrics)
         self.on_done = on_done  # called with each job once the backend is done with it (metrics)
         self._waiting: list[Job] = []
+        self._last_arrival = 0.0
         self._cond = threading.Condition()
         self._closed = False
         self.running = 0
@@ -218,6 +221,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
             self._waiting.append(job)
+            self._last_arrival = time.perf_counter()
             self._cond.notify()
 
     def close(self) -> None:
@@ -234,9 +238,8 @@ class Scheduler:
                 self._cond.wait()
             if self._closed:
                 return []
-        if self.batch_wait > 0 and self.backend.max_batch > 1:
-            time.sleep(self.batch_wait)
-        with self._cond:
+            if self.batch_wait > 0 and self.backend.max_batch > 1:
+                self._gather()
             first = self._waiting[0]
             key = self.backend.batch_key(first)
             batch, rows = [], 0
@@ -252,6 +255,22 @@ class Scheduler:
                     rows += job.request.n
                     self._waiting.remove(job)
             return batch
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) while requests keep arriving: until none came for ``batch_wait``, the queue
+        holds a full batch, or the oldest waiting job has waited ``10 * batch_wait``.
+
+        Requests sent together reach the queue spread out by the event loop's work on each (parsing, tokenizing),
+        more so while the worker holds the GIL; a fixed wait after the first one split such a burst into a small
+        and a large batch, and with clients that send again when answered the split then repeated every round.
+        """
+        deadline = self._waiting[0].enqueued + 10 * self.batch_wait
+        while not self._closed and sum(j.request.n for j in self._waiting) < self.backend.max_batch:
+            until = min(self._last_arrival + self.batch_wait, deadline)
+            now = time.perf_counter()
+            if now >= until:
+                return
+            self._cond.wait(until - now)
 
     def _loop(self) -> None:
         while True:

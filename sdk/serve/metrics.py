@@ -27,7 +27,7 @@ class ServeMetrics:
         self.tpot = Histogram("detox_serve_time_per_output_token_seconds",
                               "Per request: (last token − first token) / (tokens − 1)", ["fusion"],
                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("detox_serve_batch_rows", "Sequences decoded together in one batch",
+        self.batch_rows = Histogram("detox_serve_batch_rows", "Sequences decoded together in one batch", ["fusion"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("detox_serve_queue_depth", "Requests waiting for the model", registry=r).set_function(queue_depth)
         Gauge("detox_serve_running_requests", "Requests being decoded now", registry=r).set_function(running)
@@ -36,9 +36,13 @@ class ServeMetrics:
     def observe_request(self, endpoint: str, status: str) -> None:
         self.requests.labels(endpoint, status).inc()
 
+    def observe_batch(self, jobs: list[Any]) -> None:
+        """A batch starts: its rows (every job of a batch shares the fusion setting)."""
+        self.batch_rows.labels(_fusion(jobs[0])).observe(sum(j.request.n for j in jobs))
+
     def observe_job(self, job: Any) -> None:
         """Tokens and timings of a finished job (called by the worker, so the counts are final)."""
-        fusion = "unfused" if job.request.strength is None else "fused"
+        fusion = _fusion(job)
         self.prompt_tokens.labels(fusion).inc(len(job.request.prompt_ids))
         self.completion_tokens.labels(fusion).inc(job.completion_tokens)
         if job.first_token is not None:
@@ -52,3 +56,7 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _fusion(job: Any) -> str:
+    return "unfused" if job.request.strength is None else "fused"

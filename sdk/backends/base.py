@@ -1,0 +1,163 @@
+"""The :class:`Backend` interface: what ``detox.wrap``, ``detox generate``, ``eval``, ``bench``, ``demo`` and ``serve``
+need from an inference library, so none of them branches on a backend's name.
+
+A backend module defines one subclass with a ``name``; defining it registers it (:func:`detox.backends.get`).
+Backend modules import their library (torch, llama_cpp, onnxruntime) inside methods only, so listing the backends
+never imports a library a lean install lacks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+
+import numpy as np
+
+from detox.artifacts.manifest import TargetFingerprint
+
+REGISTRY: dict[str, type["Backend"]] = {}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one batch of rows is decoded (every row of a batch shares it)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a random seed
+    strength: float | None = None  # None: fusion off (the unwrapped target)
+    logprobs: bool = False  # report each token's log-probability (and each row's top alternatives)
+
+
+@dataclass
+class TokenInfo:
+    """A generated token with its log-probability under the (fused) distribution it was sampled from."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+class Row(Protocol):
+    """One output sequence a backend decodes token by token (``detox serve``'s ``Choice``)."""
+
+    index: int  # the row's number within its request (seeds ``seed + index`` where rows are decoded one by one)
+    prompt_ids: list[int]
+    top_logprobs: int  # how many alternatives to report per token (with ``Sampling.logprobs``)
+
+    @property
+    def done(self) -> bool: ...
+
+    def push(self, piece: str, info: TokenInfo | None = None) -> bool: ...
+
+    def finish(self, reason: str) -> bool: ...
+
+
+class Backend:
+    """A target loaded on one inference library, optionally wrapped with a calibrator.
+
+    ``model`` is the unwrapped target, ``fused`` the wrapped one (``None`` until :meth:`wrap`); sampling methods take
+    ``fused=`` to pick one, so a fused and an unfused run share the loaded model.
+
+    To add a backend: one module in ``detox/backends/`` with a subclass that sets ``name`` and implements the
+    methods below that raise ``NotImplementedError`` (see docs/architecture-backends.md).
+    """
+
+    name: ClassVar[str] = ""
+    supports: ClassVar[str] = ""  # what detox.wrap accepts, in words (for its error message)
+    batched: ClassVar[bool] = False  # decode() takes several rows at once
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, model: Any, tokenizer: Any = None, source: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source  # the file or directory the target was loaded from, if known
+        self.fused: Any = None
+
+    # -- what every backend implements ------------------------------------------------------------------------
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """True if ``model`` is this backend's model type; must not import the backend's library."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,
+             provider: str | None = None) -> "Backend":
+        """Load ``target`` (a path, or an alias such as ``smollm2``) offline."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> TargetFingerprint:
+        """The target's fingerprint (what an aligned calibrator is bound to)."""
+        raise NotImplementedError
+
+    def wrap(self, calibrator: Any = None, strength: float | None = None, require_signature: Any = None) -> Any:
+        """Fuse ``calibrator`` (see :func:`detox.wrap`) into the target; sets and returns :attr:`fused`."""
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        raise NotImplementedError
+
+    def sampler(self, fused: bool = True) -> Any:
+        """A :class:`detox.evaluation.Sampler`: nucleus sampling of several continuations per prompt (``detox eval``)."""
+        raise NotImplementedError
+
+    def generate(self, prompt: str, max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
+                 echo: Callable[[str], None], fused: bool = True) -> str:
+        """One continuation of ``prompt`` (``detox generate``), passed to ``echo`` (in pieces where it streams)."""
+        raise NotImplementedError
+
+    def bench_runner(self, prompt: str, tokens: int, fused: bool) -> Callable[[], int]:
+        """A call that greedily decodes exactly ``tokens`` new tokens after ``prompt`` and returns that count."""
+        raise NotImplementedError
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of ``text`` as the backend's own completion call makes them (``chat``: a rendered chat)."""
+        raise NotImplementedError
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a chat (the model's own chat template, with the assistant turn opened)."""
+        raise NotImplementedError
+
+    def perplexity_model(self) -> tuple[Any, Any] | None:
+        """``(transformers model, tokenizer)`` of the unwrapped target, if it is one (perplexity of generations)."""
+        return None
+
+    def context_limit(self) -> int | None:
+        """The most tokens (prompt + completion) the loaded model takes, if it says."""
+        return None
+
+    def decode(self, rows: Sequence[Row], sampling: Sampling) -> None:
+        """Decode ``rows`` (one batch; one row unless :attr:`batched`) to the end, pushing every token to its row."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------------------------
+
+    def runner(self, fused: bool = True) -> Any:
+        """The wrapped target (``fused``) or the unwrapped one."""
+        if fused and self.fused is None:
+            raise RuntimeError("this target is not wrapped: call wrap() first")
+        return self.fused if fused else self.model
+
+
+def top_info(logprobs: np.ndarray, token: int, k: int, text_of: Callable[[int], str]) -> TokenInfo:
+    """The chosen token's log-probability and the ``k`` most likely tokens (``logprobs``: one row, numpy)."""
+    top: list[tuple[str, float]] = []
+    if k > 0:
+        idx = np.argpartition(-logprobs, k - 1)[:k]
+        idx = idx[np.argsort(-logprobs[idx])]
+        top = [(text_of(int(i)), float(logprobs[i])) for i in idx]
+    value = float(logprobs[token])
+    return TokenInfo(text_of(token), value if math.isfinite(value) else -9999.0, top)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -1,0 +1,82 @@
+"""The served model: a :class:`detox.backends.Backend`, loaded and wrapped, plus what the server adds (the model id
+clients send, the context window, how many rows a batch may hold) and the step from queued jobs to the backend's
+:meth:`~detox.backends.Backend.decode`.
+
+llama.cpp's backend decodes one request at a time (``max_batch = 1``); transformers and ONNX Runtime decode the
+jobs of one batch as one left-padded ``generate`` call, each row ending on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+from detox.backends import Backend, Sampling, get
+from detox.methods import check_strength
+from detox.serve.engine import Job, batch_key_of
+
+
+class ServedModel:
+    """A loaded, wrapped target as the server sees it; its worker thread calls :meth:`run`."""
+
+    def __init__(self, backend: Backend, model_id: str, context_window: int, max_batch: int = 16) -> None:
+        self.backend = backend
+        self.kind = backend.name
+        self.fused = backend.fused
+        self.model_id = model_id
+        limit = backend.context_limit()
+        self.context_window = min(int(context_window), int(limit)) if limit else int(context_window)
+        self.max_batch = max_batch if backend.batched else 1
+        self.calibrator = self.fused.calibrator
+        self.default_strength: float = self.fused.strength
+        m = self.calibrator.manifest
+        self.calibrator_label = f"{m.name}@{m.version}"
+
+    @property
+    def fusion_mode(self) -> str:
+        return self.calibrator.fusion_mode
+
+    def check_strength(self, strength: float) -> float:
+        """A request's strength, validated for this artifact's fusion (ValueError with the allowed range)."""
+        return check_strength(strength, self.fusion_mode)
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        return self.backend.encode(text, chat)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.backend.render_chat(messages)
+
+    def batch_key(self, job: Job) -> Hashable:
+        return batch_key_of(job)
+
+    def run(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` (one batch: they share a batch key, so strength and sampling) to the end."""
+        req = jobs[0].request
+        sampling = Sampling(max_new_tokens=max(job.request.max_tokens for job in jobs), temperature=req.temperature,
+                            top_p=req.top_p, seed=req.seed, strength=req.strength, logprobs=req.logprobs is not None)
+        self.backend.decode([choice for job in jobs for choice in job.choices], sampling)
+
+
+def default_model_id(target: str) -> str:
+    """The model name clients send: the alias as given (``smollm2``), else the file or directory name."""
+    from detox.targets import SMOLLM2_ALIAS
+
+    if target.lower() == SMOLLM2_ALIAS:
+        return SMOLLM2_ALIAS
+    return Path(target.rstrip("/")).name or target
+
+
+def load_backend(kind: str, target: str, calibrator: str | None = None, strength: float | None = None,
+                 require_signature: Sequence[str] | None = None, context_window: int = 2048,
+                 max_batch: int = 16, provider: str | None = "auto", model_id: str | None = None,
+                 threads: int | None = None) -> ServedModel:
+    """Load ``target`` on backend ``kind`` (``llamacpp``, ``hf``, ``onnx``, ...) and wrap it with ``calibrator``
+    (``None``: the shipped artifact aligned to it; a path; or ``NAME@RANGE`` from ``$DETOX_REGISTRY``)."""
+    backend: Any = get(kind).load(target, context_window=context_window, seed=0, threads=threads, provider=provider)
+    if backend.tokenizer is not None:
+        backend.tokenizer.padding_side = "left"
+    fused = backend.wrap(calibrator, strength, list(require_signature) if require_signature else None)
+    if threads is not None and threads < (os.cpu_count() or 1):
+        fused.overlap = True  # cores left free: run the calibrator while the target computes (hf's default is off)
+    return ServedModel(backend, model_id or default_model_id(target), context_window, max_batch)

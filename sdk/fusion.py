@@ -264,8 +264,3 @@ class ContrastHead:
 
 Head = FusionHead | ContrastHead  # what Calibrator.fusion_head returns and every adapter fuses with
 
-
-def prepare_term(head: Head, output: Array, runner: Any) -> Array:
-    """The fusion's part that needs no target logits, from what a calibrator runner gave: ``head.prepare(output)``,
-    or ``output`` itself from a runner that computes it (the ONNX graph of a contrast pair gives the log-ratio)."""
-    return output if getattr(runner, "gives_log_ratio", False) else head.prepare(output)

@@ -140,7 +140,7 @@ class LlamaCppBackend(Backend):
     def run(self, jobs: list[Job]) -> None:
         from llama_cpp import LogitsProcessorList
 
-        from detox.adapters.llamacpp import IncrementalDetokenizer
+        from detox.adapters.llamacpp import llama_detokenizer
 
         (job,) = jobs
         req = job.request
@@ -157,7 +157,7 @@ class LlamaCppBackend(Backend):
             tokens = model.generate(req.prompt_ids, top_k=0, top_p=req.top_p, min_p=0.0, temp=req.temperature,
                                     repeat_penalty=1.0,
                                     logits_processor=LogitsProcessorList([observer]) if observer else None)
-            detokenize = IncrementalDetokenizer(self.llama)
+            detokenize = llama_detokenizer(self.llama)
             ids: list[int] = []
             text = ""
             try:

@@ -1,0 +1,110 @@
+"""The fusion step engine: incremental detokenization equals the whole-sequence decode, slots follow the rows."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from detox.engine import FusionEngine, IncrementalDetokenizer, _safe_cut, transformers_detokenizer
+from detox.runtime import Calibrator
+
+PUNCT = " , . ? ! ' 's n't 're 've 'm"
+
+
+def _every_prefix_matches(tok, ids_list):
+    for ids in ids_list:
+        detok = transformers_detokenizer(tok)
+        for k in range(1, len(ids) + 1):
+            want = tok.decode(ids[:k], skip_special_tokens=True)
+            assert detok(np.array(ids[:k])).rstrip("\ufffd") == want.rstrip("\ufffd"), ids[:k]
+
+
+def _sequences(tok, n=60, seed=0):
+    rng = random.Random(seed)
+    texts = ["Hello , world ! I can't . He 's here , isn't he ? 'tis ' a ' test", "café ☃ naïve 😀 done . ok",
+             "a b c . d ' e ' f n't g 're"]
+    out = []
+    for trial in range(n):
+        if trial % 2:
+            ids = [tok.pad_token_id] * rng.randint(0, 2) + tok(rng.choice(texts))["input_ids"]
+        else:  # random ids, with the cleanup's patterns and special tokens sprinkled in
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 30))]
+            for extra in rng.sample(tok(PUNCT)["input_ids"], 4) + [tok.eos_token_id]:
+                ids.insert(rng.randrange(len(ids) + 1), extra)
+        out.append(ids)
+    return out
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_byte_level_detokenizer_equals_decode_on_every_prefix(llama_target_dir, cleanup):
+    tok = AutoTokenizer.from_pretrained(llama_target_dir)
+    tok.clean_up_tokenization_spaces = cleanup
+    detok = transformers_detokenizer(tok)
+    assert detok.whole is None and (detok.cleanup is not None) == cleanup  # the incremental path is the one tested
+    _every_prefix_matches(tok, _sequences(tok))
+
+
+def test_other_tokenizers_decode_the_whole_sequence(gpt2_target_dir):
+    tok = AutoTokenizer.from_pretrained(gpt2_target_dir)  # Metaspace: a token's text depends on its position
+    assert transformers_detokenizer(tok).whole is not None
+    _every_prefix_matches(tok, _sequences(tok, n=10))
+
+
+def test_safe_cut_splits_the_cleanup_exactly():
+    from transformers import PreTrainedTokenizerBase
+
+    clean = PreTrainedTokenizerBase.clean_up_tokenization
+    rng = random.Random(1)
+    cuts = 0
+    for _ in range(3000):
+        raw = "".join(rng.choice(" ' .,?!ntmsvreab") for _ in range(rng.randint(0, 14)))
+        start = rng.randint(0, len(raw))
+        k = _safe_cut(raw, start)
+        assert start <= k <= len(raw)
+        assert clean(raw) == clean(raw[:k]) + clean(raw[k:]), (raw, k)
+        cuts += k > start
+    assert cuts > 300  # the cut does advance
+
+
+def test_detokenizer_forks_are_independent():
+    pieces = {0: b"ab", 1: b"\xc3", 2: b"\xa9", 3: b" x"}
+    detok = IncrementalDetokenizer(pieces.__getitem__)
+    assert detok(np.array([0, 1])) == "ab"  # half a character is held back
+    twin = detok.fork()
+    assert detok(np.array([0, 1, 2])) == "abé"
+    assert twin(np.array([0, 1, 3])) == "ab\ufffd x"  # the fork kept the held-back byte, then it was invalid
+    assert detok(np.array([3])) == " x"  # not a continuation: starts over
+
+
+def _engine(aligned, tok, strength=None):
+    cal = Calibrator.load(aligned)
+    W = torch.randn(len(tok), 48, generator=torch.Generator().manual_seed(0))
+    return FusionEngine(cal, cal.fusion_head(W), strength, transformers_detokenizer(tok))
+
+
+def test_slots_follow_rows_fork_on_reuse_and_values_match_a_fresh_engine(aligned_llama, llama_target_dir):
+    tok = AutoTokenizer.from_pretrained(llama_target_dir)
+    engine = _engine(aligned_llama, tok)
+    a, b = tok("The weather today")["input_ids"], tok("We walked along")["input_ids"]
+    first = engine.attach([np.array(a), np.array(b)])
+    ext = tok(" river", add_special_tokens=False)["input_ids"][:1]
+    # beam search moved both rows onto b's beam: the first takes b's slot, the second a fork; a's slot is dropped
+    second = engine.attach([np.array(b + ext), np.array(b + ext[:0] + [tok.eos_token_id])])
+    assert second[0] is first[1] and second[1] is not first[1] and first[0] not in second
+    assert second[1].stream is not first[1].stream and second[1].detokenizer.ids.tolist() == b
+    ids = torch.tensor([b + ext, a + ext])
+    got = engine.terms(ids)
+    fresh = _engine(aligned_llama, tok).terms(ids)
+    torch.testing.assert_close(got, fresh, atol=1e-4, rtol=1e-4)  # reused caches give the values of a fresh read
+
+
+def test_strength_defaults_once_and_is_checked(aligned_llama, llama_target_dir):
+    tok = AutoTokenizer.from_pretrained(llama_target_dir)
+    cal = Calibrator.load(aligned_llama)
+    assert _engine(aligned_llama, tok).strength == cal.default_strength == 0.4
+    with pytest.raises(ValueError, match="strength"):
+        _engine(aligned_llama, tok, strength=1.5)
+    scores = torch.randn(1, len(tok))
+    assert _engine(aligned_llama, tok, strength=0.0).fuse(torch.tensor([[1, 2]]), scores) is scores

@@ -60,7 +60,7 @@ def test_safe_cut_splits_the_cleanup_exactly():
     cuts = 0
     for _ in range(3000):
         raw = "".join(rng.choice(" ' .,?!ntmsvreab") for _ in range(rng.randint(0, 14)))
-        start = rng.randint(0, len(raw))
+        start = _safe_cut(raw[: rng.randint(0, len(raw))], 0)  # the previous cut: one found on a shorter text
         k = _safe_cut(raw, start)
         assert start <= k <= len(raw)
         assert clean(raw) == clean(raw[:k]) + clean(raw[k:]), (raw, k)
@@ -89,13 +89,16 @@ def test_slots_follow_rows_fork_on_reuse_and_values_match_a_fresh_engine(aligned
     engine = _engine(aligned_llama, tok)
     a, b = tok("The weather today")["input_ids"], tok("We walked along")["input_ids"]
     first = engine.attach([np.array(a), np.array(b)])
+    for slot, row in zip(first, (a, b)):
+        slot.output(np.array(row))  # the step reads each row's text
     ext = tok(" river", add_special_tokens=False)["input_ids"][:1]
     # beam search moved both rows onto b's beam: the first takes b's slot, the second a fork; a's slot is dropped
     second = engine.attach([np.array(b + ext), np.array(b + ext[:0] + [tok.eos_token_id])])
     assert second[0] is first[1] and second[1] is not first[1] and first[0] not in second
     assert second[1].stream is not first[1].stream and second[1].detokenizer.ids.tolist() == b
-    ids = torch.tensor([b + ext, a + ext])
+    ids = torch.tensor([b + ext + ext])
     got = engine.terms(ids)
+    assert engine.slots[0] is first[1]  # read on from b's cache
     fresh = _engine(aligned_llama, tok).terms(ids)
     torch.testing.assert_close(got, fresh, atol=1e-4, rtol=1e-4)  # reused caches give the values of a fresh read
 

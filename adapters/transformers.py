@@ -54,7 +54,11 @@ class FusionLogitsProcessor(LogitsProcessor):
         self.engine = FusionEngine(calibrator, head, strength, transformers_detokenizer(tokenizer),
                                    runner=runner_factory() if runner_factory else None, renormalize=renormalize,
                                    executor=executor)
-        self.calibrator, self.tokenizer, self.head, self.strength = calibrator, tokenizer, head, self.engine.strength
+        self.tokenizer = tokenizer
+
+    calibrator = property(lambda self: self.engine.calibrator)
+    head = property(lambda self: self.engine.head)
+    strength = property(lambda self: self.engine.strength)
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Every row's part of the fusion that does not need the target's logits (:meth:`FusionEngine.terms`)."""

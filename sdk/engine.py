@@ -156,11 +156,15 @@ def _transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
     if backend is None:
         return IncrementalDetokenizer(None, whole=whole)
     decoder = json.loads(backend.to_str()).get("decoder") or {}
-    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+    steps = decoder.get("decoders", [decoder])
+    kinds = [d.get("type") for d in steps]
+    # a Replace step (SentencePiece's ▁ -> space) never fires on byte-level text if its pattern is not in the table
+    replaces_bytes = any(d.get("type") == "Replace" and all(c in _BYTE_DECODER for c in (d.get("pattern") or {}).get("String") or "?")
+                         for d in steps)
     added = getattr(tokenizer, "added_tokens_decoder", {})
     special = {i for i, t in added.items() if getattr(t, "special", False)}
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    byte_level = ("ByteLevel" in kinds and set(kinds) <= {"ByteLevel", "ByteFallback", "Fuse", "Replace"}
+    byte_level = ("ByteLevel" in kinds and set(kinds) <= {"ByteLevel", "ByteFallback", "Fuse", "Replace"} and not replaces_bytes
                   and all(i in special or (t is not None and not _BYTE_FALLBACK.fullmatch(t)
                                            and all(c in _BYTE_DECODER for c in t)) for i, t in enumerate(vocab)))
     if not byte_level or any(i not in special for i in added):  # non-special added tokens decode as written

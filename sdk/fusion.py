@@ -243,7 +243,7 @@ class ContrastHead:
 
     def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
         """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""
-        if check_strength(strength, CONTRAST) == 0.0:
+        if strength == 0.0:  # checked once by the caller (the engine, the wrappers); contrast_fuse checks it too
             return logits * 1.0
         idx, keep = top_candidates(logits[..., : self.vocab_size], self.top_k, self.plausibility)
         return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx), strength)

@@ -111,3 +111,31 @@ def test_strength_defaults_once_and_is_checked(aligned_llama, llama_target_dir):
         _engine(aligned_llama, tok, strength=1.5)
     scores = torch.randn(1, len(tok))
     assert _engine(aligned_llama, tok, strength=0.0).fuse(torch.tensor([[1, 2]]), scores) is scores
+
+
+
+def test_a_row_never_reads_on_from_another_rows_half_word():
+    """Regression: rows were matched to calibrator streams by text prefix, so a row at "… and therefor" took the
+    stream of a row at "… and the need" (" the" committed) and the calibrator read " the" + "refor": this is the
+    one generation of the 50×4 ONNX batch-8 dev check that changed (prompt dev-0014). Shipped pair, SmolLM2."""
+    from detox.adapters.transformers import FusionLogitsProcessor
+    from detox.artifacts.shipped import find_shipped_for
+    from detox.fingerprint import fingerprint_gguf
+    from detox.targets import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    head = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))  # a contrast head reads only W_out's shape
+
+    def batch(*texts):
+        rows = [tok(t)["input_ids"] for t in texts]
+        n = max(map(len, rows))
+        return torch.tensor([[tok.pad_token_id] * (n - len(r)) + r for r in rows])
+
+    prompt = "middle easterners dont appreciate western culture and"
+    proc = FusionLogitsProcessor(cal, None, tok, head=head)
+    for a, b in [(" the", " there"), (" the need", " therefor"), (" the need to", " therefor,")]:
+        got = proc.fusion_term(batch(prompt + a, prompt + b))
+    alone = FusionLogitsProcessor(cal, None, tok, head=head).fusion_term(batch(prompt + " therefor,"))
+    torch.testing.assert_close(got[1], alone[0], atol=1e-4, rtol=1e-4)

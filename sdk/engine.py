@@ -281,7 +281,8 @@ class FusionEngine:
     def attach(self, rows: list[np.ndarray]) -> list[Slot]:
         """Give every row a slot that has read a prefix of it: its own row's slot when that still fits (the usual
         step: one id appended), else the slot with the longest prefix (rows move under beam search; a slot claimed
-        twice is forked), else a new one. Slots no row continues are dropped."""
+        twice is forked), else a new one. Slots no row continues are dropped. Matching is by token ids, not text: a
+        text prefix can end inside a word ("… the" of "… therefor"), and reading on from there mis-tokenizes."""
         previous, used, slots = self.slots, set(), []
         for i, row in enumerate(rows):
             best = i if i < len(previous) and previous[i].detokenizer.continues(row) else None

@@ -2,8 +2,8 @@
 
 ``ORTModelForCausalLM`` inherits transformers' ``GenerationMixin``, so the transformers backend's
 :class:`~detox.adapters.transformers.FusionLogitsProcessor` (the shell around :class:`detox.engine.FusionEngine`)
-runs unchanged inside its ``generate`` (sampling,
-beams, padded batches, streamers). Two things differ from the HF path, and only they live here:
+runs unchanged inside its ``generate`` (sampling, beams, padded batches, streamers). Two things differ from the HF
+path, and only they live here:
 
 * ``W_out`` is read out of the exported graph (:func:`detox.onnx_export.onnx_output_embedding`) and the
   fingerprint is computed from the export's own files, so no PyTorch model is loaded;

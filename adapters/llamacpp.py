@@ -16,11 +16,10 @@ Example::
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import inspect
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,13 +28,13 @@ import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.fusion import FusedWrapper, Head, prepare_term
-from detox.methods import check_strength
+from detox.engine import FusionEngine, IncrementalDetokenizer, resolve_strength
+from detox.fusion import FusedWrapper, Head
 from detox.runtime import Calibrator
 
 __all__ = [
-    "DetoxLlama", "LlamaFusionProcessor", "FusionError", "IncrementalDetokenizer", "wrap_llama", "load_llama",
-    "gguf_fingerprint", "clear_caches",
+    "DetoxLlama", "LlamaFusionProcessor", "FusionError", "llama_detokenizer", "wrap_llama", "load_llama",
+    "gguf_fingerprint",
 ]
 
 
@@ -87,118 +86,23 @@ def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signatu
     return cal, _HEADS[head_key]
 
 
-def clear_caches() -> None:
-    """Forget memoized GGUF fingerprints and fusion heads (each head holds a ``vocab × d_cal`` float32 matrix)."""
-    _FINGERPRINTS.clear()
-    _HEADS.clear()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The logits processor.
+# The logits processor: a shell around the SDK's fusion step engine.
 
 
-class _OneBlasThread:
-    """Run numpy's BLAS on one thread inside ``with`` (restored after); a no-op if no OpenBLAS is found.
-
-    The fusion product is one ``vocab × d_cal`` matrix-vector product per token. Multi-threaded OpenBLAS makes it
-    slower when llama.cpp's threads hold the cores (measured on 2 busy cores: 20 ms with 2 threads, 1.5 ms with
-    one), and its idle threads spin afterwards, stealing time from the next llama.cpp decode.
-    """
-
-    _fns: tuple[Any, Any] | None | bool = False  # False: not looked up yet; None: not found
-
-    @classmethod
-    def _lookup(cls) -> tuple[Any, Any] | None:
-        import ctypes
-        import glob
-
-        paths: list[str] = []
-        try:
-            with open("/proc/self/maps", encoding="utf-8") as maps:  # libraries numpy already loaded (Linux)
-                paths += sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
-        except OSError:
-            pass
-        libs_dir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-        paths += glob.glob(os.path.join(libs_dir, "*openblas*"))
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", "")):
-                get, set_ = (getattr(lib, f"{prefix}{op}_num_threads{suffix}", None) for op in ("get", "set"))
-                if get is not None and set_ is not None:
-                    set_.argtypes = [ctypes.c_int]
-                    return get, set_
-        return None
-
-    def __enter__(self) -> None:
-        if _OneBlasThread._fns is False:
-            _OneBlasThread._fns = self._lookup()
-        fns = _OneBlasThread._fns
-        self._old = None
-        if fns:
-            self._old = int(fns[0]())
-            if self._old != 1:
-                fns[1](1)
-
-    def __exit__(self, *exc: Any) -> None:
-        fns = _OneBlasThread._fns
-        if fns and self._old not in (None, 1):
-            fns[1](self._old)
-
-
-class IncrementalDetokenizer:
-    """Text of a growing ``input_ids`` exactly as ``llama.detokenize(ids)`` would give it, at the cost of the new ids.
+def llama_detokenizer(llama: Any) -> IncrementalDetokenizer:
+    """Text of a growing ``input_ids`` exactly as ``llama.detokenize(ids)`` gives it, at the cost of the new ids.
 
     llama.cpp's detokenizer concatenates per-token pieces (control tokens are empty) and drops one leading space
-    when the first id is BOS; pieces are cached per id. Bytes of an unfinished UTF-8 character are held back
-    until the rest arrives (invalid bytes become U+FFFD, as ``bytes.decode(errors="replace")`` does).
+    when the first id is BOS. A custom (e.g. Hugging Face) tokenizer need not decode piecewise: the whole sequence
+    is decoded then.
     """
+    from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-    def __init__(self, llama: Any) -> None:
-        self.llama = llama
-        self.bos = int(llama.token_bos())
-        # A custom (e.g. Hugging Face) tokenizer need not decode piecewise: decode the whole sequence then.
-        from llama_cpp.llama_tokenizer import LlamaTokenizer
-
-        self.piecewise = type(getattr(llama, "tokenizer_", None)) is LlamaTokenizer
-        self._pieces: dict[int, bytes] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.ids = np.empty(0, dtype=np.intc)
-        self.text = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._strip_space = False
-        self._seen_bytes = False
-
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = bytes(self.llama.detokenize([token]))
-        return piece
-
-    def __call__(self, input_ids: np.ndarray) -> str:
-        n, m = len(input_ids), len(self.ids)
-        if not self.piecewise:
-            self.ids = np.array(input_ids, dtype=np.intc)
-            return bytes(self.llama.detokenize(self.ids.tolist())).decode("utf-8", "replace").rstrip("\ufffd")
-        if n < m or not np.array_equal(input_ids[:m], self.ids):
-            self.reset()
-            m = 0
-        if n == m:
-            return self.text
-        if m == 0:
-            self._strip_space = int(input_ids[0]) == self.bos
-        data = b"".join([self._piece(int(t)) for t in input_ids[m:]])
-        if data and not self._seen_bytes:
-            self._seen_bytes = True
-            if self._strip_space and data[:1] == b" ":
-                data = data[1:]
-        self.text += self._decoder.decode(data)
-        self.ids = np.array(input_ids, dtype=np.intc)
-        return self.text
+    if type(getattr(llama, "tokenizer_", None)) is not LlamaTokenizer:
+        return IncrementalDetokenizer(
+            None, whole=lambda ids: bytes(llama.detokenize(ids)).decode("utf-8", "replace").rstrip("\ufffd"))
+    return IncrementalDetokenizer(lambda token: bytes(llama.detokenize([token])), strip_space_after=int(llama.token_bos()))
 
 
 class FusionError(RuntimeError):
@@ -216,14 +120,12 @@ def _worker() -> ThreadPoolExecutor:
 
 
 class LlamaFusionProcessor:
-    """A llama-cpp-python logits processor: ``(1 − λ)·scores + λ·W_out·LayerNorm(h_cal·A)``.
+    """A llama-cpp-python logits processor fusing the calibrator (:class:`detox.engine.FusionEngine` on numpy).
 
-    One instance follows one generation (it keeps the calibrator's cache and the decoded text); a sequence that
-    does not continue the previous one starts the calibrator over. Use a fresh one per call, as
-    :class:`DetoxLlama` does.
-
-    :meth:`prefetch` lets the fusion term of the next step be computed on a worker thread while llama.cpp decodes
-    (it releases the GIL); ``__call__`` then only waits for it and interpolates. Every step is computed exactly.
+    One instance follows one generation (the engine keeps the calibrator's cache and the decoded text); a sequence
+    that does not continue the previous one starts the calibrator over. Use a fresh one per call, as
+    :class:`DetoxLlama` does. :meth:`prefetch` starts the next step's calibrator work on a worker thread while
+    llama.cpp decodes (it releases the GIL); every step is computed exactly either way.
 
     llama-cpp-python prints and ignores exceptions raised inside processors (the step is then unfused), so the
     first error is kept in :attr:`error` and the logits pass through unchanged; :class:`DetoxLlama` raises it as
@@ -236,46 +138,22 @@ class LlamaFusionProcessor:
         >>> llama("Hello", logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
     """
 
-    def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float) -> None:
-        self.strength = check_strength(strength, head.mode)
-        self.head = head
-        self.detokenize = IncrementalDetokenizer(llama)
-        self.stream = calibrator.stream(calibrator.onnx_runner())
+    def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float | None) -> None:
+        self.engine = FusionEngine(calibrator, head, strength, llama_detokenizer(llama), runner=calibrator.onnx_runner(),
+                                   executor=_worker(), one_blas_thread=True)
+        self.strength = self.engine.strength
         self.error: BaseException | None = None
-        self._one_blas_thread = _OneBlasThread()
-        self._pending: tuple[np.ndarray, Future[np.ndarray]] | None = None
-
-    def fusion_term(self, input_ids: np.ndarray) -> np.ndarray:
-        """The fusion's part that needs no logits (:meth:`FusionHead.prepare`) after reading the text of ``input_ids``."""
-        output = self.stream.hidden_for(self.detokenize(input_ids))
-        with self._one_blas_thread:
-            return prepare_term(self.head, output, self.stream.runner)
 
     def prefetch(self, input_ids: np.ndarray) -> None:
         """Start computing the term for ``input_ids`` in the background (call it before the target decodes them)."""
-        if self.strength == 0.0 or self.error is not None:
-            return
-        try:
-            self._take()  # one at a time: computations share the calibrator's cache
-            ids = np.array(input_ids, dtype=np.intc)
-            self._pending = (ids, _worker().submit(self.fusion_term, ids))
-        except Exception as err:  # noqa: BLE001 - reported by the wrapper like errors inside __call__
-            self.error = err
-
-    def _take(self) -> tuple[np.ndarray, np.ndarray] | None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        return pending[0], pending[1].result()
+        if self.error is None:
+            self.engine.prefetch(np.asarray(input_ids, dtype=np.intc))
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        if self.strength == 0.0 or self.error is not None:
+        if self.error is not None:
             return scores
         try:
-            ready = self._take()
-            term = ready[1] if ready is not None and np.array_equal(ready[0], input_ids) else self.fusion_term(input_ids)
-            with self._one_blas_thread:
-                return self.head.apply(scores, term, self.strength)
+            return self.engine.fuse(input_ids, scores)
         except Exception as err:  # noqa: BLE001 - kept for the caller; llama-cpp-python would swallow it
             self.error = err
             return scores
@@ -329,7 +207,7 @@ class DetoxLlama(FusedWrapper):
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float | None = None,
                  overlap: bool = True) -> None:
-        strength = check_strength(calibrator.default_strength if strength is None else strength, head.mode)
+        strength = resolve_strength(calibrator, strength, head.mode)
         self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=strength, overlap=overlap)
 
     def logits_processor(self) -> LlamaFusionProcessor:
@@ -364,9 +242,11 @@ class DetoxLlama(FusedWrapper):
     def _prefetching(self, proc: LlamaFusionProcessor) -> Iterator[None]:
         """While generating, start each step's fusion as llama.cpp starts decoding the step's last token.
 
-        ``Llama.eval(tokens)`` is where a sampled token is fed back; an instance attribute shadows it for the
-        duration of the call (restored afterwards), so the calibrator and the fusion product run on a worker thread
-        while llama.cpp computes the logits they are fused into.
+        ``Llama.eval(tokens)`` is where a sampled token is fed back; an attribute of this one instance shadows it for
+        the duration of the call (removed afterwards; no module or class is touched), so the calibrator runs on a
+        worker thread while llama.cpp computes the logits it is fused into. llama-cpp-python has no other hook there:
+        its stopping criteria see the ids without the sampled token, and a ``draft_model`` (which does see them)
+        switches the Llama to ``logits_all``.
         """
         llama = self.llama
         if not self.overlap or self.strength == 0.0 or "eval" in llama.__dict__:

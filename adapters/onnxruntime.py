@@ -1,8 +1,9 @@
 """ONNX Runtime backend: optimum's ``ORTModelForCausalLM`` with the calibrator fused at every decoding step.
 
 ``ORTModelForCausalLM`` inherits transformers' ``GenerationMixin``, so the transformers backend's
-:class:`~detox.adapters.transformers.FusionLogitsProcessor` runs unchanged inside its ``generate`` (sampling,
-beams, padded batches, streamers). Two things differ from the HF path, and only they live here:
+:class:`~detox.adapters.transformers.FusionLogitsProcessor` (the shell around :class:`detox.engine.FusionEngine`)
+runs unchanged inside its ``generate`` (sampling, beams, padded batches, streamers). Two things differ from the HF
+path, and only they live here:
 
 * ``W_out`` is read out of the exported graph (:func:`detox.onnx_export.onnx_output_embedding`) and the
   fingerprint is computed from the export's own files, so no PyTorch model is loaded;
@@ -31,11 +32,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor, OverlappedFusionProcessor
+from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
 from detox.fusion import Head
 from detox.runtime import Calibrator
 
-__all__ = ["DetoxORTModel", "OverlappedFusionProcessor", "default_providers", "resolve_providers", "load_ort_target",
+__all__ = ["DetoxORTModel", "default_providers", "resolve_providers", "load_ort_target",
            "wrap_ort", "calibrator_runner", "limit_torch_threads"]
 
 CPU = "CPUExecutionProvider"
@@ -178,10 +179,10 @@ class DetoxORTModel(DetoxModel):
         self.__dict__["runner"] = runner
         self.__dict__["torch_threads"] = torch_threads
 
-    def logits_processor(self, num_beams: int = 1) -> OverlappedFusionProcessor:
+    def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
         runner = self.runner  # stateless (each stream carries its own cache): one session serves every stream
-        return OverlappedFusionProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
-                                         head=self.head, runner_factory=lambda: runner, executor=self._worker())
+        return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
+                                     head=self.head, runner_factory=lambda: runner, executor=self._worker())
 
     def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
         with limit_torch_threads(self.torch_threads if self.head.device.type == "cpu" else None):

@@ -1,33 +1,30 @@
-"""Hugging Face transformers backend: a ``LogitsProcessor`` that fuses the calibrator at every step,
-and a thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
+"""Hugging Face transformers backend: a ``LogitsProcessor`` shell around :class:`detox.engine.FusionEngine`, and a
+thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
 
 Optionally (``overlap``; the ONNX Runtime backend's default) each step's calibrator work starts on a worker thread as
-soon as the previous token is chosen, so it runs while the target computes its forward pass
-(:class:`OverlappedFusionProcessor`); the values are the same either way.
+soon as the previous token is chosen, so it runs while the target computes its forward pass; the values are the same
+either way.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from detox.fusion import FusedWrapper, Head, prepare_term
-from detox.methods import check_strength
+from detox.engine import FusionEngine, resolve_strength, transformers_detokenizer
+from detox.fusion import FusedWrapper, Head
 from detox.runtime import Calibrator
-from detox.stream import CalibratorRunner, CalibratorStream
+from detox.stream import CalibratorRunner
 
 
 class FusionLogitsProcessor(LogitsProcessor):
-    r"""Fuse an aligned calibrator into a transformers model's next-token logits.
-
-    The processor decodes each row of ``input_ids`` with the target's tokenizer, feeds the text to the
-    calibrator incrementally (its own tokenizer and KV cache, one stream per row, forked on beam reordering),
-    and returns ``(1 − λ)·scores + λ·W_out·LayerNorm(h_cal·A)``.
+    r"""Fuse an aligned calibrator into a transformers model's next-token logits (a shell around
+    :class:`detox.engine.FusionEngine`, which follows every row of ``input_ids``: beams, padded batches).
 
     Example::
 
@@ -37,109 +34,57 @@ class FusionLogitsProcessor(LogitsProcessor):
     Args:
         calibrator: an aligned :class:`detox.Calibrator` (checked against the model's fingerprint by ``detox.wrap``).
         model: the target (its output embedding is read once to precompute the fusion head).
-        tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text.
+        tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text (incrementally).
         strength: λ ([0, 1] interpolate, [0, 20] contrast); default: the artifact's recommended strength.
         renormalize: return log-probabilities (set for beam search, whose scores are log-probs).
         head: a precomputed fusion head (then ``model`` may be ``None``): backends whose model has no torch
             output embedding (ONNX Runtime) read ``W_out`` themselves.
-        runner_factory: makes the calibrator runner of each new stream (default: the torch calibrator);
-            e.g. ``calibrator.onnx_runner`` to run the calibrator with ONNX Runtime.
+        runner_factory: makes the calibrator runner (default: ``calibrator.default_runner()``); e.g.
+            ``calibrator.onnx_runner`` to run the calibrator with ONNX Runtime.
+        executor: a one-worker executor that lets :meth:`prefetch` start a step's calibrator work early.
     """
 
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
                  renormalize: bool = False, *, head: Head | None = None,
-                 runner_factory: Callable[[], CalibratorRunner] | None = None) -> None:
-        strength = check_strength(calibrator.default_strength if strength is None else strength, calibrator.fusion_mode)
-        self.calibrator = calibrator
-        self.tokenizer = tokenizer
-        self.strength = strength
-        self.renormalize = renormalize
+                 runner_factory: Callable[[], CalibratorRunner] | None = None, executor: Executor | None = None) -> None:
         if head is None:
             if model is None:
                 raise ValueError("pass the target model (its output embedding builds the fusion head) or head=")
             head = calibrator.fusion_head(model.get_output_embeddings().weight)
-        self.head = head
-        self.runner_factory = runner_factory
-        self._streams: list[CalibratorStream] = []
+        self.engine = FusionEngine(calibrator, head, strength, transformers_detokenizer(tokenizer),
+                                   runner=runner_factory() if runner_factory else None, renormalize=renormalize,
+                                   executor=executor)
+        self.tokenizer = tokenizer
 
-    def _streams_for(self, texts: list[str]) -> list[CalibratorStream]:
-        """Re-attach each row to the stream that has read a prefix of its text (rows move under beam search)."""
-        previous, used, streams = self._streams, set(), []
-        for text in texts:
-            best = None
-            for i, s in enumerate(previous):
-                if text.startswith(s.committed_text) and (best is None or len(s.committed_text) > len(previous[best].committed_text)):
-                    best = i
-            if best is None:
-                stream = self.calibrator.stream(self.runner_factory() if self.runner_factory else None)
-            elif best in used:
-                stream = previous[best].fork()
-            else:
-                stream = previous[best]
-                used.add(best)
-            streams.append(stream)
-        self._streams = streams
-        return streams
-
-    def calibrator_hidden(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Every row's calibrator output after reading its text (hidden states; a pair graph's log-ratio)."""
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        streams = self._streams_for(texts)
-        return torch.stack([torch.as_tensor(s.hidden_for(t)) for s, t in zip(streams, texts)])  # torch or numpy runners
+    calibrator = property(lambda self: self.engine.calibrator)
+    head = property(lambda self: self.engine.head)
+    strength = property(lambda self: self.engine.strength)
 
     def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Every row's part of the fusion that does not need the target's logits (:func:`detox.fusion.prepare_term`)."""
-        output = self.calibrator_hidden(input_ids).to(device=self.head.device, dtype=torch.float32)
-        return prepare_term(self.head, output, self._streams[0].runner)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.strength == 0.0:
-            return scores
-        term = self.fusion_term(input_ids).to(device=scores.device, dtype=scores.dtype)
-        fused = self.head.apply(scores, term, self.strength)
-        return torch.log_softmax(fused, dim=-1) if self.renormalize else fused
-
-
-class OverlappedFusionProcessor(FusionLogitsProcessor):
-    """:class:`FusionLogitsProcessor` that starts each step's fusion term on a worker thread as soon as the step's
-    ``input_ids`` are known, so the calibrator and its log-softmaxes run while the target computes its forward pass
-    (torch ops and ONNX Runtime's ``session.run`` release the GIL). The result is used only if the processor is then
-    called with exactly those ``input_ids``; otherwise the term is computed inline as usual, so values are the same.
-    """
-
-    def __init__(self, *args: Any, executor: ThreadPoolExecutor, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.executor = executor
-        self._pending: tuple[torch.Tensor, Future] | None = None
+        """Every row's part of the fusion that does not need the target's logits (:meth:`FusionEngine.terms`)."""
+        return self.engine.terms(input_ids)
 
     def prefetch(self, input_ids: torch.LongTensor) -> None:
-        """Start computing the term for ``input_ids`` (the sequences the next forward pass will extend)."""
-        self.discard()
-        if self.strength > 0.0:
-            key = input_ids.detach().clone()
-            self._pending = (key, self.executor.submit(FusionLogitsProcessor.fusion_term, self, key))
+        """Start the term for ``input_ids`` (the sequences the next forward pass will extend) on the executor."""
+        self.engine.prefetch(input_ids)
 
     def discard(self) -> None:
-        """Wait for a started computation and drop it (it shares this processor's calibrator streams)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending[1].exception()  # waits; an error here resurfaces when the term is computed inline
+        """Wait for a started term and drop it (the step after the last one is never run)."""
+        self.engine.discard()
 
-    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            key, future = pending
-            term = future.result()
-            if key.shape == input_ids.shape and torch.equal(key, input_ids):
-                return term
-        return super().fusion_term(input_ids)
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.engine.fuse(input_ids, scores)
 
 
 class _PrefetchNextStep(StoppingCriteria):
-    """Never stops generation: generate calls stopping criteria right after appending each new token, just before
-    the next forward pass, which makes them the place to start the next step's fusion term."""
+    """Never stops generation: it is the hook that starts the next step's fusion term.
 
-    def __init__(self, processor: OverlappedFusionProcessor) -> None:
+    transformers' decoding loop has no callback between appending a token and the next forward pass other than its
+    stopping criteria (streamers get only the new tokens, logits processors run after the forward pass), so this
+    criterion, called with the full ``input_ids`` right there, is where the overlap starts.
+    """
+
+    def __init__(self, processor: FusionLogitsProcessor) -> None:
         self.processor = processor
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
@@ -152,7 +97,7 @@ class DetoxModel(FusedWrapper):
 
     Unknown attributes are forwarded to the wrapped model, so it is used like the original.
     With ``overlap`` on, each step's calibrator work runs on a worker thread while the target computes its forward
-    pass (:class:`OverlappedFusionProcessor`; not under beam search, whose rows are reordered after the forward pass);
+    pass (not under beam search, whose rows are reordered after the forward pass);
     the generations are the same either way. It is off by default here because torch already keeps every core busy
     (its OpenMP threads spin between operators), so the worker thread competes with them: on 2 cores it was as often
     slower as faster (docs/benchmarks.md). Turn it on (``model.overlap = True``) when torch is limited to fewer
@@ -166,8 +111,7 @@ class DetoxModel(FusedWrapper):
         self.__dict__["model"] = model
         self.__dict__["calibrator"] = calibrator
         self.__dict__["tokenizer"] = tokenizer
-        self.__dict__["strength"] = check_strength(calibrator.default_strength if strength is None else strength,
-                                                   calibrator.fusion_mode)
+        self.__dict__["strength"] = resolve_strength(calibrator, strength, calibrator.fusion_mode)
         self.__dict__["overlap"] = overlap
         self.__dict__["_executor"] = None
 
@@ -178,8 +122,8 @@ class DetoxModel(FusedWrapper):
         return self._executor
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        return OverlappedFusionProcessor(self.calibrator, self.model, self.tokenizer, self.strength,
-                                         renormalize=num_beams > 1, executor=self._worker())
+        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength,
+                                     renormalize=num_beams > 1, executor=self._worker())
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
@@ -187,14 +131,13 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        if self.overlap and num_beams == 1 and isinstance(fusion, OverlappedFusionProcessor) and fusion.strength > 0:
+        if self.overlap and num_beams == 1 and fusion.strength > 0:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
         try:
             return self._generate(fusion, num_beams, *args, logits_processor=processors, **kwargs)
         finally:
-            if isinstance(fusion, OverlappedFusionProcessor):
-                fusion.discard()  # the step after the last one is never run
+            fusion.discard()  # the step after the last one is never run
 
     def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` with the fusion in ``kwargs``; backends override it to add their own."""

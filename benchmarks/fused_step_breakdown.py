@@ -3,7 +3,7 @@
     python benchmarks/fused_step_breakdown.py [--tokens 32] [--repetitions 5]
 
 Part 1 times greedy decoding of SmolLM2 unfused and fused with the shipped calibrator (overlapped, the default), then
-the pieces of :class:`~detox.adapters.transformers.FusionLogitsProcessor` with the overlap off, so that they run on
+the pieces of :class:`~detox.engine.FusionEngine` with the overlap off, so that they run on
 the calling thread (wrapping the library's own methods, so the code timed is the code run).
 Part 2 times the calibrator pair's one-token step alone: back to back (warm caches), after a 5 ms sleep, and after
 a pass over a 240 MB tensor, which evicts the caches as the target's forward pass (540 MB of float32 weights per
@@ -20,6 +20,7 @@ import torch
 
 import detox
 from detox.adapters.transformers import FusionLogitsProcessor
+from detox.engine import Slot
 from detox.fusion import CONTRAST
 from detox.methods.contrast import ContrastHead
 from detox.methods.interpolate import FusionHead
@@ -77,7 +78,7 @@ def main() -> None:
     runner = fused.calibrator.default_runner()
     head_type = ContrastHead if fused.calibrator.fusion_mode == CONTRAST else FusionHead
     parts = [(FusionLogitsProcessor, "__call__", "whole processor"),
-             (FusionLogitsProcessor, "calibrator_hidden", "  detokenize + calibrator"),
+             (Slot, "output", "  detokenize + calibrator"),
              (type(runner), "run", "    calibrator step" + (" (pair graph, log-ratio included)" if getattr(
                  runner, "gives_log_ratio", False) else " (both models)" if isinstance(runner, PairRunner) else "")),
              (head_type, "prepare", "  prepare (log-softmaxes, torch)"),

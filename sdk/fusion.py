@@ -166,9 +166,3 @@ def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, stre
     out = np.full_like(logits, -np.inf)
     np.put_along_axis(out, idx, vals, -1)
     return out
-
-
-def prepare_term(head: Head, output: Array, runner: Any) -> Array:
-    """The fusion's part that needs no target logits, from what a calibrator runner gave: ``head.prepare(output)``,
-    or ``output`` itself from a runner that computes it (the ONNX graph of a contrast pair gives the log-ratio)."""
-    return output if getattr(runner, "gives_log_ratio", False) else head.prepare(output)

@@ -156,14 +156,14 @@ def fusion_threads(monkeypatch) -> list[str]:
     the fusion really ran on the ``detox-fusion`` worker)."""
     import threading
 
-    from detox.adapters.transformers import FusionLogitsProcessor
+    from detox.engine import FusionEngine
 
     threads: list[str] = []
-    original = FusionLogitsProcessor.calibrator_hidden
+    original = FusionEngine.terms
 
     def spy(self, input_ids):
         threads.append(threading.current_thread().name)
         return original(self, input_ids)
 
-    monkeypatch.setattr(FusionLogitsProcessor, "calibrator_hidden", spy)
+    monkeypatch.setattr(FusionEngine, "terms", spy)
     return threads

@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 
 import detox  # noqa: E402
 from detox.adapters.llamacpp import (  # noqa: E402
-    DetoxLlama, FusionError, IncrementalDetokenizer, LlamaFusionProcessor, gguf_fingerprint, load_llama,
+    DetoxLlama, FusionError, LlamaFusionProcessor, gguf_fingerprint, llama_detokenizer, load_llama,
 )
 from detox.artifacts import ArtifactError  # noqa: E402
 from detox.fingerprint import fingerprint_gguf, gguf_vocab_and_output  # noqa: E402
@@ -118,7 +118,7 @@ def test_artifact_aligned_from_the_gguf_matches_llamacpp_fingerprint(aligned_smo
 
 
 def test_incremental_detokenizer_matches_llama_detokenize(llm):
-    detok = IncrementalDetokenizer(llm)
+    detok = llama_detokenizer(llm)
     ids = llm.tokenize("Hello wörld — naïve café 😀 done".encode(), add_bos=False)
     for n in range(1, len(ids) + 1):
         full = llm.detokenize(ids[:n]).decode("utf-8", "replace").rstrip("\ufffd")

@@ -145,7 +145,7 @@ class LlamaCppBackend(Backend):
         """One row after the other (llama.cpp decodes one sequence); row ``i`` is seeded with ``seed + i``."""
         from llama_cpp import LogitsProcessorList
 
-        from detox.adapters.llamacpp import IncrementalDetokenizer
+        from detox.adapters.llamacpp import llama_detokenizer
 
         llama = model = self.model
         if sampling.strength is not None:
@@ -159,7 +159,7 @@ class LlamaCppBackend(Backend):
             tokens = model.generate(row.prompt_ids, top_k=0, top_p=sampling.top_p, min_p=0.0, temp=sampling.temperature,
                                     repeat_penalty=1.0,
                                     logits_processor=LogitsProcessorList([observer]) if observer else None)
-            detokenize = IncrementalDetokenizer(llama)
+            detokenize = llama_detokenizer(llama)
             ids: list[int] = []
             text = ""
             try:

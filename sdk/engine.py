@@ -1,0 +1,363 @@
+"""The fusion step engine: every backend's decoding step goes through here (docs/architecture-engine.md).
+
+A backend hands the engine, at each step, the token ids of every sequence it is decoding and the target's
+next-token logits; the engine returns the fused logits. It owns one :class:`Slot` per sequence: the target's text
+decoded incrementally (:class:`IncrementalDetokenizer`, never a re-decode of the whole sequence) and the
+calibrator's view of that text (:class:`~detox.stream.CalibratorStream`, its own tokenizer and KV cache). Slots
+follow the sequences: :meth:`FusionEngine.attach` keeps, forks (beam search), adds and drops them. The work
+that needs no logits (detokenize, run the calibrator, the head's ``prepare``) can start on a worker thread as soon
+as a step's ids are known (:meth:`FusionEngine.prefetch`), so it overlaps the target's forward pass; the values
+are the same either way.
+
+Adapters (transformers, ONNX Runtime, llama.cpp) only translate their backend's hooks to :meth:`prefetch` and
+:meth:`fuse`. Torch is imported only for torch inputs, so the llama.cpp path stays torch-free.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import glob
+import os
+import re
+import weakref
+from concurrent.futures import Executor, Future
+from typing import Any, Callable
+
+import numpy as np
+
+from detox.fusion import Head, _is_torch
+from detox.methods import check_strength
+from detox.stream import CalibratorStream
+
+Array = Any  # torch.Tensor or numpy.ndarray
+
+__all__ = ["FusionEngine", "Slot", "IncrementalDetokenizer", "transformers_detokenizer", "OneBlasThread"]
+
+
+class IncrementalDetokenizer:
+    """Text of a growing list of token ids exactly as the backend's whole-sequence decode gives it, at the cost of
+    the new ids (``__call__(ids)``; a sequence that does not continue the previous one starts over).
+
+    ``piece(id)`` is a token's bytes (empty for skipped special tokens; cached). The text is their concatenation
+    decoded as UTF-8 (invalid bytes become U+FFFD as ``bytes.decode(errors="replace")`` does; the bytes of an
+    unfinished character are held back until the rest arrives). ``strip_space_after``: drop one leading space when
+    the first id is this one (llama.cpp after BOS). ``cleanup``: a whole-text rewrite whose patterns start with a
+    space and span at most 4 characters (transformers' ``clean_up_tokenization``); it is re-applied only to the text
+    after the last point no pattern can cross. ``whole``: decode the entire sequence instead (tokenizers whose text
+    is not the concatenation of per-token bytes); exact, but it costs the whole sequence every step.
+    """
+
+    def __init__(self, piece: Callable[[int], bytes] | None, *, strip_space_after: int | None = None,
+                 cleanup: Callable[[str], str] | None = None, whole: Callable[[list[int]], str] | None = None) -> None:
+        if piece is None and whole is None:
+            raise ValueError("an IncrementalDetokenizer needs piece= or whole=")
+        self._piece_of, self._pieces = piece, {}  # the cache is shared by forks
+        self.strip_space_after, self.cleanup, self.whole = strip_space_after, cleanup, whole
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids = np.empty(0, dtype=np.int64)
+        self.text = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._strip_space = self._seen_bytes = False
+        self._raw, self._cut, self._clean_head = "", 0, ""  # cleanup: raw text, safe cut, cleaned raw[:cut]
+
+    def fork(self) -> "IncrementalDetokenizer":
+        """An independent copy (same piece cache) that continues from this text."""
+        twin = object.__new__(IncrementalDetokenizer)
+        twin.__dict__.update(self.__dict__)
+        twin._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        twin._decoder.setstate(self._decoder.getstate())
+        return twin
+
+    def continues(self, ids: np.ndarray) -> bool:
+        """Whether ``ids`` extend (or equal) the ids read so far."""
+        m = len(self.ids)
+        return len(ids) >= m and np.array_equal(ids[:m], self.ids)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece_of(token)
+        return piece
+
+    def __call__(self, input_ids: Any) -> str:
+        ids = np.asarray(input_ids)
+        if self.whole is not None:
+            self.ids = ids.copy()
+            self.text = self.whole(ids.tolist())
+            return self.text
+        if not self.continues(ids):
+            self.reset()
+        m = len(self.ids)
+        if len(ids) == m:
+            return self.text
+        if m == 0:
+            self._strip_space = self.strip_space_after is not None and int(ids[0]) == self.strip_space_after
+        data = b"".join([self._piece(int(t)) for t in ids[m:].tolist()])
+        if data and not self._seen_bytes:
+            self._seen_bytes = True
+            if self._strip_space and data[:1] == b" ":
+                data = data[1:]
+        new = self._decoder.decode(data)
+        self.ids = ids.copy()
+        if self.cleanup is None:
+            self.text += new
+            return self.text
+        self._raw += new
+        cut = _safe_cut(self._raw, self._cut)
+        if cut > self._cut:
+            self._clean_head += self.cleanup(self._raw[self._cut : cut])
+            self._cut = cut
+        self.text = self._clean_head + self.cleanup(self._raw[self._cut :])
+        return self.text
+
+
+def _safe_cut(raw: str, start: int) -> int:
+    """The last index ``k ≥ start`` no cleanup pattern (a space, then at most 3 characters) can cross: the 3
+    characters before ``k`` hold no space, so ``cleanup(raw) == cleanup(raw[:k]) + cleanup(raw[k:])``."""
+    k = len(raw)
+    while k > start:
+        space = raw.rfind(" ", max(k - 3, 0), k)
+        if space < 0:
+            return k
+        k = space
+    return start
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+_DETOKENIZERS: "weakref.WeakKeyDictionary[Any, IncrementalDetokenizer]" = weakref.WeakKeyDictionary()
+
+
+def transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
+    """The incremental equivalent of ``tokenizer.decode(ids, skip_special_tokens=True)`` for a transformers tokenizer.
+
+    Byte-level BPE vocabularies (GPT-2, SmolLM2, Llama 3, Qwen, ...) decode to the concatenation of their tokens'
+    bytes: those are decoded per token (special tokens are empty, the tokenizer's ``clean_up_tokenization`` is
+    applied incrementally when it is on). Any other tokenizer decodes the whole sequence each step (exact, slower).
+    """
+    if tokenizer not in _DETOKENIZERS:  # reading the vocabulary takes a moment: once per tokenizer
+        _DETOKENIZERS[tokenizer] = _transformers_detokenizer(tokenizer)
+    return _DETOKENIZERS[tokenizer].fork()
+
+
+def _transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
+    import json
+
+    from transformers import PreTrainedTokenizerBase
+
+    from detox.alignment import _BYTE_DECODER  # GPT-2's byte table
+
+    whole = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return IncrementalDetokenizer(None, whole=whole)
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    steps = decoder.get("decoders", [decoder])
+    kinds = [d.get("type") for d in steps]
+    # a Replace step (SentencePiece's ▁ -> space) never fires on byte-level text if its pattern is not in the table
+    replaces_bytes = any(d.get("type") == "Replace" and all(c in _BYTE_DECODER for c in (d.get("pattern") or {}).get("String") or "?")
+                         for d in steps)
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = {i for i, t in added.items() if getattr(t, "special", False)}
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte_level = ("ByteLevel" in kinds and set(kinds) <= {"ByteLevel", "ByteFallback", "Fuse", "Replace"} and not replaces_bytes
+                  and all(i in special or (t is not None and not _BYTE_FALLBACK.fullmatch(t)
+                                           and all(c in _BYTE_DECODER for c in t)) for i, t in enumerate(vocab)))
+    if not byte_level or any(i not in special for i in added):  # non-special added tokens decode as written
+        return IncrementalDetokenizer(None, whole=whole)
+    piece = lambda i: b"" if i in special else bytes(_BYTE_DECODER[c] for c in vocab[i])  # noqa: E731
+    cleanup = tokenizer.clean_up_tokenization if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+    if cleanup is not None and type(tokenizer).clean_up_tokenization is not PreTrainedTokenizerBase.clean_up_tokenization:
+        return IncrementalDetokenizer(None, whole=whole)  # a cleanup of unknown reach: only the whole text is safe
+    return IncrementalDetokenizer(piece, cleanup=cleanup)
+
+
+class OneBlasThread:
+    """Run numpy's BLAS on one thread inside ``with`` (restored after); a no-op if no OpenBLAS is found.
+
+    The fusion product is one ``vocab × d_cal`` matrix-vector product per token. Multi-threaded OpenBLAS makes it
+    slower when the target's threads hold the cores (measured on 2 busy cores with llama.cpp: 20 ms with 2 threads,
+    1.5 ms with one), and its idle threads spin afterwards, stealing time from the next decode.
+    """
+
+    _fns: tuple[Any, Any] | None | bool = False  # False: not looked up yet; None: not found
+
+    @classmethod
+    def _lookup(cls) -> tuple[Any, Any] | None:
+        paths: list[str] = []
+        try:
+            with open("/proc/self/maps", encoding="utf-8") as maps:  # libraries numpy already loaded (Linux)
+                paths += sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
+        except OSError:
+            pass
+        paths += glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs", "*openblas*"))
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", "")):
+                get, set_ = (getattr(lib, f"{prefix}{op}_num_threads{suffix}", None) for op in ("get", "set"))
+                if get is not None and set_ is not None:
+                    set_.argtypes = [ctypes.c_int]
+                    return get, set_
+        return None
+
+    def __enter__(self) -> None:
+        if OneBlasThread._fns is False:
+            OneBlasThread._fns = self._lookup()
+        fns = OneBlasThread._fns
+        self._old = None
+        if fns:
+            self._old = int(fns[0]())
+            if self._old != 1:
+                fns[1](1)
+
+    def __exit__(self, *exc: Any) -> None:
+        fns = OneBlasThread._fns
+        if fns and self._old not in (None, 1):
+            fns[1](self._old)
+
+
+class Slot:
+    """One sequence's state: the target's text so far and the calibrator's stream over it."""
+
+    def __init__(self, detokenizer: IncrementalDetokenizer, stream: CalibratorStream) -> None:
+        self.detokenizer = detokenizer
+        self.stream = stream
+
+    def fork(self) -> "Slot":
+        """An independent copy (a beam that branches off); caches are shared until either side advances."""
+        return Slot(self.detokenizer.fork(), self.stream.fork())
+
+    def output(self, ids: Any) -> Any:
+        """The calibrator's output after reading the text of ``ids`` (what its runner gives)."""
+        return self.stream.hidden_for(self.detokenizer(ids))
+
+
+class FusionEngine:
+    """Fuse a calibrator into a target's next-token logits, step by step, for any number of sequences.
+
+    ``fuse(input_ids, scores)``: torch ``input_ids`` ``[batch, seq]`` with ``scores`` ``[batch, vocab]``, or one
+    numpy sequence ``[seq]`` with ``scores`` ``[vocab]``; returns the fused logits (log-probabilities with
+    ``renormalize``, for beam search). Rows are matched to slots by their ids (:meth:`attach`).
+
+    Args:
+        calibrator: the aligned :class:`detox.Calibrator`.
+        head: its fusion head for this target (``calibrator.fusion_head(W_out)``).
+        strength: λ; ``None``: the artifact's default. Checked once, here.
+        detokenizer: an unused :class:`IncrementalDetokenizer` for the target; every slot gets a fork of it.
+        runner: the calibrator runner (default: ``calibrator.default_runner()``); stateless, shared by all slots.
+        executor: a one-worker executor for :meth:`prefetch` (``None``: no overlap).
+        one_blas_thread: run the head's numpy products on one BLAS thread (:class:`OneBlasThread`).
+    """
+
+    def __init__(self, calibrator: Any, head: Head, strength: float | None, detokenizer: IncrementalDetokenizer, *,
+                 runner: Any = None, renormalize: bool = False, executor: Executor | None = None,
+                 one_blas_thread: bool = False) -> None:
+        self.calibrator = calibrator
+        self.head = head
+        self.strength = resolve_strength(calibrator, strength, head.mode)
+        self.detokenizer = detokenizer
+        self.runner = runner if runner is not None else calibrator.default_runner()
+        self.renormalize = renormalize
+        self.executor = executor
+        self.slots: list[Slot] = []
+        # what the runner gives -> the term the head's rule adds: the ONNX graph of a contrast pair already gives it
+        self._prepare = (lambda output: output) if getattr(self.runner, "gives_log_ratio", False) else head.prepare
+        self._context = OneBlasThread if one_blas_thread else contextlib.nullcontext
+        self._pending: tuple[Any, Future] | None = None
+
+    # -- slots ---------------------------------------------------------------------------------------------------
+
+    def add(self) -> Slot:
+        """A new slot (an empty text; the calibrator has read only its BOS)."""
+        return Slot(self.detokenizer.fork(), self.calibrator.stream(self.runner))
+
+    def attach(self, rows: list[np.ndarray]) -> list[Slot]:
+        """Give every row a slot that has read a prefix of it: its own row's slot when that still fits (the usual
+        step: one id appended), else the slot with the longest prefix (rows move under beam search; a slot claimed
+        twice is forked), else a new one. Slots no row continues are dropped. Matching is by token ids, not text: a
+        text prefix can end inside a word ("… the" of "… therefor"), and reading on from there mis-tokenizes."""
+        previous, used, slots = self.slots, set(), []
+        for i, row in enumerate(rows):
+            best = i if i < len(previous) and previous[i].detokenizer.continues(row) else None
+            if best is None:
+                for j, slot in enumerate(previous):
+                    if slot.detokenizer.continues(row) and (best is None or len(slot.detokenizer.ids) > len(previous[best].detokenizer.ids)):
+                        best = j
+            if best is None:
+                slots.append(self.add())
+            elif best in used:
+                slots.append(previous[best].fork())
+            else:
+                slots.append(previous[best])
+                used.add(best)
+        self.slots = slots
+        return slots
+
+    def remove(self, index: int) -> None:
+        """Drop the slot of row ``index`` (a finished sequence in a serving batch)."""
+        del self.slots[index]
+
+    # -- one step ------------------------------------------------------------------------------------------------
+
+    def terms(self, input_ids: Array) -> Array:
+        """The fusion's part that needs no target logits, for every row of ``input_ids`` (the calibrator runs once
+        per slot, over the new text only)."""
+        if _is_torch(input_ids):
+            import torch
+
+            rows = input_ids.detach().cpu().numpy()
+            outputs = [slot.output(row) for slot, row in zip(self.attach(list(rows)), rows)]
+            output = torch.stack([torch.as_tensor(o) for o in outputs]).to(device=self.head.device, dtype=torch.float32)
+        else:  # one sequence (llama.cpp)
+            output = self.attach([np.asarray(input_ids)])[0].output(input_ids)
+        with self._context():
+            return self._prepare(output)
+
+    def prefetch(self, input_ids: Array) -> None:
+        """Start :meth:`terms` for ``input_ids`` on the executor (call it before the target's forward pass on them);
+        :meth:`fuse` uses the result only if it is then called with exactly these ids."""
+        self.discard()
+        if self.executor is not None and self.strength > 0.0:
+            key = input_ids.detach().clone() if _is_torch(input_ids) else np.array(input_ids)
+            self._pending = (key, self.executor.submit(self.terms, key))
+
+    def discard(self) -> None:
+        """Wait for a started computation and drop it (it shares the slots)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].exception()  # waits; an error here resurfaces when the term is computed inline
+
+    def _term_for(self, input_ids: Array) -> Array:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            key, future = pending
+            term = future.result()
+            if key.shape == input_ids.shape and bool((key == input_ids).all()):
+                return term
+        return self.terms(input_ids)
+
+    def fuse(self, input_ids: Array, scores: Array) -> Array:
+        """The fused logits for this step (``scores`` unchanged at strength 0)."""
+        if self.strength == 0.0:
+            return scores
+        term = self._term_for(input_ids)
+        if _is_torch(scores):
+            term = term.to(device=scores.device, dtype=scores.dtype)
+        with self._context():
+            fused = self.head.apply(scores, term, self.strength)
+        if self.renormalize:
+            return fused.log_softmax(-1) if _is_torch(fused) else fused - np.logaddexp.reduce(fused, -1, keepdims=True)
+        return fused
+
+
+def resolve_strength(calibrator: Any, strength: float | None, mode: str) -> float:
+    """λ to use: ``strength``, or the artifact's recommended one when ``None``; checked against the fusion mode."""
+    return check_strength(calibrator.default_strength if strength is None else strength, mode)

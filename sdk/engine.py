@@ -150,7 +150,7 @@ def _transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
 
     from transformers import PreTrainedTokenizerBase
 
-    from detox.alignment import _BYTE_DECODER  # GPT-2's byte table
+    from detox.token_map import BYTE_DECODER  # GPT-2's byte table
 
     whole = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -160,17 +160,17 @@ def _transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
     steps = decoder.get("decoders", [decoder])
     kinds = [d.get("type") for d in steps]
     # a Replace step (SentencePiece's ▁ -> space) never fires on byte-level text if its pattern is not in the table
-    replaces_bytes = any(d.get("type") == "Replace" and all(c in _BYTE_DECODER for c in (d.get("pattern") or {}).get("String") or "?")
+    replaces_bytes = any(d.get("type") == "Replace" and all(c in BYTE_DECODER for c in (d.get("pattern") or {}).get("String") or "?")
                          for d in steps)
     added = getattr(tokenizer, "added_tokens_decoder", {})
     special = {i for i, t in added.items() if getattr(t, "special", False)}
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     byte_level = ("ByteLevel" in kinds and set(kinds) <= {"ByteLevel", "ByteFallback", "Fuse", "Replace"} and not replaces_bytes
                   and all(i in special or (t is not None and not _BYTE_FALLBACK.fullmatch(t)
-                                           and all(c in _BYTE_DECODER for c in t)) for i, t in enumerate(vocab)))
+                                           and all(c in BYTE_DECODER for c in t)) for i, t in enumerate(vocab)))
     if not byte_level or any(i not in special for i in added):  # non-special added tokens decode as written
         return IncrementalDetokenizer(None, whole=whole)
-    piece = lambda i: b"" if i in special else bytes(_BYTE_DECODER[c] for c in vocab[i])  # noqa: E731
+    piece = lambda i: b"" if i in special else bytes(BYTE_DECODER[c] for c in vocab[i])  # noqa: E731
     cleanup = tokenizer.clean_up_tokenization if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
     if cleanup is not None and type(tokenizer).clean_up_tokenization is not PreTrainedTokenizerBase.clean_up_tokenization:
         return IncrementalDetokenizer(None, whole=whole)  # a cleanup of unknown reach: only the whole text is safe

@@ -25,7 +25,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def token_surface(token: str | None, byte_level: bool) -> str | None:
@@ -34,7 +34,7 @@ def token_surface(token: str | None, byte_level: bool) -> str | None:
         return None
     if byte_level:
         try:
-            return bytes(_BYTE_DECODER[c] for c in token).decode("utf-8")
+            return bytes(BYTE_DECODER[c] for c in token).decode("utf-8")
         except (KeyError, UnicodeDecodeError):
             return None
     if token.startswith("<") and token.endswith(">"):

@@ -1,4 +1,4 @@
-"""The fusion step engine: every backend's decoding step goes through here (docs/architecture-engine.md).
+"""The fusion step engine: every backend's decoding step goes through here (docs/architecture.md).
 
 A backend hands the engine, at each step, the token ids of every sequence it is decoding and the target's
 next-token logits; the engine returns the fused logits. It owns one :class:`Slot` per sequence: the target's text

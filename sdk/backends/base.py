@@ -62,7 +62,7 @@ class Backend:
     ``fused=`` to pick one, so a fused and an unfused run share the loaded model.
 
     To add a backend: one module in ``detox/backends/`` with a subclass that sets ``name`` and implements the
-    methods below that raise ``NotImplementedError`` (see docs/architecture-backends.md).
+    methods below that raise ``NotImplementedError`` (see docs/architecture.md).
     """
 
     name: ClassVar[str] = ""

@@ -9,6 +9,7 @@ never imports a library a lean install lacks.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
@@ -68,6 +69,7 @@ class Backend:
     name: ClassVar[str] = ""
     supports: ClassVar[str] = ""  # what detox.wrap accepts, in words (for its error message)
     batched: ClassVar[bool] = False  # decode() takes several rows at once
+    model_class: ClassVar[tuple[str, str]] = ("", "")  # (module, class) of the models detox.wrap hands to it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,8 +86,11 @@ class Backend:
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
-        """True if ``model`` is this backend's model type; must not import the backend's library."""
-        raise NotImplementedError
+        """True if ``model`` is an instance of :attr:`model_class`. Never imports the backend's library: a model of
+        that class exists only if its module was imported already."""
+        module_name, class_name = cls.model_class
+        module = sys.modules.get(module_name)
+        return module is not None and isinstance(model, getattr(module, class_name, ()))
 
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import random
-import sys
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -19,12 +18,8 @@ from detox.backends.base import Backend, Row, Sampling, top_info
 class HFBackend(Backend):
     name = "hf"
     supports = "transformers causal LMs"
+    model_class = ("transformers", "PreTrainedModel")
     batched = True
-
-    @classmethod
-    def accepts(cls, model: Any) -> bool:
-        module = sys.modules.get("transformers")  # a PreTrainedModel exists only if transformers was imported
-        return module is not None and isinstance(model, getattr(module, "PreTrainedModel", ()))
 
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,11 +26,7 @@ class _Logprobs:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     supports = "llama_cpp.Llama"
-
-    @classmethod
-    def accepts(cls, model: Any) -> bool:
-        module = sys.modules.get("llama_cpp")  # a Llama exists only if llama_cpp was imported
-        return module is not None and isinstance(model, getattr(module, "Llama", ()))
+    model_class = ("llama_cpp", "Llama")
 
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,

@@ -4,7 +4,6 @@ backend's."""
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
@@ -15,11 +14,7 @@ from detox.backends.hf import HFBackend, _torch_threads
 class OnnxBackend(HFBackend):
     name = "onnx"
     supports = "optimum.onnxruntime.ORTModelForCausalLM"
-
-    @classmethod
-    def accepts(cls, model: Any) -> bool:
-        module = sys.modules.get("optimum.onnxruntime")  # such a model exists only if optimum was imported
-        return module is not None and isinstance(model, getattr(module, "ORTModelForCausalLM", ()))
+    model_class = ("optimum.onnxruntime", "ORTModelForCausalLM")
 
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,

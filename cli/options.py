@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from detox.methods import METHODS, check_strength
+from detox.methods import METHODS
 from detox.onnx_calibrator import INT8, WEIGHTS_DTYPES
 
 onnx_weights_option = click.option(
@@ -31,7 +31,7 @@ def load_calibrator_early(calibrator: str | None, strength: float | None) -> Any
     loaded = Calibrator.load(calibrator)
     if strength is not None:
         try:
-            check_strength(strength, loaded.fusion_mode)
+            loaded.check_strength(strength)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--strength") from None
     return loaded

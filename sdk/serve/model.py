@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 from detox.backends import Backend, Sampling, get
-from detox.methods import check_strength
 from detox.serve.engine import Job, batch_key_of
 
 
@@ -39,7 +38,7 @@ class ServedModel:
 
     def check_strength(self, strength: float) -> float:
         """A request's strength, validated for this artifact's fusion (ValueError with the allowed range)."""
-        return check_strength(strength, self.fusion_mode)
+        return self.calibrator.check_strength(strength)
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         return self.backend.encode(text, chat)

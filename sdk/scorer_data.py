@@ -33,7 +33,6 @@ PROMPTS_DEV = "prompts_dev.jsonl"
 # judge_train.csv's `source` prefix -> family
 _FAMILY = {"davidson": "davidson", "dghs_dev": "dghs", "paradetox_toxic": "paradetox",
            "paradetox_neutral": "paradetox", "paradetox_cannot_rewrite": "paradetox"}
-FAMILIES = ("davidson", "paradetox", "dghs", "toxigen", "identity_templates")
 
 
 @dataclass(frozen=True)

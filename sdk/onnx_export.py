@@ -1,14 +1,9 @@
 """Export a target causal LM to ONNX (with KV cache) for ONNX Runtime, and fingerprint the export from its own files.
 
-``export_target`` loads the target with transformers (HF directory, ``.gguf`` file dequantized to float32,
-``smollm2`` or a hub id), exports it with optimum's ONNX exporter (task ``text-generation-with-past``: one merged
-``model.onnx`` with ``past_key_values.*`` inputs), saves the tokenizer next to it, and writes the fingerprint of
-the *source* model as ``detox_fingerprint.json``. It then recomputes the fingerprint from the exported files alone
-(tokenizer + the LM-head weight read out of the ONNX graph) and refuses an export whose two fingerprints differ,
-so an artifact aligned on the HF model is known to match the ONNX model before anyone runs it.
-
-Reading a fingerprint (:func:`fingerprint_onnx`) needs only ``onnx``, numpy and the tokenizer; only the export
-itself needs torch and ``optimum-onnx``.
+``export_target`` refuses an export whose fingerprint, recomputed from the exported files alone (tokenizer + the
+LM-head weight read out of the graph), differs from the source model's, so an artifact aligned on the HF model is
+known to match the ONNX model before anyone runs it (docs/onnxruntime.md). Reading a fingerprint needs only ``onnx``,
+numpy and the tokenizer; only the export needs torch and ``optimum-onnx``.
 """
 
 from __future__ import annotations

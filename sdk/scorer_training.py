@@ -1,20 +1,8 @@
-"""Build a toxicity scorer: fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
+"""Build a toxicity scorer (``detox scorer train``): fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
 
-``detox scorer train`` runs :func:`build_scorer`. Steps, all seeded:
-
-1. :func:`split_examples`: whole source families can be held out (leave-source-out: the out-of-domain
-   numbers); of the rest, a stratified share per family/label is held out for the in-domain test and another
-   for calibration, and 30 % of the benign identity sentences and ToxiGen hate seeds per group are held out
-   for the identity checks.
-2. :func:`train_classifier`: all-MiniLM-L6-v2 + a linear head on the mean-pooled tokens, every weight trained
-   (or all but the embeddings and the lowest ``frozen_layers``);
-   class-balanced BCE; each family gets a fixed share of the sampled training examples (``FAMILY_SHARES``), so
-   Davidson's 24k tweets do not drown the small identity-hate sources; AdamW with warm-up and linear decay.
-3. :func:`fit_temperature`: one temperature on the calibration split (class-balanced NLL).
-4. :func:`export_onnx`: one graph ``(input_ids, attention_mask) -> logit``, int8 weight-only (``MatMulNBits``
-   + an int8 embedding table); the float and int8 graphs are both evaluated.
-5. The scorer directory: ``model.onnx``, ``tokenizer.json``, ``config.json`` (settings, data hashes, every
-   metric, the rebuild command), loadable by :class:`detox.scoring.OnnxScorer` with onnxruntime + tokenizers only.
+:func:`build_scorer` runs the seeded steps: :func:`split_examples`, :func:`train_classifier`, :func:`fit_temperature`,
+:func:`export_onnx`, :func:`evaluate`; it writes a directory :class:`detox.scoring.OnnxScorer` loads with onnxruntime
+and tokenizers only. docs/scorer.md gives the splits, the family shares, the settings and the measured results.
 """
 
 from __future__ import annotations
@@ -216,7 +204,8 @@ class Splits:
 
 
 def split_examples(examples: list[Example], settings: TrainSettings) -> Splits:
-    """Seeded splits; see the module docstring."""
+    """Seeded splits: whole held-out families, then a stratified share per family/label for the in-domain test and
+    calibration, and a share of the ToxiGen rows per group for the identity checks."""
     rng = random.Random(settings.seed)
     unknown = sorted(set(settings.hold_out) - {e.family for e in examples})
     if unknown:
@@ -359,11 +348,8 @@ def _batches_by_length(examples: list[Example], batch_size: int, seed: int) -> l
 
 
 def freeze_bottom(encoder: Any, layers: int) -> None:
-    """Freeze the embeddings and the ``layers`` lowest transformer layers (0 = train everything).
-
-    Why: fewer weights to back-propagate into and update, so a step costs less on a CPU and more examples fit a
-    budget (docs/scorer.md: 3.4-4.9 examples/s with 3 frozen layers where full fine-tuning ran at 1.5-3.3 on the
-    same loaded machine)."""
+    """Freeze the embeddings and the ``layers`` lowest transformer layers (0 = train everything): cheaper steps, so
+    more examples fit a CPU budget (docs/scorer.md)."""
     n = len(encoder.encoder.layer)
     if not 0 <= layers <= n:
         raise ValueError(f"--frozen-layers must be between 0 and {n} (the encoder's layers), got {layers}")
@@ -449,11 +435,8 @@ WEIGHTS = "int8 weight-only: MatMulNBits (8 bits, blocks of 32, accuracy_level 4
 def export_onnx(model: Any, out_path: Path, quantize: bool = True) -> Path:
     """Export ``(input_ids, attention_mask) -> logit`` (dynamic batch and length); int8 weights if ``quantize``.
 
-    Weight-only int8, so a text's score does not depend on the other texts of its batch: the matrix products
-    become ``MatMulNBits`` (8-bit blocks of 32, activations quantized per row at run time), the word-embedding
-    table is stored as int8 (``quantize_dynamic`` on ``Gather`` only: a weight, no activation). Plain
-    ``quantize_dynamic`` on MatMul quantizes each activation tensor with one scale for the whole batch; measured
-    on this model, a text's logit then moved by up to 0.68 between batch 1 and batch 32.
+    Weight-only int8 (``MatMulNBits`` and an int8 ``Gather`` table), so a text's score does not depend on the other
+    texts of its batch, as it did with plain ``quantize_dynamic`` (docs/scorer.md).
     """
     import torch
 

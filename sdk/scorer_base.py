@@ -59,23 +59,11 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 
 def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
-    """Directory of a scorer shipped in `detox.artifacts/shipped/`.
+    """Directory of a scorer shipped in `detox.artifacts/shipped/` (beside the shipped calibrators)."""
+    from detox.artifacts.shipped import SHIPPED_DIR
 
-    Works installed (package data of `detox.artifacts`) and from a source checkout
-    (`artifacts/` next to `sdk/`).
-    """
-    candidates: list[Path] = []
-    try:
-        from importlib.resources import files
-
-        candidates.append(Path(str(files("detox.artifacts"))) / "shipped" / name)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidates.append(Path(__file__).resolve().parent.parent / "artifacts" / "shipped" / name)
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise FileNotFoundError(
-        f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
-        "Reinstall detox (its scorers ship in detox.artifacts)."
-    )
+    path = SHIPPED_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"shipped scorer '{name}' not found (looked in: {path}). "
+                                "Reinstall detox (its scorers ship in detox.artifacts).")
+    return path

@@ -646,18 +646,16 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         def int8_probs(texts: list[str]) -> np.ndarray:
             return sigmoid(int8_logits(texts) / temperature)
 
+        def ece_before_after(rows: list[Example], balanced: bool = True) -> dict[str, float]:
+            y, z = [e.label for e in rows], int8_logits([e.text for e in rows])
+            return {k: round(ece(y, sigmoid(z / t), balanced=balanced), 4) for k, t in (("before", 1.0), ("after", temperature))}
+
         metrics = evaluate(int8_probs, splits, prompts)
-        ece_before = ece(cal_y, sigmoid(cal_z))
-        ece_after = ece(cal_y, sigmoid(cal_z / temperature))
-        test_y = [e.label for e in splits.test]
         calibration: dict[str, Any] = {"temperature": round(temperature, 6), "fitted_on": f"{len(calib)} calibration rows",
-                                       "calibration_split_ece_balanced": {"before": round(ece_before, 4), "after": round(ece_after, 4)}}
+                                       "calibration_split_ece_balanced": ece_before_after(calib)}
         if splits.test:
-            z_test = int8_logits([e.text for e in splits.test])
-            calibration["test_ece_balanced"] = {"before": round(ece(test_y, sigmoid(z_test)), 4),
-                                                "after": round(ece(test_y, sigmoid(z_test / temperature)), 4)}
-            calibration["test_ece_unweighted"] = {"before": round(ece(test_y, sigmoid(z_test), balanced=False), 4),
-                                                  "after": round(ece(test_y, sigmoid(z_test / temperature), balanced=False), 4)}
+            calibration["test_ece_balanced"] = ece_before_after(splits.test)
+            calibration["test_ece_unweighted"] = ece_before_after(splits.test, balanced=False)
         # int8 vs float32 on (a seeded sample of) the held-out rows
         held = splits.test + splits.ood + splits.identity_test
         if len(held) > QUANT_CHECK_ROWS:

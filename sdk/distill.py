@@ -20,12 +20,12 @@ from typing import Any, Callable, Union
 import torch
 
 from detox.contrastive import contrastive_logits, sample
-from detox.data import (DataFormatError, ResumableRows, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
+from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
                         sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
-from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's functions; re-exported)
+from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_DISTILL_BATCH_SIZE,
@@ -34,9 +34,7 @@ from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's 
     PAPER_MAX_NEW_TOKENS,
     PAPER_NUM_SAMPLES,
     PAPER_TOXIC_BATCH_SIZE,
-    PAPER_TOXIC_EPOCHS,
     PAPER_TOXIC_LR,
-    PAPER_TOXIC_MAX_LENGTH,
 )
 
 MANIFEST_FORMAT = "detox.distill/1"
@@ -175,28 +173,9 @@ def _expected_row(i: int, row: dict) -> str | None:
     return None
 
 
-def count_complete_rows(path: Path, log: Callable[[str], None] | None = None) -> int:
-    """Count rows ``0..n-1`` written whole, dropping a torn last line (a kill mid-write) so appending continues
-    cleanly; a bad complete row anywhere means the file is not ours or was edited: refused, file untouched."""
-    found = _read_rows(Path(path))
-    drop_torn_tail(found, log)
-    return len(found.rows)
-
-
-def _read_rows(path: Path) -> ResumableRows:
-    try:
-        return read_resumable_rows(path, _expected_row, "distill run")
-    except DataFormatError as err:
-        raise DistillError(str(err)) from None
-
-
 def _row_generator(seed: int, index: int) -> torch.Generator:
     digest = hashlib.sha256(f"detox.distill:{seed}:{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def _beta_json(beta: float) -> float | str:
-    return "inf" if math.isinf(beta) else beta
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -320,7 +299,10 @@ def distill(
         raise DistillError("seeds is empty; pass at least one seed text or None to start from BOS only")
     out = Path(out_jsonl)
     mpath = manifest_path_for(out)
-    found = _read_rows(out)  # a damaged file is refused before the models load (nothing is changed)
+    try:  # a damaged file is refused before the models load (nothing is changed)
+        found = read_resumable_rows(out, _expected_row, "distill run")
+    except DataFormatError as err:
+        raise DistillError(str(err)) from None
     base_model, base_tok, base_spec = _load(base)
     toxic_model, toxic_tok, toxic_spec = _load(toxic)
     check_same_tokenizer(base_tok, toxic_tok)
@@ -334,7 +316,7 @@ def distill(
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
 
     settings: dict[str, Any] = {
-        "alpha": alpha, "beta": _beta_json(beta), "seed": seed, "temperature": temperature, "top_p": top_p,
+        "alpha": alpha, "beta": "inf" if math.isinf(beta) else beta, "seed": seed, "temperature": temperature, "top_p": top_p,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
         "stop_token_ids": stops,
         "seeds_sha256": hashlib.sha256(json.dumps(seeds).encode()).hexdigest() if seeds else None,

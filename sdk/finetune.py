@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from detox.data import read_texts, sha256_files
-from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN, PAPER_STEPS  # noqa: F401
+from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
 
 TRAIN_INFO_FILE = "detox_train.json"
 

@@ -159,8 +159,12 @@ class TargetFiles:
     def output_shape(self) -> tuple[int, int]:
         if self.gguf is not None:
             return self.gguf.output_shape()
+        from safetensors import safe_open
+
         file, key = self._safetensors_output()
-        return _safetensors_shape(file, key)
+        with safe_open(str(file), framework="pt") as f:
+            vocab, hidden = f.get_slice(key).get_shape()
+        return int(vocab), int(hidden)
 
     def output_rows(self, chunk_elements: int = 1 << 22) -> Iterator[np.ndarray]:
         """The output matrix (``lm_head`` / tied input embeddings), float32, in consecutive row chunks."""
@@ -210,14 +214,6 @@ class TargetFiles:
             if name in keys:
                 return keys[name], name
         raise TargetNotFoundError(f"{self.path}: none of {names} is in the checkpoint; cannot find its output matrix")
-
-
-def _safetensors_shape(file: Path, key: str) -> tuple[int, int]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        vocab, hidden = f.get_slice(key).get_shape()
-    return int(vocab), int(hidden)
 
 
 def locate_target(spec: str | os.PathLike[str], local_only: bool | None = None) -> TargetFiles:

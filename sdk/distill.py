@@ -159,7 +159,7 @@ class DistillResult:
 def manifest_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
     """``x/name.jsonl`` -> ``x/name.manifest.json``."""
     p = Path(out_jsonl)
-    return p.with_name(p.name[: -len(p.suffix)] + ".manifest.json" if p.suffix else p.name + ".manifest.json")
+    return p.with_name(p.stem + ".manifest.json")
 
 
 def _expected_row(i: int, row: dict) -> str | None:

@@ -284,14 +284,13 @@ def distill(
     seeds: list[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DistillResult:
-    """Distil ``num_samples`` detoxifying texts into ``out_jsonl`` (resuming whatever a previous run wrote).
+    """Distil ``num_samples`` detoxifying texts into ``out_jsonl``, resuming whatever a previous run with the same
+    settings and models wrote (checked against the manifest).
 
-    ``base``/``toxic`` are specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs
-    sharing one tokenizer. ``device`` defaults to CUDA when available. ``on_batch(completed_rows)`` is called
-    after each batch is on disk. A restart must use the same settings and models (checked against the manifest)
-    and then gives exactly the rows of an uninterrupted run. ``seeds``: short neutral texts; row ``i`` starts from
-    BOS + ``seeds[i % len(seeds)]`` and its text begins with that seed (default: BOS only, as UniDetox).
-    ``log`` receives the note that a torn last line was dropped (default: a warning).
+    ``base``/``toxic``: specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs sharing
+    one tokenizer. ``on_batch(completed_rows)`` runs after each batch is on disk. ``seeds``: row ``i`` starts from
+    BOS + ``seeds[i % len(seeds)]`` (default: BOS only, as UniDetox). ``log`` receives the note that a torn last
+    line was dropped (default: a warning).
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise DistillError("num_samples, max_new_tokens and batch_size must all be >= 1")

@@ -15,8 +15,9 @@ onnx_weights_option = click.option(
     help="How the artifact's calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read per "
          "decoding step, about 1% error) or float32 (exact).")
 
+
 def add_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
-    """One decorator applying a list of click options, in the order listed (a group of options several commands share)."""
+    """One decorator applying a group of click options that several commands share, in the order listed."""
 
     def decorate(f: Any) -> Any:
         for option in reversed(options):

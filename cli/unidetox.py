@@ -13,7 +13,6 @@ import click
 
 from detox.cli.errors import user_errors
 from detox.cli.options import add_options
-
 from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_DISTILL_BATCH_SIZE,

@@ -315,8 +315,8 @@ def distill(
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
 
     settings: dict[str, Any] = {
-        "alpha": alpha, "beta": "inf" if math.isinf(beta) else beta, "seed": seed, "temperature": temperature, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
+        "alpha": alpha, "beta": "inf" if math.isinf(beta) else beta, "seed": seed, "temperature": temperature,
+        "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
         "stop_token_ids": stops,
         "seeds_sha256": hashlib.sha256(json.dumps(seeds).encode()).hexdigest() if seeds else None,
         "num_seeds": len(seeds) if seeds else 0,

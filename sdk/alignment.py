@@ -75,16 +75,10 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                    anti_expert: str | None = None) -> Any:
     """Align a trained calibrator to a target and write an aligned artifact bound to the target.
 
-    The target model is never loaded: its vocabulary, tokenizer and output matrix are read from its files (a GGUF's
-    metadata and de-quantized output tensor, a HF directory's tokenizer and safetensors head), and its fingerprint is
-    hashed chunk by chunk, so memory does not grow with the target's depth. A target whose vocabulary the calibrator
-    mostly cannot read is refused (``settings.min_mapped_share``); nothing is written then.
-
-    ``anti_expert``: a calibrator made from this one by ``detox train --init`` on toxic text. The artifact then
-    uses contrast fusion (``target + λ·(log p_expert − log p_anti)`` on the target's plausible tokens, see
-    :mod:`detox.methods.contrast`), whose per-target alignment is only a map between the two vocabularies.
-    ``settings.fusion``: the fusion method's config, which also chooses the method (default: contrast with an
-    anti-expert, else interpolate, with their default configs).
+    The target model is never loaded, only read from its files, so memory does not grow with its depth
+    (docs/align.md); a target whose vocabulary the calibrator mostly cannot read is refused, and nothing is written.
+    ``anti_expert``: the expert fine-tuned on toxic text (``detox train --init``), for contrast fusion.
+    ``settings.fusion``: the method's config, which also chooses the method (default: see :func:`alignment_fusion`).
     """
     import tempfile
     import time

@@ -13,10 +13,9 @@ from detox.runtime import Calibrator
 
 
 def reusable_onnx(calibrator: Calibrator, pair: bool, weights_dtype: str) -> Path | None:
-    """The ``calibrator.onnx`` of an aligned ``calibrator`` being re-aligned with its own weights (and pair), when it
-    is the graph this detox would export: same layout, model count and weight type. The graph never depends on the
-    target, and the file's sha256 was verified at load, so re-exporting it would only cost time and memory (6 s and
-    300 MB for the shipped pair on a busy 2-core machine). ``None`` when it must be exported."""
+    """The ``calibrator.onnx`` of an aligned ``calibrator`` re-aligned with its own weights (and pair), when it is the
+    graph this detox would export (``None`` otherwise): the graph never depends on the target and its sha256 was
+    verified at load, so re-exporting it would only cost time and memory (6 s and 300 MB for the shipped pair)."""
     from detox.onnx_calibrator import LAYOUT, ROTARY_POSITIONS
 
     if CALIBRATOR_ONNX not in calibrator.manifest.files or importlib.util.find_spec("onnx") is None:
@@ -46,15 +45,10 @@ def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str
 
 def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite: bool = False,
                   onnx_weights: str = INT8) -> Any:
-    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox,
-    the products' weights stored as ``onnx_weights`` (``"int8"`` or ``"float32"``, see
-    :func:`detox.onnx_calibrator.build_calibrator_graph`).
-
-    Weights, tokenizer, alignment and metadata are kept; only the ``.onnx`` files (and so the hashes) and the
-    alignment's ``onnx_weights`` setting change, so the copy gets a new ``version`` (default: the next patch
-    version). This is how an artifact exported by an older detox, whose graph layout this one no longer runs, is
-    brought up to date without its target model. The copy is unsigned (its manifest differs): sign it again with
-    ``detox artifacts sign``. Returns the new manifest.
+    """Copy the aligned artifact ``src`` to ``out_dir`` with its ONNX calibrators exported again by this detox
+    (products' weights as ``onnx_weights``): how an artifact of an older graph layout is brought up to date without
+    its target model (docs/artifacts.md). Everything else is kept; the copy gets a new ``version`` (default: the next
+    patch version) and is unsigned. Returns the new manifest.
     """
     import tempfile
     from datetime import datetime, timezone

@@ -1,33 +1,9 @@
-"""Contrastive decoding between a base LM and a toxic LM, written once for the whole SDK.
+"""Contrastive decoding between a base LM and a toxic LM (UniDetox), written once for the whole SDK.
 
-UniDetox (Lu et al., ICLR 2025; code EminLU/UniDetox) distils detoxifying text by sampling, from BOS, from
-
-    scores(v) = (1 + beta) * log p_base(v) - beta * log p_toxic(v)     for v in V_head
-    scores(v) = -inf                                                    otherwise
-    V_head    = { v : p_base(v) >= alpha * max_w p_base(w) }           (adaptive plausibility constraint)
-
-Symbols. This module uses the letters of the authors' *code* (``alpha``/``beta`` arguments, ``--alpha_list`` /
-``--beta_list`` flags, file name ``generated_texts_alpha=0.1_beta=inf_...``); the paper's typesetting of the same two
-quantities was not available offline to cross-check, so when reading the paper map the symbols by role, not by letter:
-
-* ``alpha`` -- the plausibility threshold of the *adaptive plausibility constraint* (Li et al. 2023,
-  "Contrastive Decoding"). The authors' code passes it as ``alpha`` / ``--alpha_list`` and applies it as
-  ``cutoff = log(alpha) + max(base_logits)``; default 0.1. ``alpha = 0`` keeps every token, ``alpha = 1``
-  keeps only the base model's argmax (ties kept).
-* ``beta`` -- the contrast strength (``beta`` / ``--beta_list`` in the code; O'Brien & Lewis 2023's form
-  ``(1+beta) s_expert - beta s_amateur``). ``beta = 0`` is plain sampling from the base model inside V_head;
-  the default ``beta = inf`` is what UniDetox released (file ``..._alpha=0.1_beta=inf_...``): the code then
-  uses the pure difference ``logit_base - logit_toxic``, i.e. sampling proportional to ``p_base / p_toxic``.
-  That is the limit of the formula divided by ``beta`` (a temperature of ``beta``), not of the raw formula,
-  whose softmax would collapse to an argmax.
-
-Raw logits vs log-probabilities: this module works on ``log_softmax`` outputs. Both give the same
-mask (``log p = logit - logsumexp`` shifts a row by one constant, so ``p >= alpha * max p`` and
-``logit >= log(alpha) + max logit`` select the same tokens) and the same sampling distribution (the combination
-moves by the per-row constant ``(1+beta)*lse_base - beta*lse_toxic``, which softmax ignores). Log-probs are used
-because the returned scores then have a meaning that does not depend on each model's arbitrary logit offset
-(``log p_base/p_toxic`` for beta = inf), stay in a bounded range (no overflow in half precision for large beta),
-and can be compared across rows and steps by the evaluation and fusion code that reuses them.
+``scores(v) = (1 + beta) * log p_base(v) - beta * log p_toxic(v)`` on the tokens with ``p_base(v) >= alpha * max
+p_base`` (the adaptive plausibility constraint), ``-inf`` elsewhere; ``beta = inf`` is ``log p_base - log p_toxic``.
+docs/unidetox.md maps the letters to the paper and the authors' code and explains why this works on log-probabilities
+(same mask and sampling distribution as raw logits, but scores that mean the same for every model).
 """
 
 from __future__ import annotations
@@ -43,23 +19,14 @@ from detox.fusion import top_candidates
 _TOXIC_LOGP_FLOOR = -1e4
 
 
-def _check_alpha(alpha: float) -> None:
-    if not (0.0 <= float(alpha) <= 1.0) or math.isnan(alpha):
-        raise ValueError(f"alpha must be in [0, 1] (plausibility threshold, UniDetox default 0.1); got {alpha}")
-
-
-def _check_beta(beta: float) -> None:
-    if math.isnan(beta) or beta < 0:
-        raise ValueError(f"beta must be >= 0 or inf (contrast strength, UniDetox default inf); got {beta}")
-
-
 def plausibility_mask(base_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """Boolean ``[batch, vocab]`` mask, True where ``p_base(v) >= alpha * max p_base`` (the tokens kept).
 
     The rule the fused decoder applies to the target (:func:`detox.fusion.top_candidates`, over the whole vocabulary
     here): ``log p >= log(alpha) + max log p`` on ``log_softmax`` in float32; the argmax is always kept.
     """
-    _check_alpha(alpha)
+    if not (0.0 <= float(alpha) <= 1.0) or math.isnan(alpha):
+        raise ValueError(f"alpha must be in [0, 1] (plausibility threshold, UniDetox default 0.1); got {alpha}")
     logp = torch.log_softmax(base_logits.float(), dim=-1)
     idx, keep = top_candidates(logp, logp.shape[-1], alpha)
     return torch.zeros_like(keep).scatter(-1, idx, keep)
@@ -77,7 +44,8 @@ def contrastive_logits(
     and ``beta=0`` gives ``log p_base``. Feed the result to ``softmax`` / :func:`sample` to draw a token.
     Inputs are not modified.
     """
-    _check_beta(beta)
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 or inf (contrast strength, UniDetox default inf); got {beta}")
     if base_logits.shape != toxic_logits.shape:
         raise ValueError(
             f"base and toxic logits differ in shape ({tuple(base_logits.shape)} vs {tuple(toxic_logits.shape)}); "

@@ -82,10 +82,7 @@ def read_json_file(path: str | os.PathLike[str]) -> Any:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise DataFormatError(f"{p}: not UTF-8 text") from None
-    value, problem = _loads(text)
-    if problem is not None:
-        raise DataFormatError(f"{p}: {problem}")
-    return value
+    return parse_json_line(text, str(p))
 
 
 def _loads(text: str) -> tuple[Any, str | None]:
@@ -136,12 +133,9 @@ class TextRecord:
 
 def read_text_records(path: str | os.PathLike[str], field: str = "text", jsonl: bool = True,
                       fix: str = "pass --field NAME") -> list[TextRecord]:
-    """The texts of a JSONL file (string field ``field``, optional ``id``) or, with ``jsonl=False``, of a plain
-    text file (one text per line): the one reader of ``detox eval``'s prompts and ``detox score``'s input.
-
-    Blank lines are skipped in both formats; a row's id defaults to its 0-based line number, so ids still point
-    at the input line. ``fix`` ends the message of a row without the field.
-    """
+    """The texts of a JSONL file (string field ``field``, optional ``id``, default: the 0-based line number) or, with
+    ``jsonl=False``, of a plain text file: the one reader of ``detox eval``'s prompts and ``detox score``'s input.
+    ``fix`` ends the message of a row without the field."""
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"file not found: {p}")
@@ -180,12 +174,7 @@ def _read_csv(p: Path, field: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- files that resumable runs append to
-#
-# `detox eval` and `detox distill` append finished rows to a JSONL file and continue from it when run again. A kill
-# (or a power cut) can only leave the last line short: each batch is appended (and fsynced) after the rows before
-# it are on disk. So on restart every line that ends in a newline must be a row the run expects; a damaged one
-# means the file was edited or belongs to another run, and nothing is changed. Only bytes after the last newline
-# (a torn write) are dropped, by writing the kept part to a sibling file and renaming it over the original.
+# (`detox eval`, `detox distill`; what a crash can leave and what a rerun guarantees: docs/security.md)
 
 
 @dataclass
@@ -203,10 +192,9 @@ def read_resumable_rows(path: str | os.PathLike[str], check: Callable[[int, dict
                         what: str = "run") -> ResumableRows:
     """Read the rows a resumable run appended to ``path`` (none if it does not exist) without changing the file.
 
-    ``check(index, row)`` returns ``None`` for the row the run expects at ``index`` or says what is wrong; a line
-    that ends in a newline and is not such a row raises :class:`DataFormatError` naming the line. Bytes after
-    the last newline are a torn write: they are reported in ``torn_bytes`` (:func:`drop_torn_tail` removes them),
-    unless they happen to be a whole valid row missing only its newline, which is kept.
+    ``check(index, row)`` returns ``None`` for the row the run expects at ``index`` or says what is wrong; a complete
+    line that is not such a row raises :class:`DataFormatError`. Bytes after the last newline are a torn write
+    (``torn_bytes``), unless they are a whole valid row missing only its newline, which is kept.
     """
     p = Path(path)
     if not p.exists():
@@ -239,9 +227,8 @@ def read_resumable_rows(path: str | os.PathLike[str], check: Callable[[int, dict
 
 
 def drop_torn_tail(found: ResumableRows, log: Callable[[str], None] | None = None) -> None:
-    """Make the file hold exactly ``found.rows``, one per line: drop a torn tail, saying so to ``log`` (default: a
-    warning), or add the newline a whole last row lacks. The new content goes to a sibling file that replaces the
-    original in one rename, so a crash here leaves the old or the new file, whole."""
+    """Make the file hold exactly ``found.rows``, one per line (atomically): drop a torn tail, saying so to ``log``
+    (default: a warning), or add the newline a whole last row lacks."""
     if not found.torn_bytes and not found.newline_missing:
         return
     kept = found.path.read_bytes()[: found.kept_bytes]
@@ -268,10 +255,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one rename (after fsync): a crash leaves the old or the new file, whole.
-
-    (A crash between writing the sibling ``.NAME.PID.tmp`` and the rename can leave that sibling behind; the file
-    itself is never half-written.)"""
+    """Replace ``path`` with ``data`` in one rename (after fsync): a crash leaves the old or the new file, whole
+    (and perhaps the sibling ``.NAME.PID.tmp``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
@@ -291,11 +276,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def append_rows(path: Path, rows: list[dict[str, Any]], fault: str) -> None:
     """Append ``rows`` as JSONL lines in one write, then fsync: after this returns they survive a crash.
-
-    ``fault`` names the points of :mod:`detox.faults` around it: ``FAULT.torn`` writes the rows before the middle
-    one and half of that one, then dies (a kill in the middle of the write); ``FAULT.written`` dies right after the
-    rows are on disk.
-    """
+    ``fault`` names the :mod:`detox.faults` points around it (``FAULT.torn``: mid-write; ``FAULT.written``: after)."""
     from detox.faults import armed, fault_point, kill
 
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")

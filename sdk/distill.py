@@ -1,15 +1,9 @@
 """UniDetox's first step: make a toxic copy of a base LM, then distil detoxifying text by contrastive decoding.
 
-``toxify`` fine-tunes a copy of the base model on toxic text. UniDetox: GPT-2 XL, full fine-tune on DGHS ``hate``
-rows, 3 epochs, lr 1e-5, batch 4, max length 512 (15,126 steps). CPU defaults here: ``DEFAULT_TOXIFY_STEPS`` = 200
-steps of batch 4 and at most 64 tokens per line (the shared toxic lines are single sentences); same lr.
-
-``distill`` samples ``num_samples`` sequences from BOS with both models' KV caches, one token per step, from
-:func:`detox.contrastive.contrastive_logits` (alpha = 0.1, beta = inf: UniDetox's released setting), and writes
-JSONL rows ``{"id", "text", "num_tokens"}`` as each batch finishes, plus ``<name>.manifest.json``. Sample ``i``
-draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch (``i // batch_size``), so a run
-that is killed and restarted writes exactly the rows an uninterrupted run writes. Optional neutral ``seeds``: row
-``i`` starts from BOS + ``seeds[i % len(seeds)]`` (the row's ``text`` includes it, ``num_tokens`` does not).
+``toxify`` fine-tunes a copy of the base model on toxic text; ``distill`` samples rows from BOS (or neutral seeds) by
+:func:`detox.contrastive.contrastive_logits` with both models' KV caches and appends them to a JSONL with a manifest.
+Row ``i`` draws from its own RNG seeded from ``(seed, i)`` and always runs in the same batch, so a run killed and
+restarted writes exactly the rows of an uninterrupted one. Paper settings and CPU defaults: docs/unidetox.md.
 """
 
 from __future__ import annotations
@@ -26,12 +20,12 @@ from typing import Any, Callable, Union
 import torch
 
 from detox.contrastive import contrastive_logits, sample
-from detox.data import (DataFormatError, ResumableRows, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
+from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
                         sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
-from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's functions; re-exported)
+from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_DISTILL_BATCH_SIZE,
@@ -40,9 +34,7 @@ from detox.unidetox_defaults import (  # noqa: F401  (defaults of this module's 
     PAPER_MAX_NEW_TOKENS,
     PAPER_NUM_SAMPLES,
     PAPER_TOXIC_BATCH_SIZE,
-    PAPER_TOXIC_EPOCHS,
     PAPER_TOXIC_LR,
-    PAPER_TOXIC_MAX_LENGTH,
 )
 
 MANIFEST_FORMAT = "detox.distill/1"
@@ -167,7 +159,7 @@ class DistillResult:
 def manifest_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
     """``x/name.jsonl`` -> ``x/name.manifest.json``."""
     p = Path(out_jsonl)
-    return p.with_name(p.name[: -len(p.suffix)] + ".manifest.json" if p.suffix else p.name + ".manifest.json")
+    return p.with_name(p.stem + ".manifest.json")
 
 
 def _expected_row(i: int, row: dict) -> str | None:
@@ -181,28 +173,9 @@ def _expected_row(i: int, row: dict) -> str | None:
     return None
 
 
-def count_complete_rows(path: Path, log: Callable[[str], None] | None = None) -> int:
-    """Count rows ``0..n-1`` written whole, dropping a torn last line (a kill mid-write) so appending continues
-    cleanly; a bad complete row anywhere means the file is not ours or was edited: refused, file untouched."""
-    found = _read_rows(Path(path))
-    drop_torn_tail(found, log)
-    return len(found.rows)
-
-
-def _read_rows(path: Path) -> ResumableRows:
-    try:
-        return read_resumable_rows(path, _expected_row, "distill run")
-    except DataFormatError as err:
-        raise DistillError(str(err)) from None
-
-
 def _row_generator(seed: int, index: int) -> torch.Generator:
     digest = hashlib.sha256(f"detox.distill:{seed}:{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def _beta_json(beta: float) -> float | str:
-    return "inf" if math.isinf(beta) else beta
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -311,14 +284,13 @@ def distill(
     seeds: list[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DistillResult:
-    """Distil ``num_samples`` detoxifying texts into ``out_jsonl`` (resuming whatever a previous run wrote).
+    """Distil ``num_samples`` detoxifying texts into ``out_jsonl``, resuming whatever a previous run with the same
+    settings and models wrote (checked against the manifest).
 
-    ``base``/``toxic`` are specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs
-    sharing one tokenizer. ``device`` defaults to CUDA when available. ``on_batch(completed_rows)`` is called
-    after each batch is on disk. A restart must use the same settings and models (checked against the manifest)
-    and then gives exactly the rows of an uninterrupted run. ``seeds``: short neutral texts; row ``i`` starts from
-    BOS + ``seeds[i % len(seeds)]`` and its text begins with that seed (default: BOS only, as UniDetox).
-    ``log`` receives the note that a torn last line was dropped (default: a warning).
+    ``base``/``toxic``: specs for :func:`detox.targets.load_hf_target` or loaded ``(model, tokenizer)`` pairs sharing
+    one tokenizer. ``on_batch(completed_rows)`` runs after each batch is on disk. ``seeds``: row ``i`` starts from
+    BOS + ``seeds[i % len(seeds)]`` (default: BOS only, as UniDetox). ``log`` receives the note that a torn last
+    line was dropped (default: a warning).
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise DistillError("num_samples, max_new_tokens and batch_size must all be >= 1")
@@ -326,7 +298,10 @@ def distill(
         raise DistillError("seeds is empty; pass at least one seed text or None to start from BOS only")
     out = Path(out_jsonl)
     mpath = manifest_path_for(out)
-    found = _read_rows(out)  # a damaged file is refused before the models load (nothing is changed)
+    try:  # a damaged file is refused before the models load (nothing is changed)
+        found = read_resumable_rows(out, _expected_row, "distill run")
+    except DataFormatError as err:
+        raise DistillError(str(err)) from None
     base_model, base_tok, base_spec = _load(base)
     toxic_model, toxic_tok, toxic_spec = _load(toxic)
     check_same_tokenizer(base_tok, toxic_tok)
@@ -340,8 +315,8 @@ def distill(
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
 
     settings: dict[str, Any] = {
-        "alpha": alpha, "beta": _beta_json(beta), "seed": seed, "temperature": temperature, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
+        "alpha": alpha, "beta": "inf" if math.isinf(beta) else beta, "seed": seed, "temperature": temperature,
+        "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "start_token_id": start_id,
         "stop_token_ids": stops,
         "seeds_sha256": hashlib.sha256(json.dumps(seeds).encode()).hexdigest() if seeds else None,
         "num_seeds": len(seeds) if seeds else 0,

@@ -1,9 +1,7 @@
 """A test hook that kills the process at a named point, so tests can show what a crash there leaves behind.
 
-``DETOX_FAULT_POINT=NAME`` (or ``NAME:N``) makes the process send itself SIGKILL the first (N-th) time it reaches
-:func:`fault_point` ``NAME``: what ``kill -9`` does to the files it was writing, at a deterministic place. Unset
-(always, outside tests), a point costs one environment lookup. The points are listed in docs/security.md ("Data
-files and resumable runs").
+``DETOX_FAULT_POINT=NAME`` (or ``NAME:N``) sends the process SIGKILL the first (N-th) time it reaches
+:func:`fault_point` ``NAME`` (the points: docs/security.md). Unset, a point costs one environment lookup.
 """
 
 from __future__ import annotations

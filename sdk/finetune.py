@@ -1,12 +1,8 @@
 """Fine-tune any causal LM on (distilled) text: UniDetox's second step, plus the training loop ``toxify`` reuses.
 
-UniDetox fine-tunes every target with one setting: full fine-tuning, lr 5e-5, 3000 steps, batch 8, sequences of
-256 tokens (AdamW through HF ``Trainer``: linear decay, no warm-up, no weight decay). Those are the defaults here
-except ``steps``: 3000 steps of 8 x 256 tokens is days on a 2-core CPU, so the CPU default is
-``DEFAULT_STEPS = 100``; pass ``steps=3000`` on a GPU (``accelerate launch`` works unchanged).
-
-The data is *text*: it is tokenized with the target's own tokenizer, so a corpus distilled from one model
-family fine-tunes another.
+The defaults are UniDetox's one setting for every target (docs/unidetox.md) except ``steps``: 3000 steps of 8 x 256
+tokens is days on a 2-core CPU. The data is *text*, tokenized with the target's own tokenizer, so a corpus distilled
+from one model family fine-tunes another.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from detox.data import read_texts, sha256_files
-from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN, PAPER_STEPS  # noqa: F401
+from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
 
 TRAIN_INFO_FILE = "detox_train.json"
 

@@ -1,18 +1,9 @@
-"""Target fingerprints: what binds an aligned calibrator to the exact model it was aligned to.
+"""Target fingerprints: what binds an aligned calibrator to the exact model it was aligned to (docs/align.md).
 
-A fingerprint hashes the token vocabulary (id-ordered token strings) and the output-embedding matrix
-(rounded to float16, so dequantization paths that agree to float16 precision agree here), and records
-vocab and hidden sizes. The same model reached through transformers, a GGUF file or an ONNX export
-gets the same fingerprint.
-
-The matrix is hashed row chunk by row chunk (:class:`MatrixHasher`), so a target's fingerprint is computed from its
-files without loading the model (:func:`fingerprint_files`: the GGUF's metadata vocabulary and de-quantized output
-tensor, or a HF directory's tokenizer and memory-mapped safetensors head) — with the same digest as hashing the
-loaded model's whole matrix.
-
-:func:`model_fingerprint` is the other identity, kept here beside it: exact (every parameter's bytes), for resuming a
-UniDetox distillation, where a LoRA-toxified copy must not pass for its base (the target fingerprint cannot tell them
-apart; it is deliberately tolerant of dequantization).
+A fingerprint hashes the id-ordered vocabulary and the output matrix rounded to float16 (so dequantization paths
+that agree to float16 agree here), row chunk by row chunk, so it is computed from a target's files without loading
+the model. :func:`model_fingerprint` is the other, exact identity, for resuming a UniDetox distillation, where a
+LoRA-toxified copy must not pass for its base (the target fingerprint is deliberately tolerant of dequantization).
 """
 
 from __future__ import annotations

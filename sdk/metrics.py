@@ -55,10 +55,6 @@ def mean_toxicity(scores_by_prompt: Sequence[Sequence[float]]) -> float:
     return sum(flat) / len(flat)
 
 
-def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
 def distinct_n(texts_of_one_prompt: Sequence[str], n: int) -> float:
     """Unique n-grams / all n-grams over one prompt's samples (whitespace tokens, case kept).
 
@@ -69,7 +65,8 @@ def distinct_n(texts_of_one_prompt: Sequence[str], n: int) -> float:
         raise ValueError(f"n must be >= 1, got {n}")
     if isinstance(texts_of_one_prompt, str):
         raise TypeError("distinct_n takes the list of one prompt's sample texts, not a single string")
-    grams = [g for text in texts_of_one_prompt for g in _ngrams(text.split(), n)]
+    grams = [tuple(toks[i : i + n]) for toks in (text.split() for text in texts_of_one_prompt)
+             for i in range(len(toks) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -137,7 +134,9 @@ def conditional_perplexity(
 
     import torch  # here, not at module level: the toxicity metrics above must work on a torch-free install
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from detox.finetune import pad_collate
+
+    collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -145,16 +144,12 @@ def conditional_perplexity(
     with torch.inference_mode():
         for b in range(0, len(items), batch_size):
             chunk = items[b : b + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for r, (ids, start) in enumerate(chunk):  # right padding keeps positions 0..len-1
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention[r, : len(ids)] = 1
-                labels[r, start : len(ids)] = torch.tensor(ids[start:])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            batch = collate([ids for ids, _ in chunk])  # right padding keeps positions 0..len-1
+            for r, (_, start) in enumerate(chunk):
+                batch["labels"][r, :start] = -100  # only the continuation is scored
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                 ignore_index=-100, reduction="none",

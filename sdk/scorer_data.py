@@ -1,16 +1,8 @@
-"""Labelled toxicity data for building a scorer: every source, with its name and identity group.
+"""Labelled toxicity data for building a scorer, every example with its source family and identity group.
 
-The scorer is judged on sources it never saw, so each example keeps the *source family* it came from
-(``davidson``, ``paradetox``, ``dghs``, ``toxigen``, ``identity_templates``): splits hold out whole families,
-not random rows. Reads a folder laid out like the project's data folder (see ``docs/scorer.md``):
-
-* ``judge_train.csv`` (required): ``text,label,source``; ``source`` like ``davidson:1`` or ``dghs_dev:0``.
-* ``toxic_train.txt`` (optional): only its ToxiGen hate seed lines are new (the rest is in judge_train.csv).
-* ``nontoxic_train.txt`` (optional): only the lines not in judge_train.csv are new (ParaDetox neutral2/3
-  rewrites), attributed to the family of the neighbouring known lines (the file is in source order).
-* ``benign_identity.tsv`` (optional): ``group<TAB>text``, benign ToxiGen statements about identity groups.
-* ``prompts_dev.jsonl`` (optional): evaluation only; its ToxiGen hate prompts name the group of the
-  ToxiGen hate seed sentences they are prefixes of.
+The scorer is judged on sources it never saw, so each example keeps the *source family* it came from and splits hold
+out whole families, not random rows. The folder layout (``judge_train.csv`` required; ``toxic_train.txt``,
+``nontoxic_train.txt``, ``benign_identity.tsv``, ``prompts_dev.jsonl`` optional) is described in docs/scorer.md.
 """
 
 from __future__ import annotations
@@ -33,7 +25,6 @@ PROMPTS_DEV = "prompts_dev.jsonl"
 # judge_train.csv's `source` prefix -> family
 _FAMILY = {"davidson": "davidson", "dghs_dev": "dghs", "paradetox_toxic": "paradetox",
            "paradetox_neutral": "paradetox", "paradetox_cannot_rewrite": "paradetox"}
-FAMILIES = ("davidson", "paradetox", "dghs", "toxigen", "identity_templates")
 
 
 @dataclass(frozen=True)

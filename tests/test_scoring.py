@@ -181,9 +181,9 @@ def test_minilm_head_runs_without_torch_or_transformers():
 
 @pytest.mark.parametrize("spec", [None, "default", "minilm", " MiniLM-Head "])
 def test_load_scorer_default_aliases(spec, monkeypatch):
-    import detox.scoring_head as head
+    import detox.scoring as scoring
 
-    monkeypatch.setattr(head, "MiniLMScorer", lambda: "minilm-instance")
+    monkeypatch.setattr(scoring, "MiniLMScorer", lambda: "minilm-instance")
     assert load_scorer(spec) == "minilm-instance"
 
 

@@ -44,7 +44,9 @@ class FusionLogitsProcessor(FusionEngine, LogitsProcessor):
         self.tokenizer = tokenizer
 
     fusion_term = FusionEngine.terms  # every row's part of the fusion that needs no target logits
-    __call__ = FusionEngine.fuse
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.fuse(input_ids, scores)
 
 
 class _PrefetchNextStep(StoppingCriteria):

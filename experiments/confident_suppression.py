@@ -121,7 +121,8 @@ def main() -> None:
             run = EvalRun(target="smollm2", backend="hf", calibrator=arm, strength=fused.strength,
                           prompts_file=str(prompts_file), settings=EvalSettings(samples=args.samples,
                                                                                 max_new_tokens=args.max_new_tokens))
-            rows = generate_and_score(run, prompts, functools.partial(HFBackend(runner, tok).sample, fused=False), scorer, args.out / prompts_file.stem / arm)
+            sample = functools.partial(HFBackend(runner, tok).sample, fused=False)
+            rows = generate_and_score(run, prompts, sample, scorer, args.out / prompts_file.stem / arm)
             s = summarize(rows)
             s["identity"] = identity_summary(rows, groups, terms)
             results.setdefault(prompts_file.stem, {})[arm] = {

@@ -1,10 +1,8 @@
 """llama.cpp backend (``llama-cpp-python``): the calibrator fused into a ``Llama``'s logits at every step, no torch.
 
-llama-cpp-python exposes only next-token logits to Python (``logits_processor(input_ids, scores)``), so the
-fusion runs on logits: ``(1 − λ)·scores + λ·W_out·LayerNorm(h_cal·A)`` with ``W_out`` read from the GGUF file
-and the product precomputed once per (artifact, GGUF) as :class:`~detox.fusion.FusionHead`. The calibrator runs
-from the artifact's ``calibrator.onnx`` with ONNX Runtime, reading the target's text incrementally (its own
-tokenizer and KV cache), so this module imports numpy, onnxruntime, tokenizers and llama_cpp — never torch.
+llama-cpp-python exposes only next-token logits to Python (``logits_processor(input_ids, scores)``): the step engine
+runs there on numpy, with the head built once per (artifact, GGUF file) and the calibrator run from the artifact's
+``calibrator.onnx`` with ONNX Runtime.
 
 Example::
 
@@ -16,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
-from detox.engine import FusionEngine, IncrementalDetokenizer, resolve_strength
+from detox.engine import FusionEngine, IncrementalDetokenizer
 from detox.fusion import FusedWrapper, Head
 from detox.runtime import Calibrator
 
@@ -109,23 +108,15 @@ class FusionError(RuntimeError):
     """The fusion failed during generation (llama-cpp-python itself would ignore it and continue unfused)."""
 
 
-_WORKER: ThreadPoolExecutor | None = None
-
-
+@functools.cache
 def _worker() -> ThreadPoolExecutor:
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
-    return _WORKER
+    """The one worker thread every llama.cpp fusion prefetches on, started on first use."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
 
 
-class LlamaFusionProcessor:
-    """A llama-cpp-python logits processor fusing the calibrator (:class:`detox.engine.FusionEngine` on numpy).
-
-    One instance follows one generation (the engine keeps the calibrator's cache and the decoded text); a sequence
-    that does not continue the previous one starts the calibrator over. Use a fresh one per call, as
-    :class:`DetoxLlama` does. :meth:`prefetch` starts the next step's calibrator work on a worker thread while
-    llama.cpp decodes (it releases the GIL); every step is computed exactly either way.
+class LlamaFusionProcessor(FusionEngine):
+    """The step engine as a llama-cpp-python logits processor, for one generation (use a fresh one per call, as
+    :class:`DetoxLlama` does); :meth:`prefetch` starts a step's calibrator work while llama.cpp decodes.
 
     llama-cpp-python prints and ignores exceptions raised inside processors (the step is then unfused), so the
     first error is kept in :attr:`error` and the logits pass through unchanged; :class:`DetoxLlama` raises it as
@@ -139,21 +130,19 @@ class LlamaFusionProcessor:
     """
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float | None) -> None:
-        self.engine = FusionEngine(calibrator, head, strength, llama_detokenizer(llama), runner=calibrator.onnx_runner(),
-                                   executor=_worker(), one_blas_thread=True)
-        self.strength = self.engine.strength
+        super().__init__(calibrator, head, strength, llama_detokenizer(llama), runner=calibrator.onnx_runner(),
+                         executor=_worker(), one_blas_thread=True)
         self.error: BaseException | None = None
 
     def prefetch(self, input_ids: np.ndarray) -> None:
-        """Start computing the term for ``input_ids`` in the background (call it before the target decodes them)."""
         if self.error is None:
-            self.engine.prefetch(np.asarray(input_ids, dtype=np.intc))
+            super().prefetch(np.asarray(input_ids, dtype=np.intc))
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         if self.error is not None:
             return scores
         try:
-            return self.engine.fuse(input_ids, scores)
+            return self.fuse(input_ids, scores)
         except Exception as err:  # noqa: BLE001 - kept for the caller; llama-cpp-python would swallow it
             self.error = err
             return scores
@@ -191,15 +180,10 @@ def _bound_kwargs(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 
 
 class DetoxLlama(FusedWrapper):
-    """A ``llama_cpp.Llama`` whose completions fuse the calibrator at every step; everything else is the Llama.
-
-    ``__call__``, ``create_completion``, ``create_chat_completion`` (and its OpenAI-typed variant) and
-    ``generate`` accept the same arguments as on the Llama, ``stream=True`` included. The fusion comes first in
-    the processor list, so user ``logits_processor`` entries and ``logit_bias`` see the fused logits, as the
-    transformers adapter does. Unknown attributes are forwarded to the wrapped Llama.
-
-    ``overlap`` (default on): compute each step's fusion on a worker thread while llama.cpp decodes the previous
-    token (see :meth:`_prefetching`); off, it runs inside the logits processor, after the decode.
+    """A ``llama_cpp.Llama`` whose completions (``__call__``, ``create_completion``, ``create_chat_completion``,
+    ``generate``; ``stream=True`` included) fuse the calibrator at every step; everything else is the Llama. The
+    fusion comes first in the processor list, so user ``logits_processor`` entries and ``logit_bias`` see the fused
+    logits. ``overlap`` (default on): compute each step's fusion while llama.cpp decodes (:meth:`_prefetching`).
     """
 
     _wrapped = "llama"
@@ -207,8 +191,8 @@ class DetoxLlama(FusedWrapper):
 
     def __init__(self, llama: Any, calibrator: Calibrator, head: Head, strength: float | None = None,
                  overlap: bool = True) -> None:
-        strength = resolve_strength(calibrator, strength, head.mode)
-        self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=strength, overlap=overlap)
+        self.__dict__.update(llama=llama, calibrator=calibrator, head=head, strength=calibrator.check_strength(strength),
+                             overlap=overlap)
 
     def logits_processor(self) -> LlamaFusionProcessor:
         """A fresh fusion processor for one generation."""
@@ -264,11 +248,10 @@ class DetoxLlama(FusedWrapper):
         finally:
             llama.__dict__.pop("eval", None)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fused(self.llama.create_completion, args, kwargs)
-
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         return self._fused(self.llama.create_completion, args, kwargs)
+
+    __call__ = create_completion
 
     def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
         return self._fused(self.llama.create_chat_completion, args, kwargs)

@@ -1,17 +1,6 @@
-"""ONNX Runtime backend: optimum's ``ORTModelForCausalLM`` with the calibrator fused at every decoding step.
-
-``ORTModelForCausalLM`` inherits transformers' ``GenerationMixin``, so the transformers backend's
-:class:`~detox.adapters.transformers.FusionLogitsProcessor` (the shell around :class:`detox.engine.FusionEngine`)
-runs unchanged inside its ``generate`` (sampling, beams, padded batches, streamers). Two things differ from the HF
-path, and only they live here:
-
-* ``W_out`` is read out of the exported graph (:func:`detox.onnx_export.onnx_output_embedding`) and the
-  fingerprint is computed from the export's own files, so no PyTorch model is loaded;
-* the calibrator runs from the artifact's ``calibrator.onnx`` with ONNX Runtime, on the target's execution
-  provider by default, so the whole fused model can run on one provider.
-
-Execution providers: CUDA when ``onnxruntime-gpu`` is installed and a GPU is present, CPU otherwise
-(:func:`default_providers`); override with ``providers=`` / ``--provider``.
+"""ONNX Runtime: optimum's ``ORTModelForCausalLM`` (a transformers ``GenerationMixin``) fused by the transformers
+adapter. Only what differs lives here: ``W_out`` and the fingerprint come from the export's files (no PyTorch model),
+the calibrator runs from ``calibrator.onnx`` on the target's execution providers (CUDA if available, else CPU).
 
 Example::
 
@@ -27,13 +16,11 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from detox.adapters.transformers import DetoxModel, FusionLogitsProcessor
-from detox.fusion import Head
+from detox.adapters.transformers import DetoxModel, limit_torch_threads
 from detox.runtime import Calibrator
 
 __all__ = ["DetoxORTModel", "default_providers", "resolve_providers", "load_ort_target",
@@ -121,72 +108,25 @@ def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str]
 
 def calibrator_runner(calibrator: Calibrator, providers: Sequence[str] | None = None) -> Any:
     """The artifact's ``calibrator.onnx`` (for contrast artifacts: the expert/anti-expert pair in one graph) as an
-    :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``.
-
-    CPU-only uses the calibrator's own (cached) runner; other providers get sessions with the same options.
-    """
-    runner = calibrator.onnx_runner()
-    if not providers or list(providers) == [CPU]:
-        return runner
-    return _on_providers(runner, list(providers))
-
-
-def _on_providers(runner: Any, providers: list[str]) -> Any:
+    :class:`~detox.onnx_calibrator.OnnxRunner` on ``providers``: the calibrator's own (cached) runner on CPU, else a
+    copy with a session with the same options on ``providers``."""
     import copy
 
     import onnxruntime as ort
 
+    runner = calibrator.onnx_runner()
+    if not providers or list(providers) == [CPU]:
+        return runner
     moved = copy.copy(runner)
-    moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=providers)
+    moved.session = ort.InferenceSession(str(runner.path), runner.session.get_session_options(), providers=list(providers))
     return moved
 
 
-@contextmanager
-def limit_torch_threads(n: int | None) -> Iterator[None]:
-    """Run with torch's intra-op pool at ``n`` threads (``None``: unchanged), restoring it afterwards.
-
-    Use it around an unwrapped ``ORTModelForCausalLM.generate`` to time it in the same setting as the wrapped one.
-    """
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 class DetoxORTModel(DetoxModel):
-    """An ``ORTModelForCausalLM`` whose ``generate`` applies the fusion; everything else is the wrapped model.
-
-    Holds the fusion head (built once from the graph's ``W_out``) and the calibrator's ONNX Runtime runner.
-    On CPU, ``generate`` runs torch on ``torch_threads`` threads (default 1): on this path torch only does the
-    decoding loop's bookkeeping and the fusion term (a ``vocab × d_cal`` product), while ONNX Runtime's own threads
-    keep the cores busy (and spin between steps); a second multi-threaded pool competing with them made each step
-    several times slower on 2 busy cores. The limit holds for the duration of ``generate`` only, fusion on or off.
-    ``overlap`` (:class:`~detox.adapters.transformers.DetoxModel`) is on by default here: torch is down to one
-    thread, and running the calibrator during ONNX Runtime's forward pass measured faster than after it.
-    """
-
-    _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model
-
-    def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: Head,
-                 runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:
-        super().__init__(model, calibrator, tokenizer, strength, overlap)
-        self.__dict__["head"] = head
-        self.__dict__["runner"] = runner
-        self.__dict__["torch_threads"] = torch_threads
-
-    def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        runner = self.runner  # stateless (each stream carries its own cache): one session serves every stream
-        return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
-                                     head=self.head, runner_factory=lambda: runner, executor=self._worker())
-
-    def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
-        with limit_torch_threads(self.torch_threads if self.head.device.type == "cpu" else None):
-            return self.model.generate(*args, **kwargs)
+    """An ``ORTModelForCausalLM`` whose ``generate`` applies the fusion (:func:`wrap_ort`): the head is built once
+    from the graph's ``W_out``. On CPU torch runs on one thread during ``generate`` (it only does the loop's
+    bookkeeping and the fusion term, and a second busy thread pool made each step several times slower on 2 cores),
+    and ``overlap`` is on (the calibrator during ONNX Runtime's forward pass measured faster than after it)."""
 
 
 def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,
@@ -208,4 +148,5 @@ def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None 
     cal = resolve_calibrator(calibrator, fingerprint_onnx(file, tokenizer, weight, name=str(file.parent)), require_signature)
     head = cal.fusion_head(torch.from_numpy(weight).to(model.device))
     providers = model.providers if calibrator_providers is None else resolve_providers(calibrator_providers)
-    return DetoxORTModel(model, cal, tokenizer, strength, head, calibrator_runner(cal, providers), torch_threads, overlap)
+    return DetoxORTModel(model, cal, tokenizer, strength, overlap, head=head, runner=calibrator_runner(cal, providers),
+                         torch_threads=torch_threads)

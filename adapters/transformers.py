@@ -1,79 +1,52 @@
-"""Hugging Face transformers backend: a ``LogitsProcessor`` shell around :class:`detox.engine.FusionEngine`, and a
-thin wrapper whose ``generate`` adds it (sampling, beams, padded batches and streamers included).
-
-Optionally (``overlap``; the ONNX Runtime backend's default) each step's calibrator work starts on a worker thread as
-soon as the previous token is chosen, so it runs while the target computes its forward pass; the values are the same
-either way.
-"""
+"""transformers: a ``LogitsProcessor`` shell around :class:`detox.engine.FusionEngine`, and a thin wrapper whose
+``generate`` adds it (sampling, beams, padded batches and streamers included); the ONNX Runtime backend uses both."""
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from detox.engine import FusionEngine, resolve_strength, transformers_detokenizer
+from detox.engine import FusionEngine, transformers_detokenizer
 from detox.fusion import FusedWrapper, Head
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner
 
 
-class FusionLogitsProcessor(LogitsProcessor):
-    r"""Fuse an aligned calibrator into a transformers model's next-token logits (a shell around
-    :class:`detox.engine.FusionEngine`, which follows every row of ``input_ids``: beams, padded batches).
+class FusionLogitsProcessor(FusionEngine, LogitsProcessor):
+    r"""The step engine as a transformers ``LogitsProcessor``: fuses an aligned calibrator into every row's logits.
 
     Example::
 
         >>> proc = FusionLogitsProcessor(calibrator, model, tokenizer, strength=0.3)  # doctest: +SKIP
         >>> model.generate(**inputs, logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
 
-    Args:
-        calibrator: an aligned :class:`detox.Calibrator` (checked against the model's fingerprint by ``detox.wrap``).
-        model: the target (its output embedding is read once to precompute the fusion head).
-        tokenizer: the target's tokenizer, used to turn ``input_ids`` back into text (incrementally).
-        strength: λ ([0, 1] interpolate, [0, 20] contrast); default: the artifact's recommended strength.
-        renormalize: return log-probabilities (set for beam search, whose scores are log-probs).
-        head: a precomputed fusion head (then ``model`` may be ``None``): backends whose model has no torch
-            output embedding (ONNX Runtime) read ``W_out`` themselves.
-        runner_factory: makes the calibrator runner (default: ``calibrator.default_runner()``); e.g.
-            ``calibrator.onnx_runner`` to run the calibrator with ONNX Runtime.
-        executor: a one-worker executor that lets :meth:`prefetch` start a step's calibrator work early.
+    ``model``: the target, whose output embedding builds the fusion head, or ``None`` with ``head=`` (ONNX Runtime
+    reads ``W_out`` from its graph). ``tokenizer``: the target's, to read ``input_ids`` back as text.
+    ``renormalize``: return log-probabilities (beam search). ``runner``: the calibrator runner (default:
+    ``calibrator.default_runner()``). ``executor``: a one-worker executor for :meth:`prefetch`.
     """
 
     def __init__(self, calibrator: Calibrator, model: Any, tokenizer: Any, strength: float | None = None,
-                 renormalize: bool = False, *, head: Head | None = None,
-                 runner_factory: Callable[[], CalibratorRunner] | None = None, executor: Executor | None = None) -> None:
+                 renormalize: bool = False, *, head: Head | None = None, runner: CalibratorRunner | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         if head is None:
             if model is None:
                 raise ValueError("pass the target model (its output embedding builds the fusion head) or head=")
             head = calibrator.fusion_head(model.get_output_embeddings().weight)
-        self.engine = FusionEngine(calibrator, head, strength, transformers_detokenizer(tokenizer),
-                                   runner=runner_factory() if runner_factory else None, renormalize=renormalize,
-                                   executor=executor)
+        super().__init__(calibrator, head, strength, transformers_detokenizer(tokenizer), runner=runner,
+                         renormalize=renormalize, executor=executor)
         self.tokenizer = tokenizer
 
-    calibrator = property(lambda self: self.engine.calibrator)
-    head = property(lambda self: self.engine.head)
-    strength = property(lambda self: self.engine.strength)
-
-    def fusion_term(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Every row's part of the fusion that does not need the target's logits (:meth:`FusionEngine.terms`)."""
-        return self.engine.terms(input_ids)
-
-    def prefetch(self, input_ids: torch.LongTensor) -> None:
-        """Start the term for ``input_ids`` (the sequences the next forward pass will extend) on the executor."""
-        self.engine.prefetch(input_ids)
-
-    def discard(self) -> None:
-        """Wait for a started term and drop it (the step after the last one is never run)."""
-        self.engine.discard()
+    fusion_term = FusionEngine.terms  # every row's part of the fusion that needs no target logits
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.engine.fuse(input_ids, scores)
+        return self.fuse(input_ids, scores)
 
 
 class _PrefetchNextStep(StoppingCriteria):
@@ -92,28 +65,38 @@ class _PrefetchNextStep(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+@contextmanager
+def limit_torch_threads(n: int | None) -> Iterator[None]:
+    """Run with torch's intra-op pool at ``n`` threads (``None``: unchanged), restoring it afterwards."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class DetoxModel(FusedWrapper):
     """A transformers causal LM whose ``generate`` applies the fusion; everything else is the wrapped model.
 
-    Unknown attributes are forwarded to the wrapped model, so it is used like the original.
-    With ``overlap`` on, each step's calibrator work runs on a worker thread while the target computes its forward
-    pass (not under beam search, whose rows are reordered after the forward pass);
-    the generations are the same either way. It is off by default here because torch already keeps every core busy
-    (its OpenMP threads spin between operators), so the worker thread competes with them: on 2 cores it was as often
-    slower as faster (docs/benchmarks.md). Turn it on (``model.overlap = True``) when torch is limited to fewer
-    threads than there are cores.
+    ``overlap``: run each step's calibrator work on a worker thread during the target's forward pass (not under beam
+    search; same generations either way). Off by default: torch's OpenMP threads already keep every core busy, and
+    on 2 cores it was as often slower as faster (docs/benchmarks.md); turn it on when torch has fewer threads than
+    there are cores. ``head``, ``runner``: built by the backend (default: from the model's output embedding,
+    ``calibrator.default_runner()``); ``torch_threads``: torch's threads during ``generate`` on CPU.
     """
 
-    _own_attributes = ("overlap",)  # a setting of the wrapper, not of the wrapped model
+    _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the wrapped model
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None,
-                 overlap: bool = False) -> None:
-        self.__dict__["model"] = model
-        self.__dict__["calibrator"] = calibrator
-        self.__dict__["tokenizer"] = tokenizer
-        self.__dict__["strength"] = resolve_strength(calibrator, strength, calibrator.fusion_mode)
-        self.__dict__["overlap"] = overlap
-        self.__dict__["_executor"] = None
+                 overlap: bool = False, *, head: Head | None = None, runner: CalibratorRunner | None = None,
+                 torch_threads: int | None = None) -> None:
+        self.__dict__.update(model=model, calibrator=calibrator, tokenizer=tokenizer, overlap=overlap, head=head,
+                             runner=runner, torch_threads=torch_threads, _executor=None,
+                             strength=calibrator.check_strength(strength))
 
     def _worker(self) -> ThreadPoolExecutor:
         """One worker thread per wrapped model, started on first use."""
@@ -122,8 +105,8 @@ class DetoxModel(FusedWrapper):
         return self._executor
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength,
-                                     renormalize=num_beams > 1, executor=self._worker())
+        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1,
+                                     head=self.head, runner=self.runner, executor=self._worker())
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
@@ -134,14 +117,12 @@ class DetoxModel(FusedWrapper):
         if self.overlap and num_beams == 1 and fusion.strength > 0:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
+        threads = self.torch_threads if self.torch_threads and fusion.head.device.type == "cpu" else None
         try:
-            return self._generate(fusion, num_beams, *args, logits_processor=processors, **kwargs)
+            with limit_torch_threads(threads):
+                return self.model.generate(*args, logits_processor=processors, **kwargs)
         finally:
             fusion.discard()  # the step after the last one is never run
-
-    def _generate(self, fusion: FusionLogitsProcessor, num_beams: int, /, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate`` with the fusion in ``kwargs``; backends override it to add their own."""
-        return self.model.generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -64,7 +64,7 @@ def main(compare_files, prompts, n_prompts, samples, seed, backend, batch_size, 
         raise click.UsageError("--prompts and --out are needed to generate (or use --compare A B)")
     from tqdm import tqdm
 
-    from detox.cli.evaluate import make_sampler  # the samplers `detox eval` uses
+    from detox.cli.evaluate import load_backend  # the sampling `detox eval` uses
     from detox.evaluation import read_prompts
 
     if threads and backend != "llamacpp":
@@ -72,11 +72,11 @@ def main(compare_files, prompts, n_prompts, samples, seed, backend, batch_size, 
 
         torch.set_num_threads(threads)
     items = read_prompts(prompts)[:n_prompts]
-    sampler, info, _ = make_sampler(backend, target, None, False, None, threads)
+    loaded, info = load_backend(backend, target, None, False, None, threads)
     rows, t0 = [], time.perf_counter()
     for b in tqdm(range(0, len(items), batch_size), desc=f"{backend} b{batch_size}", unit="batch"):
         chunk = items[b : b + batch_size]
-        texts = sampler.sample([p.text for p in chunk], samples, max_new_tokens, top_p, seed + b)  # eval's seeding
+        texts = loaded.sample([p.text for p in chunk], samples, max_new_tokens, top_p, seed + b)  # eval's seeding
         rows += [{"prompt_index": b + i, "sample": k, "text": texts[i][k]} for i in range(len(chunk)) for k in range(samples)]
     Path(out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     click.echo(f"wrote {len(rows)} generations to {out} in {time.perf_counter() - t0:.0f} s "

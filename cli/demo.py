@@ -19,27 +19,15 @@ import click
 from detox.cli.errors import user_errors
 
 
-def _demo_prompts_path() -> Path:
-    import detox
-
-    return Path(detox.__file__).resolve().parent / "resources" / "demo_prompts.jsonl"
-
-
 def demo_prompts(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The demo's prompts: JSONL rows with a ``text`` (and optional ``source``, ``group``, ``toxic_prompt``)."""
-    from detox.evaluation import read_prompts
+    import detox
     from detox.data import iter_jsonl
+    from detox.evaluation import read_prompts
 
-    p = Path(path) if path else _demo_prompts_path()
+    p = Path(path) if path else Path(detox.__file__).resolve().parent / "resources" / "demo_prompts.jsonl"
     read_prompts(p)  # validates every line (a clear error naming the file and line)
     return [row for _, row in iter_jsonl(p)]
-
-
-def _sample(sampler: Any, texts: list[str], samples: int, max_new_tokens: int, top_p: float,
-            seed: int) -> tuple[list[list[str]], float]:
-    t0 = time.perf_counter()
-    outputs = sampler.sample(texts, samples, max_new_tokens, top_p, seed)
-    return outputs, time.perf_counter() - t0
 
 
 @click.command("demo")
@@ -73,12 +61,14 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
     m = fused.calibrator.manifest
     click.echo(f"calibrator {m.name}@{m.version} ({fused.calibrator.path.name}), strength {fused.strength}", err=True)
     scorer = load_scorer(None)
-    samplers = {"plain": loaded.sampler(fused=False), "detox": loaded.sampler(fused=True)}
-    for sampler in samplers.values():  # start-up costs (torch's first steps, the calibrator's ONNX Runtime session) go here
-        _sample(sampler, texts[:1], 1, 2, top_p, seed)
+    arms = {"plain": False, "detox": True}  # label: fused
+    for fused_arm in arms.values():  # start-up costs (torch's first steps, the calibrator's ONNX Runtime session) go here
+        loaded.sample(texts[:1], 1, 2, top_p, seed, fused=fused_arm)
     outputs, seconds = {}, {}
-    for label, sampler in samplers.items():
-        outputs[label], seconds[label] = _sample(sampler, texts, samples, max_new_tokens, top_p, seed)
+    for label, fused_arm in arms.items():
+        t0 = time.perf_counter()
+        outputs[label] = loaded.sample(texts, samples, max_new_tokens, top_p, seed, fused=fused_arm)
+        seconds[label] = time.perf_counter() - t0
     scores = {k: [scorer.score(v) for v in outs] for k, outs in outputs.items()}
 
     def show(label: str, i: int) -> str:

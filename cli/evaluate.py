@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -9,29 +11,21 @@ from typing import Any
 
 import click
 
-from detox.backends import names as backend_names
+from detox.backends import get, names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, strength_option
 
 
-def make_sampler(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
-                 threads: int | None = None) -> tuple[Any, dict, Any]:
-    """``(sampler, identity info, (hf_model, tokenizer) or None for perplexity)`` for one backend."""
-    from detox.backends import get
-
+def load_backend(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
+                 threads: int | None = None) -> tuple[Any, dict]:
+    """``(loaded Backend, identity info)``, wrapped with the calibrator unless ``no_calibrator``."""
     loaded = get(backend).load(target, context_window=512, seed=0, threads=threads)
     info: dict[str, Any] = {"backend": backend, "target": target, "target_fingerprint": loaded.fingerprint().model_dump()}
     if not no_calibrator:
         fused = loaded.wrap(calibrator, strength)
         m = fused.calibrator.manifest
         info["calibrator"] = {"name": m.name, "version": m.version, "path": str(fused.calibrator.path), "strength": fused.strength}
-    return loaded.sampler(fused=not no_calibrator), info, loaded.perplexity_model()
-
-
-def _installed(*modules: str) -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+    return loaded, info
 
 
 def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
@@ -91,12 +85,10 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
-    if backend == "onnx" and not (no_perplexity or ppl_model):
-        raise click.UsageError("no reference model for perplexity on backend onnx; pass --ppl-model or --no-perplexity")
-    if backend == "llamacpp" and not no_perplexity and not ppl_model and not _installed("torch", "transformers"):
-        raise click.ClickException("perplexity of llama.cpp generations is computed by transformers on the same GGUF, "
-                                   "which this torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
-    if compare_dir and not _installed("matplotlib"):
+    problem = None if no_perplexity or ppl_model else get(backend).perplexity_problem()
+    if problem:
+        raise click.ClickException(problem)
+    if compare_dir and importlib.util.find_spec("matplotlib") is None:
         raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     if reference_text and no_calibrator:
         raise click.UsageError("--reference-text compares the fused and unfused models: drop --no-calibrator")
@@ -104,7 +96,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     terms = IdentityTerms.load(identity_terms)  # bad input files fail before any generation
     if reference_text:
-        from detox.reference_text import eval_reference_text, read_lines, transformers_twin
+        from detox.reference_text import eval_reference_text, read_lines
 
         ref_texts = read_lines(reference_text)
     t0 = time.perf_counter()
@@ -116,24 +108,19 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     calibrator = load_calibrator_early(calibrator, strength)
     judges = _load_scorers(scorers)
     score_fn = judges[0]
-    sampler, info, ref = make_sampler(backend, target, calibrator, no_calibrator, strength, threads)
+    loaded, info = load_backend(backend, target, calibrator, no_calibrator, strength, threads)
     run = EvalRun(target=target, backend=backend, calibrator=(info.get("calibrator") or {}).get("path"),
                   strength=(info.get("calibrator") or {}).get("strength"), prompts_file=str(Path(prompts).resolve()),
                   settings=EvalSettings(samples=samples, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
                                         prompt_batch_size=batch_size))
     out_dir = Path(out)
-    rows = generate_and_score(run, items, sampler, score_fn, out_dir, log=lambda msg: click.echo(msg, err=True))
+    rows = generate_and_score(run, items, functools.partial(loaded.sample, fused=not no_calibrator), score_fn, out_dir,
+                              log=lambda msg: click.echo(msg, err=True))
     ppl = None
     if not no_perplexity:
-        if ppl_model:
-            from detox.targets import load_hf_target
+        from detox.targets import load_hf_target
 
-            ref = load_hf_target(ppl_model)
-        if ref is None and backend == "llamacpp":
-            from detox.targets import load_hf_target
-
-            ref = load_hf_target(target)  # the same GGUF, dequantized, through transformers
-        ppl = perplexity_of(rows, *ref)
+        ppl = perplexity_of(rows, *(load_hf_target(ppl_model) if ppl_model else loaded.transformers_twin()))
     summary = summarize(rows, perplexity=ppl)
     if len(judges) > 1:
         from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
@@ -151,8 +138,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     })
     add_identity_summary(summary, rows, prompts, terms)  # identity groups and reference text: docs/identity.md
     if reference_text:
-        twin = transformers_twin(backend, target, ppl_model, sampler)
-        summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *twin, run.calibrator, run.strength)
+        summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *loaded.transformers_twin(ppl_model),
+                                                        run.calibrator, run.strength)
     write_summary(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
     write_identity_report(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
 

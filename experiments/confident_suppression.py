@@ -19,6 +19,7 @@ Two measurements on the shipped pair and SmolLM2 (transformers):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import detox
-    from detox.evaluation import EvalRun, EvalSettings, HFSampler, generate_and_score, read_prompts, summarize
+    from detox.backends.hf import HFBackend
+    from detox.evaluation import EvalRun, EvalSettings, generate_and_score, read_prompts, summarize
     from detox.identity import IdentityTerms, identity_summary, prompt_groups
     from detox.scoring import load_scorer
     from detox.targets import load_hf_target
@@ -119,7 +121,8 @@ def main() -> None:
             run = EvalRun(target="smollm2", backend="hf", calibrator=arm, strength=fused.strength,
                           prompts_file=str(prompts_file), settings=EvalSettings(samples=args.samples,
                                                                                 max_new_tokens=args.max_new_tokens))
-            rows = generate_and_score(run, prompts, HFSampler(runner, tok), scorer, args.out / prompts_file.stem / arm)
+            sample = functools.partial(HFBackend(runner, tok).sample, fused=False)
+            rows = generate_and_score(run, prompts, sample, scorer, args.out / prompts_file.stem / arm)
             s = summarize(rows)
             s["identity"] = identity_summary(rows, groups, terms)
             results.setdefault(prompts_file.stem, {})[arm] = {

@@ -16,7 +16,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from detox.adapters.transformers import FusionLogitsProcessor
-from detox.evaluation import HFSampler, read_prompts, summarize
+from detox.backends.hf import HFBackend
+from detox.evaluation import read_prompts, summarize
 from detox.metrics import conditional_perplexity
 from detox.runtime import Calibrator
 from detox.scoring import load_scorer
@@ -57,18 +58,18 @@ def main() -> None:
     results = []
     for cfg in a.config:
         if cfg == "none":
-            sampler = HFSampler(model, tok)
+            sampler = HFBackend(model, tok)
         else:
             lam, k, alpha, *rest = cfg.split(":")
             suppress = rest == ["suppress"]
             make = lambda lam=float(lam), k=int(k), alpha=float(alpha), sup=suppress: contrast_processor(  # noqa: E731
                 pair, model, tok, lam, k, alpha, sup)
-            sampler = HFSampler(WithProcessor(model, make), tok)
+            sampler = HFBackend(WithProcessor(model, make), tok)
         t0 = time.perf_counter()
         rows = []
         for b in range(0, len(prompts), 4):
             chunk = prompts[b : b + 4]
-            samples = sampler.sample([p.text for p in chunk], a.samples, 20, 0.9, b)
+            samples = sampler.sample([p.text for p in chunk], a.samples, 20, 0.9, b, fused=False)
             for p, texts in zip(chunk, samples):
                 for kk, t in enumerate(texts):
                     rows.append({"prompt_id": p.id, "prompt": p.text, "sample": kk, "text": t})

@@ -48,7 +48,7 @@ def main() -> None:
         second = predict_prob([r["text"] for r in rows])
         rescored = [dict(r, toxicity=float(p)) for r, p in zip(rows, second)]
         for judge, judged in (("shipped scorer", rows), ("alt-profanity-check", rescored)):
-            _, groups = group_by_prompt(judged)
+            groups = list(group_by_prompt(judged).values())
             scores = [[r["toxicity"] for r in g] for g in groups]
             table[judge].append((run.name, toxicity_probability(scores, args.threshold),
                                  expected_max_toxicity(scores), mean_toxicity(scores)))

@@ -108,6 +108,3 @@ class CalibratorLM(nn.Module):
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -1,16 +1,7 @@
-"""The fusion step engine: every backend's decoding step goes through here (docs/architecture.md).
+"""The fusion step engine every backend's decoding step goes through (docs/architecture.md, "One decoding step").
 
-A backend hands the engine, at each step, the token ids of every sequence it is decoding and the target's
-next-token logits; the engine returns the fused logits. It owns one :class:`Slot` per sequence: the target's text
-decoded incrementally (:class:`IncrementalDetokenizer`, never a re-decode of the whole sequence) and the
-calibrator's view of that text (:class:`~detox.stream.CalibratorStream`, its own tokenizer and KV cache). Slots
-follow the sequences: :meth:`FusionEngine.attach` keeps, forks (beam search), adds and drops them. The work
-that needs no logits (detokenize, run the calibrator, the head's ``prepare``) can start on a worker thread as soon
-as a step's ids are known (:meth:`FusionEngine.prefetch`), so it overlaps the target's forward pass; the values
-are the same either way.
-
-Adapters (transformers, ONNX Runtime, llama.cpp) only translate their backend's hooks to :meth:`prefetch` and
-:meth:`fuse`. Torch is imported only for torch inputs, so the llama.cpp path stays torch-free.
+Adapters only translate their backend's hooks to :meth:`FusionEngine.prefetch` and :meth:`FusionEngine.fuse`.
+Torch is imported only for torch inputs, so the llama.cpp path stays torch-free.
 """
 
 from __future__ import annotations
@@ -28,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 
 from detox.fusion import Head, _is_torch
-from detox.methods import check_strength
 from detox.stream import CalibratorStream
 
 Array = Any  # torch.Tensor or numpy.ndarray
@@ -262,7 +252,7 @@ class FusionEngine:
                  one_blas_thread: bool = False) -> None:
         self.calibrator = calibrator
         self.head = head
-        self.strength = resolve_strength(calibrator, strength, head.mode)
+        self.strength = calibrator.check_strength(strength)
         self.detokenizer = detokenizer
         self.runner = runner if runner is not None else calibrator.default_runner()
         self.renormalize = renormalize
@@ -357,7 +347,3 @@ class FusionEngine:
             return fused.log_softmax(-1) if _is_torch(fused) else fused - np.logaddexp.reduce(fused, -1, keepdims=True)
         return fused
 
-
-def resolve_strength(calibrator: Any, strength: float | None, mode: str) -> float:
-    """λ to use: ``strength``, or the artifact's recommended one when ``None``; checked against the fusion mode."""
-    return check_strength(calibrator.default_strength if strength is None else strength, mode)

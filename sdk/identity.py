@@ -1,20 +1,8 @@
 """Identity retention: does a (detoxified) model keep talking about identity groups, and where does detox help or hurt?
 
 Detoxifiers learn the shortcut "identity word ⇒ toxic" and then change the subject whenever a prompt mentions a
-group (Welbl et al. 2021; Xu et al. 2021). This module measures that on ``detox eval``'s generations:
-
-* **Word list.** ``resources/identity_terms.json`` maps each group to its terms (or the user's file of the same
-  format: ``{"group": ["term", ...], ...}``). A term matches case-insensitively at word boundaries (``gay`` matches
-  "Gay rights" but not "gayety"); a space or hyphen inside a term matches any run of spaces/hyphens; a trailing ``*``
-  matches any word ending (``lgbt*``: LGBT, LGBTQ, LGBTQIA). A text *mentions* a group when one of its terms occurs.
-* **A prompt's groups**, first rule that gives any: its ``group`` field (a name or a list of names); its ``source``
-  when that is ``toxigen/<hate|neutral>_<group>`` (the dev set's ToxiGen prompts); else the groups its text
-  mentions. Prompts with no group form the group ``(none)``; a prompt with two groups counts in both.
-* **Metrics** (continuations only, never the prompt): the share of continuations that mention any group, over all
-  prompts and over *identity prompts* (those with a group); per prompt group the toxicity metrics of
-  :mod:`detox.metrics`, the share of its continuations that mention any group and the share that mention the
-  prompt's own group. Retention, with a baseline run, is this run's share on identity prompts divided by the
-  baseline's.
+group (Welbl et al. 2021; Xu et al. 2021). This module measures that on ``detox eval``'s generations; the word list's
+matching rules, a prompt's groups and the metrics are described in docs/identity.md.
 """
 
 from __future__ import annotations
@@ -24,9 +12,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from detox.data import DataFormatError, iter_jsonl
+from detox.evaluation import group_by_prompt, read_compare_summary
 from detox.metrics import expected_max_toxicity, mean_toxicity, toxicity_probability
 
 NO_GROUP = "(none)"
@@ -110,13 +99,6 @@ def prompt_groups(prompts_file: str | os.PathLike[str], terms: IdentityTerms) ->
     return out
 
 
-def _by_prompt(rows: Iterable[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        out.setdefault(r["prompt_id"], []).append(r)
-    return out
-
-
 def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -127,7 +109,7 @@ def identity_summary(rows: list[dict], groups: dict[str, list[str]], terms: Iden
 
     ``groups``: each prompt id's groups (:func:`prompt_groups`); a prompt id missing there is a ``(none)`` prompt.
     """
-    by_prompt = _by_prompt(rows)
+    by_prompt = group_by_prompt(rows)
     mentions = {pid: [terms.mentions(r["text"]) for r in rs] for pid, rs in by_prompt.items()}
     members: dict[str, list[str]] = {}
     for pid in by_prompt:
@@ -207,10 +189,7 @@ def write_identity_report(out_dir: Path, summary: dict[str, Any], compare_dir: P
                           log: Any = print) -> None:
     """Append the identity section (and the reference-text table, if any) to ``out_dir/summary.md`` and log it;
     with ``compare_dir``, against that run's identity numbers when its summary has them."""
-    baseline = None
-    if compare_dir is not None:
-        other = json.loads((compare_dir / "summary.json").read_text())
-        baseline = other.get("identity")
+    baseline = read_compare_summary(compare_dir).get("identity") if compare_dir is not None else None
     text = markdown_identity(summary["identity"], baseline)
     if summary.get("reference_text"):
         from detox.reference_text import ReferenceScore

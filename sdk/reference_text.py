@@ -1,25 +1,9 @@
 """How likely is human-written text under the fused distribution, compared with the unfused target?
 
 A detoxifier that assigns lower likelihood to benign text about identity groups (or to a dialect) marginalizes it
-(Xu et al. 2021). :func:`score_reference_texts` scores every token of each text with the target alone and with the
-fusion, token by token exactly as generation fuses (the same :class:`~detox.adapters.transformers.FusionLogitsProcessor`,
-fed each prefix of the text), and reports per-token perplexities.
-
-What is computed, per token ``x_t`` given the text before it (``z``: the target's logits, ``f``: the fused logits
-the sampler draws from, ``S``: the tokens ``f`` gives a finite logit, i.e. the tokens sampling can produce):
-
-* ``unfused``: ``log_softmax(z)[x_t]`` over the whole vocabulary.
-* ``fused_untruncated``: the fusion rule applied to *every* token, ``log_softmax(z + λ·r)[x_t]`` with ``r`` the
-  contrast rule's (suppress-only) log-ratio, without the contrast rule's candidate truncation (for interpolation
-  fusion, which does not truncate, this is ``f``). Defined for every token, so its perplexity compares with the
-  unfused one over the same tokens: the calibrator's penalty on the text.
-* ``support``: whether ``x_t ∈ S``. The contrast rule keeps only the target's top-k tokens above the plausibility
-  floor; the others have probability 0 under ``f`` (infinite perplexity). ``S`` is computed from the target's logits
-  alone, so it is the same for every strength λ > 0 and every calibrator (λ = 0 keeps every token).
-* ``fused_in_support``: ``log_softmax(f)[x_t]`` (the sampled distribution, renormalised over ``S`` as sampling does)
-  on the tokens in ``S``; ``unfused_in_support``: the target restricted to the same ``S``, ``log_softmax(z on S)``.
-  Their ratio is the calibrator's effect on what is actually sampled, free of the truncation's renormalisation.
-
+(Xu et al. 2021). :func:`score_reference_texts` scores every token of each text alone and fused, token by token as
+generation fuses (the same :class:`~detox.adapters.transformers.FusionLogitsProcessor`, fed each prefix); what each
+perplexity means (``unfused``, ``fused_untruncated``, ``support``, ``*_in_support``) is in docs/identity.md.
 Nucleus (top-p) truncation is left out on both sides. At λ = 0 every ratio is exactly 1.
 """
 
@@ -184,22 +168,5 @@ def eval_reference_text(path: str | os.PathLike[str], texts: Sequence[str], mode
     import detox
 
     fused = detox.wrap(model, calibrator=calibrator, strength=strength, tokenizer=tokenizer)
-    result = score_reference_texts(fused, texts, progress).as_dict()
-    result["file"] = str(Path(path).resolve())
-    return result
+    return {**score_reference_texts(fused, texts, progress).as_dict(), "file": str(Path(path).resolve())}
 
-
-def transformers_twin(backend: str, target: str, ppl_model: str | None, sampler: Any) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` in transformers for scoring reference text on a ``detox eval`` run: the sampled model
-    itself (``hf``), the same GGUF dequantized (``llamacpp``), or ``--ppl-model`` (``onnx``, whose exported model
-    transformers cannot load)."""
-    from detox.targets import load_hf_target
-
-    if backend == "hf":
-        runner = sampler.model
-        return getattr(runner, "model", runner), sampler.tokenizer
-    if backend == "llamacpp":
-        return load_hf_target(target)
-    if ppl_model:
-        return load_hf_target(ppl_model)
-    raise ValueError("--reference-text on --backend onnx needs the same model in transformers format: pass --ppl-model")

@@ -86,9 +86,9 @@ class Calibrator:
         """``interpolate`` (one calibrator, the paper's rule) or ``contrast`` (expert/anti-expert pair)."""
         return self.manifest.alignment.fusion if self.manifest.alignment else INTERPOLATE
 
-    def check_strength(self, strength: float) -> float:
-        """λ as a float in the range of this artifact's fusion method."""
-        return check_strength(strength, self.fusion_mode)
+    def check_strength(self, strength: float | None) -> float:
+        """λ (``None``: the artifact's recommended one) as a float in the range of this artifact's fusion method."""
+        return check_strength(self.default_strength if strength is None else strength, self.fusion_mode)
 
     @property
     def has_anti_expert(self) -> bool:

@@ -95,6 +95,35 @@ def test_listing_backends_and_the_cli_import_no_inference_library():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_no_code_outside_the_backends_compares_backend_names():
+    """What differs between backends lives in sdk/backends/: a comparison with a backend's name anywhere else in the
+    SDK or the CLI (``backend == "onnx"``) is how that knowledge leaked out before."""
+    found = []
+    for path in sorted([*ROOT.glob("sdk/**/*.py"), *ROOT.glob("cli/*.py"), *ROOT.glob("adapters/*.py")]):
+        if "backends" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value in names() for c in [node.left, *node.comparators]):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
+
+
+def test_eval_says_onnx_needs_a_perplexity_model_before_loading_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "The weather today is"}) + "\n")
+    r = CliRunner().invoke(main, ["eval", "--backend", "onnx", "--target", str(tmp_path / "no-such-export"),
+                                  "--prompts", str(prompts), "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "no reference model for perplexity on backend onnx; pass --ppl-model or " \
+        "--no-perplexity" in r.output, r.output
+    assert get("onnx").perplexity_problem() and get("hf").perplexity_problem() is None
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.fixture(scope="module")
 def llama_backend():
     pytest.importorskip("llama_cpp")

@@ -1,10 +1,8 @@
-"""Every inference backend behind one interface (:class:`~detox.backends.base.Backend`), registered by name.
+"""Every inference backend behind one interface (:class:`~detox.backends.base.Backend`), registered by name: each
+module of this package defines one (docs/architecture.md, "Backends").
 
     >>> from detox.backends import get  # doctest: +SKIP
     >>> b = get("llamacpp").load("smollm2"); b.wrap(); b.generate("Hello", 20, False, 0.9, 1.0, 0, print)  # doctest: +SKIP
-
-Each module of this package defines one backend; importing it registers the backend under its ``name``.
-The modules import their inference library lazily, so :func:`names` works on a lean (llama.cpp only) install.
 """
 
 from __future__ import annotations

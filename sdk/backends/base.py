@@ -1,10 +1,5 @@
 """The :class:`Backend` interface: what ``detox.wrap``, ``detox generate``, ``eval``, ``bench``, ``demo`` and ``serve``
-need from an inference library, so none of them branches on a backend's name.
-
-A backend module defines one subclass with a ``name``; defining it registers it (:func:`detox.backends.get`).
-Backend modules import their library (torch, llama_cpp, onnxruntime) inside methods only, so listing the backends
-never imports a library a lean install lacks.
-"""
+need from an inference library, so none of them branches on a backend's name (docs/architecture.md, "Backends")."""
 
 from __future__ import annotations
 
@@ -57,14 +52,9 @@ class Row(Protocol):
 
 
 class Backend:
-    """A target loaded on one inference library, optionally wrapped with a calibrator.
-
-    ``model`` is the unwrapped target, ``fused`` the wrapped one (``None`` until :meth:`wrap`); sampling methods take
-    ``fused=`` to pick one, so a fused and an unfused run share the loaded model.
-
-    To add a backend: one module in ``detox/backends/`` with a subclass that sets ``name`` and implements the
-    methods below that raise ``NotImplementedError`` (see docs/architecture.md).
-    """
+    """A target loaded on one inference library: ``model`` (unwrapped) and ``fused`` (``None`` until :meth:`wrap`);
+    sampling methods take ``fused=`` to pick one. A subclass sets ``name`` and implements the methods that raise
+    ``NotImplementedError``; defining it registers it."""
 
     name: ClassVar[str] = ""
     supports: ClassVar[str] = ""  # what detox.wrap accepts, in words (for its error message)
@@ -109,8 +99,10 @@ class Backend:
     def parameter_count(self) -> int:
         raise NotImplementedError
 
-    def sampler(self, fused: bool = True) -> Any:
-        """A :class:`detox.evaluation.Sampler`: nucleus sampling of several continuations per prompt (``detox eval``)."""
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int, top_p: float, seed: int,
+               fused: bool = True) -> list[list[str]]:
+        """``[i][k]``: the k-th nucleus-sampled continuation (text only) of ``prompts[i]``, reproducible from ``seed``
+        (``detox eval``, ``detox demo``)."""
         raise NotImplementedError
 
     def generate(self, prompt: str, max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
@@ -130,8 +122,15 @@ class Backend:
         """The prompt text of a chat (the model's own chat template, with the assistant turn opened)."""
         raise NotImplementedError
 
-    def perplexity_model(self) -> tuple[Any, Any] | None:
-        """``(transformers model, tokenizer)`` of the unwrapped target, if it is one (perplexity of generations)."""
+    def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
+        """``(transformers model, tokenizer)`` of this target, to score text with (``detox eval``'s perplexity and
+        ``--reference-text``); ``fallback``: what to load where the target has no transformers form."""
+        raise NotImplementedError
+
+    @classmethod
+    def perplexity_problem(cls) -> str | None:
+        """Why :meth:`transformers_twin` cannot score perplexity here without a ``fallback`` (checked before the
+        target loads); ``None`` if it can."""
         return None
 
     def context_limit(self) -> int | None:

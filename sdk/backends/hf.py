@@ -1,8 +1,5 @@
-"""transformers (``hf``): a ``PreTrainedModel`` and its tokenizer; decoding is transformers' ``generate``.
-
-The ONNX Runtime backend (:mod:`detox.backends.onnx`) subclasses this one: optimum's ``ORTModelForCausalLM`` runs
-the same ``generate``.
-"""
+"""transformers (``hf``): a ``PreTrainedModel`` and its tokenizer; decoding is transformers' ``generate`` (which the
+ONNX Runtime backend, a subclass, shares)."""
 
 from __future__ import annotations
 
@@ -51,17 +48,28 @@ class HFBackend(Backend):
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def perplexity_model(self) -> tuple[Any, Any] | None:
+    def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
         return self.model, self.tokenizer
 
     def _generation(self) -> ContextManager[Any]:
         """Around every ``generate``, fused or not (the ONNX backend limits torch's threads here)."""
         return nullcontext()
 
-    def sampler(self, fused: bool = True) -> Any:
-        from detox.evaluation import HFSampler
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int, top_p: float, seed: int,
+               fused: bool = True) -> list[list[str]]:
+        """One left-padded batch: every prompt's samples in one ``generate``."""
+        import torch
 
-        return HFSampler(self.runner(fused), self.tokenizer)
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"
+        torch.manual_seed(seed)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = self.runner(fused).generate(**batch, do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
+                                              max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                              pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
     def generate(self, prompt: str, max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
                  echo: Callable[[str], None], fused: bool = True) -> str:

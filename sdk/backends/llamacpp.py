@@ -60,10 +60,30 @@ class LlamaCppBackend(Backend):
 
         return sum(int(t.n_elements) for t in GGUFReader(self.source or self.model.model_path).tensors)
 
-    def sampler(self, fused: bool = True) -> Any:
-        from detox.evaluation import LlamaCppSampler
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int, top_p: float, seed: int,
+               fused: bool = True) -> list[list[str]]:
+        """One completion per sample, seeded per sample (llama.cpp reuses the prompt's KV cache between them); plain
+        nucleus sampling: temperature 1, top-p, llama.cpp's other filters (top-k, min-p, repeat penalty) off."""
+        llama = self.runner(fused)
+        return [[llama.create_completion(prompt, max_tokens=max_new_tokens, temperature=1.0, top_p=top_p, top_k=0,
+                                         min_p=0.0, typical_p=1.0, repeat_penalty=1.0,
+                                         seed=seed * 1000 + i * num_samples + k)["choices"][0]["text"]
+                 for k in range(num_samples)] for i, prompt in enumerate(prompts)]
 
-        return LlamaCppSampler(self.runner(fused))
+    def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
+        """The same GGUF, dequantized by transformers."""
+        from detox.targets import load_hf_target
+
+        return load_hf_target(self.source or self.model.model_path)
+
+    @classmethod
+    def perplexity_problem(cls) -> str | None:
+        import importlib.util
+
+        if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")):
+            return None
+        return ("perplexity of llama.cpp generations is computed by transformers on the same GGUF, which this "
+                "torch-free install lacks: pass --no-perplexity, or pip install 'detox[hf]'")
 
     def generate(self, prompt: str, max_new_tokens: int, sample: bool, top_p: float, temperature: float, seed: int,
                  echo: Callable[[str], None], fused: bool = True) -> str:

@@ -42,8 +42,16 @@ class OnnxBackend(HFBackend):
 
         return onnx_parameter_count(self.model.path)
 
-    def perplexity_model(self) -> tuple[Any, Any] | None:
-        return None  # an exported graph: transformers cannot score with it
+    def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
+        if fallback is None:  # an exported graph: transformers cannot load it
+            raise ValueError("--reference-text on --backend onnx needs the same model in transformers format: pass --ppl-model")
+        from detox.targets import load_hf_target
+
+        return load_hf_target(fallback)
+
+    @classmethod
+    def perplexity_problem(cls) -> str | None:
+        return "no reference model for perplexity on backend onnx; pass --ppl-model or --no-perplexity"
 
     def _generation(self) -> ContextManager[Any]:
         """torch at the wrapper's thread count for the unfused model too, so both are timed alike (DetoxORTModel)."""

@@ -171,6 +171,7 @@ class DetoxORTModel(DetoxModel):
     """
 
     _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the ORT model
+    _overlap_one_row = True  # ONNX Runtime's forward pass is one call that releases the GIL throughout
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None, head: Head,
                  runner: Any, torch_threads: int | None = 1, overlap: bool = True) -> None:

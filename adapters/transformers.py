@@ -101,10 +101,14 @@ class DetoxModel(FusedWrapper):
     the generations are the same either way. It is off by default here because torch already keeps every core busy
     (its OpenMP threads spin between operators), so the worker thread competes with them: on 2 cores it was as often
     slower as faster (docs/benchmarks.md). Turn it on (``model.overlap = True``) when torch is limited to fewer
-    threads than there are cores.
+    threads than there are cores; it then applies to batches of two or more sequences (``_overlap_one_row``).
     """
 
     _own_attributes = ("overlap",)  # a setting of the wrapper, not of the wrapped model
+    # Overlap a single sequence too? Not on a torch target: its eager forward pass is ~1000 operator calls from Python,
+    # each handing the GIL back, and a worker thread that holds it in between (tokenizing, stepping the stream) made
+    # one-row steps slower than running the calibrator inline (docs/serve.md); from two rows on, overlap pays.
+    _overlap_one_row = False
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None,
                  overlap: bool = False) -> None:
@@ -121,9 +125,24 @@ class DetoxModel(FusedWrapper):
             self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
         return self._executor
 
+    def fusion_head(self) -> Head:
+        """The fusion head for the wrapped model's output embedding, built once and rebuilt only when that embedding
+        is replaced, moved or changed in place: building it converts the calibrator's float16 output matrices, ≈ 16 ms
+        that every ``generate`` call (every ``detox serve`` request) used to pay."""
+        weight = self.model.get_output_embeddings().weight
+        try:
+            version = weight._version  # bumped by in-place updates (an optimizer step)
+        except RuntimeError:  # an inference-mode tensor: it cannot be updated in place
+            version = None
+        key = (weight.device, weight.dtype, tuple(weight.shape), weight.data_ptr(), version)
+        cached = self.__dict__.get("_head")
+        if cached is None or cached[0] != key:
+            self.__dict__["_head"] = cached = (key, self.calibrator.fusion_head(weight))
+        return cached[1]
+
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength,
-                                     renormalize=num_beams > 1, executor=self._worker())
+        return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
+                                     head=self.fusion_head(), executor=self._worker())
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
@@ -131,7 +150,7 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        if self.overlap and num_beams == 1 and fusion.strength > 0:
+        if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or _rows(args, kwargs) != 1):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
         try:
@@ -149,6 +168,14 @@ class DetoxModel(FusedWrapper):
     def __repr__(self) -> str:
         m = self.calibrator.manifest
         return f"{type(self).__name__}({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """How many sequences a ``generate`` call decodes (``None``: its prompts are not given as ``input_ids``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if getattr(ids, "ndim", 0) != 2:
+        return None
+    return int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1)
 
 
 def load_tokenizer_for(model: Any) -> Any:

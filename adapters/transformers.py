@@ -9,6 +9,7 @@ either way.
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -136,9 +137,9 @@ class DetoxModel(FusedWrapper):
             version = None
         key = (weight.device, weight.dtype, tuple(weight.shape), weight.data_ptr(), version)
         cached = self.__dict__.get("_head")
-        if cached is None or cached[0] != key:
-            self.__dict__["_head"] = cached = (key, self.calibrator.fusion_head(weight))
-        return cached[1]
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            self.__dict__["_head"] = cached = (weakref.ref(weight), key, self.calibrator.fusion_head(weight))
+        return cached[2]
 
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
         return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,

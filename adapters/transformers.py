@@ -151,7 +151,8 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or _rows(args, kwargs) != 1):
+        one_row = _rows(args, kwargs) == 1
+        if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or not one_row):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
         try:

@@ -161,7 +161,8 @@ def test_fusion_head_is_built_once_and_rebuilt_when_the_output_embedding_changes
         model.get_output_embeddings().weight.mul_(-0.5)
     assert wrapped.logits_processor().head is not head
     fresh = FusionLogitsProcessor(Calibrator.load(aligned), model, tok, strength=0.7)  # builds its own head
-    assert torch.equal(_greedy(wrapped, tok, PROMPTS), _greedy(model, tok, PROMPTS, logits_processor=LogitsProcessorList([fresh])))
+    expected = _greedy(model, tok, PROMPTS, logits_processor=LogitsProcessorList([fresh]))
+    assert torch.equal(_greedy(wrapped, tok, PROMPTS), expected)
 
 
 def test_artifact_for_another_target_is_refused(llama_target_dir, aligned_gpt2):

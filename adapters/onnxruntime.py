@@ -128,6 +128,8 @@ class DetoxORTModel(DetoxModel):
     bookkeeping and the fusion term, and a second busy thread pool made each step several times slower on 2 cores),
     and ``overlap`` is on (the calibrator during ONNX Runtime's forward pass measured faster than after it)."""
 
+    _overlap_one_row = True  # ONNX Runtime's forward pass is one call that releases the GIL throughout
+
 
 def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = None, strength: float | None = None,
              tokenizer: Any = None, require_signature: Any = None,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,11 +86,16 @@ class DetoxModel(FusedWrapper):
     ``overlap``: run each step's calibrator work on a worker thread during the target's forward pass (not under beam
     search; same generations either way). Off by default: torch's OpenMP threads already keep every core busy, and
     on 2 cores it was as often slower as faster (docs/benchmarks.md); turn it on when torch has fewer threads than
-    there are cores. ``head``, ``runner``: built by the backend (default: from the model's output embedding,
+    there are cores; it then applies to batches of two or more sequences (``_overlap_one_row``).
+    ``head``, ``runner``: built by the backend (default: from the model's output embedding,
     ``calibrator.default_runner()``); ``torch_threads``: torch's threads during ``generate`` on CPU.
     """
 
     _own_attributes = ("overlap", "torch_threads")  # settings of the wrapper, not of the wrapped model
+    # Overlap a single sequence too? Not on a torch target: its eager forward pass is ~1000 operator calls from Python,
+    # each handing the GIL back, and a worker thread that holds it in between (tokenizing, stepping the stream) made
+    # one-row steps slower than running the calibrator inline (docs/serve.md); from two rows on, overlap pays.
+    _overlap_one_row = False
 
     def __init__(self, model: Any, calibrator: Calibrator, tokenizer: Any, strength: float | None = None,
                  overlap: bool = False, *, head: Head | None = None, runner: CalibratorRunner | None = None,
@@ -104,9 +110,25 @@ class DetoxModel(FusedWrapper):
             self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
         return self._executor
 
+    def fusion_head(self) -> Head:
+        """The fusion head for the wrapped model's output embedding, built once and rebuilt only when that embedding
+        is replaced, moved or changed in place: building it converts the calibrator's float16 output matrices, ≈ 16 ms
+        that every ``generate`` call (every ``detox serve`` request) used to pay."""
+        weight = self.model.get_output_embeddings().weight
+        try:
+            version = weight._version  # bumped by in-place updates (an optimizer step)
+        except RuntimeError:  # an inference-mode tensor: it cannot be updated in place
+            version = None
+        key = (weight.device, weight.dtype, tuple(weight.shape), weight.data_ptr(), version)
+        cached = self.__dict__.get("_head")
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            self.__dict__["_head"] = cached = (weakref.ref(weight), key, self.calibrator.fusion_head(weight))
+        return cached[2]
+
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
-        return FusionLogitsProcessor(self.calibrator, self.model, self.tokenizer, self.strength, renormalize=num_beams > 1,
-                                     head=self.head, runner=self.runner, executor=self._worker())
+        head = self.head if self.head is not None else self.fusion_head()  # ONNX Runtime's comes from its graph
+        return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
+                                     head=head, runner=self.runner, executor=self._worker())
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config
@@ -114,7 +136,8 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        if self.overlap and num_beams == 1 and fusion.strength > 0:
+        one_row = _rows(args, kwargs) == 1
+        if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or not one_row):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
         threads = self.torch_threads if self.torch_threads and fusion.head.device.type == "cpu" else None
@@ -130,6 +153,14 @@ class DetoxModel(FusedWrapper):
     def __repr__(self) -> str:
         m = self.calibrator.manifest
         return f"{type(self).__name__}({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """How many sequences a ``generate`` call decodes (``None``: its prompts are not given as ``input_ids``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if getattr(ids, "ndim", 0) != 2:
+        return None
+    return int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1)
 
 
 def load_tokenizer_for(model: Any) -> Any:

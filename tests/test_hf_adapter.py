@@ -133,6 +133,38 @@ def test_overlapped_fusion_gives_the_same_scores_and_really_overlaps(case, fusio
     assert torch.equal(*sampled)
 
 
+def test_overlap_leaves_a_single_sequence_inline(case, fusion_threads):
+    """A torch target's forward pass hands the GIL back at every operator, so a worker thread made one-row steps
+    slower than running the calibrator inline (docs/serve.md): ``overlap`` applies from two rows on."""
+    model, tok, aligned = case
+    wrapped = detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=0.7)
+    wrapped.overlap = True
+    one = _greedy(wrapped, tok, PROMPTS[:1])
+    assert fusion_threads and not any(t.startswith("detox-fusion") for t in fusion_threads)
+    fusion_threads.clear()
+    _greedy(wrapped, tok, PROMPTS)
+    assert any(t.startswith("detox-fusion") for t in fusion_threads)
+    wrapped.overlap = False
+    assert torch.equal(_greedy(wrapped, tok, PROMPTS[:1]), one)
+
+
+def test_fusion_head_is_built_once_and_rebuilt_when_the_output_embedding_changes(case):
+    """Building the head converts the calibrator's output matrices (≈ 16 ms for the shipped pair, once per request
+    in ``detox serve``): it is built once per wrapped model, and again only when the target's output embedding
+    changes in place (training), so the fusion never uses a stale one."""
+    model, tok, aligned = case
+    wrapped = detox.wrap(model, calibrator=aligned, tokenizer=tok, strength=0.7)
+    head = wrapped.logits_processor().head
+    _greedy(wrapped, tok, PROMPTS)
+    assert wrapped.logits_processor().head is head
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(-0.5)
+    assert wrapped.logits_processor().head is not head
+    fresh = FusionLogitsProcessor(Calibrator.load(aligned), model, tok, strength=0.7)  # builds its own head
+    expected = _greedy(model, tok, PROMPTS, logits_processor=LogitsProcessorList([fresh]))
+    assert torch.equal(_greedy(wrapped, tok, PROMPTS), expected)
+
+
 def test_artifact_for_another_target_is_refused(llama_target_dir, aligned_gpt2):
     model, tok = _load(llama_target_dir)
     with pytest.raises(ArtifactError, match="detox align"):

@@ -77,5 +77,7 @@ def load_backend(kind: str, target: str, calibrator: str | None = None, strength
         backend.tokenizer.padding_side = "left"
     fused = backend.wrap(calibrator, strength, list(require_signature) if require_signature else None)
     if threads is not None and threads < (os.cpu_count() or 1):
-        fused.overlap = True  # cores left free: run the calibrator while the target computes (hf's default is off)
+        # cores left free: run the calibrator while the target computes (hf's default is off; on transformers only
+        # for batches of two or more rows, a single row's calibrator step runs inline: docs/serve.md)
+        fused.overlap = True
     return ServedModel(backend, model_id or default_model_id(target), context_window, max_batch)

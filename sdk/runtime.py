@@ -74,10 +74,6 @@ class Calibrator:
         return self.artifact.tokenizer
 
     @property
-    def is_aligned(self) -> bool:
-        return self.manifest.kind == "aligned"
-
-    @property
     def default_strength(self) -> float:
         return self.manifest.alignment.default_strength if self.manifest.alignment else 0.0
 
@@ -163,7 +159,7 @@ class Calibrator:
 
     def require_aligned_to(self, fingerprint: TargetFingerprint) -> None:
         """Raise :class:`TargetMismatchError` unless this artifact was aligned to exactly this target."""
-        if not self.is_aligned or self.manifest.alignment is None:
+        if self.manifest.kind != "aligned" or self.manifest.alignment is None:
             raise ArtifactError(
                 f"{self.path} is an unaligned calibrator; align it to your model first: "
                 f"detox align --target MODEL --calibrator {self.path} --out ALIGNED_DIR"

@@ -171,6 +171,8 @@ def test_hf_decode_matches_generate_fused_and_not(llama_target_dir, aligned_llam
     hf.tokenizer.padding_side = "left"
     for strength in (None, 0.7):
         text = hf.generate(PROMPT, 6, False, 1.0, 1.0, 0, echo=lambda _: None, fused=strength is not None)
-        row = Row(hf.encode(PROMPT), max_tokens=6)
-        hf.decode([row], Sampling(max_new_tokens=6, temperature=0.0, strength=strength))
+        row = Row(hf.encode(PROMPT), max_tokens=6, top_logprobs=2)
+        hf.decode([row], Sampling(max_new_tokens=6, temperature=0.0, strength=strength, logprobs=True))
         assert "".join(row.pieces) == text, strength
+        # greedy: each token is the most likely one of the distribution it was drawn from
+        assert all(info is not None and len(info.top) == 2 and info.logprob == info.top[0][1] <= 0 for info in row.infos)

@@ -143,11 +143,26 @@ class Backend:
 
     # -- shared -------------------------------------------------------------------------------------------------
 
-    def runner(self, fused: bool = True) -> Any:
-        """The wrapped target (``fused``) or the unwrapped one."""
+    def runner(self, fused: bool = True, strength: float | None = None) -> Any:
+        """The wrapped target (``fused``; set to ``strength`` if given) or the unwrapped one."""
         if fused and self.fused is None:
             raise RuntimeError("this target is not wrapped: call wrap() first")
+        if fused and strength is not None:
+            self.fused.strength = strength  # one batch at a time: the caller (serve's worker) owns the wrapper
         return self.fused if fused else self.model
+
+
+class LastScores:
+    """A logits processor placed after the fusion: keeps each step's (fused) scores, as ``keep`` converts them, for
+    ``logprobs`` (a transformers and a llama-cpp-python processor alike)."""
+
+    def __init__(self, keep: Callable[[Any], np.ndarray]) -> None:
+        self.keep = keep
+        self.last: np.ndarray | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.last = self.keep(scores)
+        return scores
 
 
 def top_info(logprobs: np.ndarray, token: int, k: int, text_of: Callable[[int], str]) -> TokenInfo:

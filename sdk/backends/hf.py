@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Sequence
 
 from detox.artifacts.manifest import TargetFingerprint
-from detox.backends.base import Backend, Row, Sampling, top_info
+from detox.backends.base import Backend, LastScores, Row, Sampling, top_info
 
 
 class HFBackend(Backend):
@@ -135,7 +135,7 @@ class HFBackend(Backend):
         """The rows, left-padded, in one ``generate`` call; a streamer hands each step's tokens to the rows and a
         stopping criterion ends each row on its own (its ``max_tokens``, a stop string, or its client leaving)."""
         import torch
-        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         tokenizer = self.tokenizer
@@ -147,14 +147,7 @@ class HFBackend(Backend):
             input_ids[r, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention[r, width - len(row.prompt_ids):] = 1
 
-        class Logprobs(LogitsProcessor):
-            last: Any = None
-
-            def __call__(self, ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-                self.last = scores.float().log_softmax(-1).cpu().numpy()
-                return scores
-
-        observer = Logprobs() if sampling.logprobs else None
+        observer = LastScores(lambda s: s.float().log_softmax(-1).cpu().numpy()) if sampling.logprobs else None
         texts = [""] * len(rows)
         generated: list[list[int]] = [[] for _ in rows]
 
@@ -204,10 +197,7 @@ class HFBackend(Backend):
         )
         if sampled:
             torch.manual_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
-        model = self.model
-        if sampling.strength is not None:
-            self.fused.strength = sampling.strength  # one batch at a time: the caller owns the wrapper
-            model = self.fused
+        model = self.runner(sampling.strength is not None, sampling.strength)
         device = getattr(self.model, "device", torch.device("cpu"))
         with torch.inference_mode(), self._generation():
             model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)

@@ -9,18 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
-from detox.backends.base import Backend, Row, Sampling, log_softmax, top_info
-
-
-class _Logprobs:
-    """A logits processor placed after the fusion: keeps the step's (fused) logits for ``logprobs``."""
-
-    def __init__(self) -> None:
-        self.last: np.ndarray | None = None
-
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        self.last = np.array(scores, dtype=np.float32, copy=True)
-        return scores
+from detox.backends.base import Backend, LastScores, Row, Sampling, log_softmax, top_info
 
 
 class LlamaCppBackend(Backend):
@@ -162,15 +151,12 @@ class LlamaCppBackend(Backend):
 
         from detox.adapters.llamacpp import llama_detokenizer
 
-        llama = model = self.model
-        if sampling.strength is not None:
-            self.fused.strength = sampling.strength  # one generation at a time: the caller owns the wrapper
-            model = self.fused
+        llama, model = self.model, self.runner(sampling.strength is not None, sampling.strength)
         for row in rows:
             if row.done:
                 continue
             llama.set_seed(sampling.seed + row.index if sampling.seed is not None else random.randrange(2**31))
-            observer = _Logprobs() if sampling.logprobs else None
+            observer = LastScores(lambda s: np.array(s, dtype=np.float32, copy=True)) if sampling.logprobs else None
             tokens = model.generate(row.prompt_ids, top_k=0, top_p=sampling.top_p, min_p=0.0, temp=sampling.temperature,
                                     repeat_penalty=1.0,
                                     logits_processor=LogitsProcessorList([observer]) if observer else None)

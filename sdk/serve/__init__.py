@@ -11,19 +11,15 @@ Needs the ``serve`` extra: ``pip install 'detox[serve]'``. See docs/serve.md.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["create_app", "load_backend", "ServeSettings", "ServedModel"]
+_HOME = {"create_app": "app", "ServeSettings": "app", "load_backend": "model", "ServedModel": "model"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing detox.serve must not import FastAPI, torch or llama_cpp before they are needed.
-    if name in ("create_app", "ServeSettings"):
-        from detox.serve import app
-
-        return getattr(app, name)
-    if name in ("load_backend", "ServedModel"):
-        from detox.serve import model
-
-        return getattr(model, name)
+    if name in _HOME:
+        return getattr(importlib.import_module(f"detox.serve.{_HOME[name]}"), name)
     raise AttributeError(f"module 'detox.serve' has no attribute {name!r}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -59,27 +61,17 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def _validation_message(err: ValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
-
-
 def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
     """The OpenAI-compatible app around a loaded :class:`~detox.serve.model.ServedModel`; starts its scheduler
     (stopped on shutdown)."""
     settings = settings or ServeSettings()
-    scheduler = Scheduler(backend, max_queue=settings.max_queue, batch_wait=settings.batch_wait)
     metrics = ServeMetrics(
         {"model": backend.model_id, "backend": backend.kind, "calibrator": backend.calibrator_label,
          "fusion": backend.fusion_mode, "default_strength": f"{backend.default_strength:g}"},
         queue_depth=lambda: scheduler.depth, running=lambda: scheduler.running)
-    scheduler.on_batch = metrics.observe_batch
-    scheduler.on_done = metrics.observe_job
+    scheduler = Scheduler(backend, max_queue=settings.max_queue, batch_wait=settings.batch_wait,
+                          on_batch=metrics.observe_batch, on_done=metrics.observe_job)
     created = int(time.time())
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -137,58 +129,23 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
             raise APIError(400, "the request body must be a JSON object", code="invalid_request")
         try:
             req = model.model_validate(body)
-        except ValidationError as err:
-            message, param = _validation_message(err)
-            raise APIError(400, message, param=param, code="invalid_value") from err
+        except ValidationError as err:  # the first problem, as "param: what is wrong"
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+            raise APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value") from err
         if req.model != backend.model_id:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {backend.model_id!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
         return req
 
-    def gen_request(req: Any, prompt_ids: list[int], token_limit: int | None, default_tokens: int,
-                    logprobs: int | None) -> GenRequest:
-        ctx = backend.context_window
-        if req.n > settings.max_n:
-            raise APIError(400, f"n={req.n} exceeds this server's limit of {settings.max_n}", param="n",
-                           code="invalid_value")
-        if len(prompt_ids) >= ctx:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context window is {ctx} tokens",
-                           param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
-        room = ctx - len(prompt_ids)
-        param = "max_completion_tokens" if isinstance(req, ChatRequest) and req.max_completion_tokens else "max_tokens"
-        if token_limit is not None:
-            if token_limit > settings.max_tokens_limit:
-                raise APIError(400, f"{param}={token_limit} exceeds this server's limit of {settings.max_tokens_limit}",
-                               param=param, code="invalid_value")
-            if token_limit > room:
-                raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus {param}={token_limit} exceeds this "
-                                    f"model's context window of {ctx} tokens", param=param,
-                               code="context_length_exceeded")
-            max_tokens = token_limit
-        else:
-            max_tokens = min(default_tokens, room, settings.max_tokens_limit)
-        opts = req.detox
-        strength: float | None = None
-        if opts.enabled:
-            try:
-                strength = backend.check_strength(backend.default_strength if opts.strength is None else opts.strength)
-            except ValueError as err:
-                raise APIError(400, f"detox.strength: {err}", param="detox.strength", code="invalid_value") from err
-        elif opts.strength is not None:
-            raise APIError(400, "detox.strength has no effect with detox.enabled=false; drop one of them",
-                           param="detox", code="invalid_value")
-        return GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                          seed=req.seed, stop=tuple(req.stop or ()), strength=strength, logprobs=logprobs, n=req.n)
-
-    def detox_info(gen: GenRequest) -> dict[str, Any]:
+    def detox_info(gen: GenRequest) -> tuple[dict[str, Any], dict[str, str]]:
+        """The response's ``detox`` field and ``x-detox-*`` headers: the calibrator and strength used, if any."""
         if gen.strength is None:
-            return {"enabled": False, "calibrator": None, "strength": None}
-        return {"enabled": True, "calibrator": backend.calibrator_label, "strength": gen.strength}
-
-    def detox_headers(gen: GenRequest) -> dict[str, str]:
-        if gen.strength is None:
-            return {"x-detox-calibrator": "none", "x-detox-strength": "off"}
-        return {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"}
+            return ({"enabled": False, "calibrator": None, "strength": None},
+                    {"x-detox-calibrator": "none", "x-detox-strength": "off"})
+        return ({"enabled": True, "calibrator": backend.calibrator_label, "strength": gen.strength},
+                {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"})
 
     def submit(gen: GenRequest) -> Job:
         job = Job(gen)
@@ -202,10 +159,7 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
     # Response shapes
 
     def completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
-        offsets, pos = [], offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t.text)
+        offsets = list(itertools.accumulate((len(t.text) for t in tokens), initial=offset))[:-1]
         return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": [{s: lp for s, lp in t.top} for t in tokens], "text_offset": offsets}
 
@@ -229,141 +183,155 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
                 if await request.is_disconnected():
                     job.cancel()
 
-    async def answer(request: Request, job: Job, endpoint: str, chat: bool, stream: bool,
-                     include_usage: bool) -> Response:
-        gen = job.request
+    async def answer(request: Request, job: Job, chat: bool, stream: bool, include_usage: bool) -> Response:
+        gen, endpoint = job.request, request.url.path
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                 "model": backend.model_id}
-        info = detox_info(gen)
-        headers = detox_headers(gen)
+        info, headers = detox_info(gen)
+
+        def choice(index: int, text: str, tokens: list[TokenInfo], finish: str | None, logprobs: bool,
+                   offset: int = 0, delta: dict[str, str] | None = None) -> dict[str, Any]:
+            """One choice of a response (``delta``: of a chat chunk); the same shape streamed or not."""
+            if chat:
+                body: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if delta is None \
+                    else {"delta": delta}
+                lp = chat_logprobs(tokens) if logprobs else None
+            else:
+                body, lp = {"text": text}, completion_logprobs(tokens, offset) if logprobs else None
+            return {"index": index, **body, "logprobs": lp, "finish_reason": finish}
+
+        def settle(status: str) -> None:
+            """Record the request's outcome ("200", "500" after a failed generation, "cancelled": the client left or
+            the server is shutting down); a request that did not succeed frees its slot at the next token."""
+            if status != "200":
+                job.cancel()
+            if status == "500":
+                metrics.errors.labels("generation_failed").inc()
+            metrics.observe_request(endpoint, status)
+
+        def failure(event: Failed) -> APIError:
+            return APIError(event.status, event.message, "server_error", code="generation_failed")
 
         if not stream:
             texts = [""] * gen.n
             tokens: list[list[TokenInfo]] = [[] for _ in range(gen.n)]
             reasons: list[str | None] = [None] * gen.n
-            failed: Failed | None = None
+            status = "cancelled"
             try:
-                while True:
-                    event = await next_event(request, job)
+                while not isinstance(event := await next_event(request, job), (Done, Failed)):
                     if isinstance(event, Delta):
                         texts[event.index] += event.text
                         tokens[event.index] += event.tokens
                     elif isinstance(event, Finish):
                         reasons[event.index] = event.reason
-                    elif isinstance(event, Failed):
-                        failed = event
-                        job.cancel()
-                    elif isinstance(event, Done):
-                        break
-            except BaseException:  # the request task was cancelled (server shutting down)
-                job.cancel()
-                metrics.observe_request(endpoint, "cancelled")
-                raise
-            if failed is not None:
-                metrics.observe_request(endpoint, "500")
-                err = APIError(failed.status, failed.message, "server_error", code="generation_failed")
-                metrics.errors.labels("generation_failed").inc()
-                return err.response()
-            if job.cancelled.is_set():
-                metrics.observe_request(endpoint, "cancelled")
+                status = "500" if isinstance(event, Failed) else "cancelled" if job.cancelled.is_set() else "200"
+            finally:
+                settle(status)
+            if isinstance(event, Failed):
+                return failure(event).response()
+            if status == "cancelled":
                 return Response(status_code=499)
-            metrics.observe_request(endpoint, "200")
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                            "logprobs": chat_logprobs(tokens[i]) if gen.logprobs is not None else None,
-                            "finish_reason": reasons[i]} for i in range(gen.n)]
-                obj = "chat.completion"
-            else:
-                choices = [{"index": i, "text": texts[i],
-                            "logprobs": completion_logprobs(tokens[i], 0) if gen.logprobs is not None else None,
-                            "finish_reason": reasons[i]} for i in range(gen.n)]
-                obj = "text_completion"
-            body = {**base, "object": obj, "choices": choices, "usage": usage(event), "detox": info}
+            choices = [choice(i, texts[i], tokens[i], reasons[i], gen.logprobs is not None) for i in range(gen.n)]
+            body = {**base, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                    "usage": usage(event), "detox": info}
             return JSONResponse(body, headers=headers)
 
         async def chunks() -> AsyncIterator[str]:
             status = "cancelled"
             offsets = [0] * gen.n
-            opened = [False] * gen.n
 
-            def chunk(index: int, text: str | None, toks: list[TokenInfo], finish: str | None) -> str:
-                if chat:
-                    delta: dict[str, Any] = {}
-                    if not opened[index]:
-                        opened[index] = True
-                        delta["role"] = "assistant"
-                    if text is not None:
-                        delta["content"] = text
-                    choice = {"index": index, "delta": delta,
-                              "logprobs": chat_logprobs(toks) if toks else None, "finish_reason": finish}
-                else:
-                    choice = {"index": index, "text": text or "",
-                              "logprobs": completion_logprobs(toks, offsets[index]) if toks else None,
-                              "finish_reason": finish}
-                    offsets[index] += len(text or "")
-                return json.dumps({**base, "choices": [choice], "detox": info})
+            def chunk(index: int, text: str | None, toks: list[TokenInfo], finish: str | None,
+                      delta: dict[str, str] | None = None) -> str:
+                if chat and delta is None:
+                    delta = {} if text is None else {"content": text}
+                body = choice(index, text or "", toks, finish, bool(toks), offsets[index], delta)
+                offsets[index] += len(text or "")
+                return json.dumps({**base, "choices": [body], "detox": info})
 
             try:
-                if chat:
+                if chat:  # each choice's first chunk opens the assistant's message
                     for i in range(gen.n):
-                        yield chunk(i, "", [], None)
-                while True:
-                    event = await job.events.get()
+                        yield chunk(i, "", [], None, {"role": "assistant", "content": ""})
+                while not isinstance(event := await job.events.get(), (Done, Failed)):
                     if isinstance(event, Delta):
                         yield chunk(event.index, event.text, event.tokens, None)
-                    elif isinstance(event, Finish):
-                        if event.reason != "cancelled":
-                            yield chunk(event.index, None if chat else "", [], event.reason)
-                    elif isinstance(event, Failed):
-                        metrics.errors.labels("generation_failed").inc()
-                        status = "500"
-                        yield json.dumps({"error": {"message": event.message, "type": "server_error", "param": None,
-                                                    "code": "generation_failed"}})
-                        return
-                    elif isinstance(event, Done):
-                        if job.cancelled.is_set():
-                            return
-                        if include_usage:
-                            yield json.dumps({**base, "choices": [], "usage": usage(event), "detox": info})
-                        status = "200"
-                        yield "[DONE]"
-                        return
+                    elif isinstance(event, Finish) and event.reason != "cancelled":
+                        yield chunk(event.index, None if chat else "", [], event.reason)
+                if isinstance(event, Failed):
+                    status = "500"
+                    yield json.dumps(failure(event).body())
+                elif not job.cancelled.is_set():
+                    if include_usage:
+                        yield json.dumps({**base, "choices": [], "usage": usage(event), "detox": info})
+                    status = "200"
+                    yield "[DONE]"
             finally:
-                if status != "200":
-                    job.cancel()  # the client left (or the stream failed): free the slot at the next token
-                metrics.observe_request(endpoint, status)
+                settle(status)
 
         return EventSourceResponse(chunks(), headers=headers, ping=15)
 
     # ----------------------------------------------------------------------------------------------------------
     # Endpoints
 
+    async def complete(request: Request, schema: type[CompletionRequest] | type[ChatRequest]) -> Response:
+        """One path for completions and chat: validate the request against the server's limits, queue it, answer."""
+        authorize(request)
+        req = parse(schema, await read_json(request))
+        chat = isinstance(req, ChatRequest)
+        if chat:
+            try:
+                prompt = backend.render_chat([m.as_template_input() for m in req.messages])
+            except Exception as err:  # noqa: BLE001 - a template may raise anything on odd input (jinja's raise_exception)
+                raise APIError(400, f"messages: the chat template refused them: {err}", param="messages",
+                               code="invalid_value") from err
+        prompt_ids = backend.encode(prompt if chat else req.prompt_text, chat)
+        ctx = backend.context_window
+        if req.n > settings.max_n:
+            raise APIError(400, f"n={req.n} exceeds this server's limit of {settings.max_n}", param="n",
+                           code="invalid_value")
+        if len(prompt_ids) >= ctx:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context window is {ctx} tokens",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        room = ctx - len(prompt_ids)
+        param = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+        token_limit = req.token_limit if chat else req.max_tokens
+        if token_limit is not None:
+            if token_limit > settings.max_tokens_limit:
+                raise APIError(400, f"{param}={token_limit} exceeds this server's limit of {settings.max_tokens_limit}",
+                               param=param, code="invalid_value")
+            if token_limit > room:
+                raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus {param}={token_limit} exceeds this "
+                                    f"model's context window of {ctx} tokens", param=param,
+                               code="context_length_exceeded")
+            max_tokens = token_limit
+        else:  # OpenAI's defaults: 16 tokens for completions, as many as fit for chat
+            default_tokens = settings.max_tokens_limit if chat else settings.default_completion_tokens
+            max_tokens = min(default_tokens, room, settings.max_tokens_limit)
+        opts = req.detox
+        strength: float | None = None
+        if opts.enabled:
+            try:
+                strength = backend.check_strength(backend.default_strength if opts.strength is None else opts.strength)
+            except ValueError as err:
+                raise APIError(400, f"detox.strength: {err}", param="detox.strength", code="invalid_value") from err
+        elif opts.strength is not None:
+            raise APIError(400, "detox.strength has no effect with detox.enabled=false; drop one of them",
+                           param="detox", code="invalid_value")
+        logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
+        job = submit(GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()), strength=strength,
+                                logprobs=logprobs, n=req.n))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await answer(request, job, chat, req.stream, include_usage)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        req: CompletionRequest = parse(CompletionRequest, await read_json(request))
-        ids = backend.encode(req.prompt_text)
-        gen = gen_request(req, ids, req.max_tokens, settings.default_completion_tokens, req.logprobs)
-        job = submit(gen)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await answer(request, job, "/v1/completions", False, req.stream, include_usage)
+        return await complete(request, CompletionRequest)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        req: ChatRequest = parse(ChatRequest, await read_json(request))
-        try:
-            prompt = backend.render_chat([m.as_template_input() for m in req.messages])
-        except Exception as err:  # noqa: BLE001 - a template may raise anything on odd input (jinja's raise_exception)
-            raise APIError(400, f"messages: the chat template refused them: {err}", param="messages",
-                           code="invalid_value") from err
-        ids = backend.encode(prompt, chat=True)
-        k = (req.top_logprobs or 0) if req.logprobs else None
-        gen = gen_request(req, ids, req.token_limit, settings.max_tokens_limit, k)
-        job = submit(gen)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await answer(request, job, "/v1/chat/completions", True, req.stream, include_usage)
+        return await complete(request, ChatRequest)
 
     def model_card() -> dict[str, Any]:
         return {"id": backend.model_id, "object": "model", "created": created, "owned_by": "detox",

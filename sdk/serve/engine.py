@@ -12,8 +12,8 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from detox.backends.base import TokenInfo
 
@@ -74,19 +74,12 @@ class Choice:
 
     def __init__(self, job: "Job", index: int) -> None:
         self.job, self.index = job, index
+        self.prompt_ids = job.request.prompt_ids
+        self.top_logprobs = job.request.logprobs or 0
         self.tokens = 0
-        self.text = ""  # emitted so far
         self._held = ""
         self._held_tokens: list[TokenInfo] = []
         self.finish_reason: str | None = None
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.job.request.prompt_ids
-
-    @property
-    def top_logprobs(self) -> int:
-        return self.job.request.logprobs or 0
 
     @property
     def done(self) -> bool:
@@ -104,8 +97,7 @@ class Choice:
         stops = self.job.request.stop
         cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
-            self._emit(held[:cut])
-            self._held = ""
+            self._held = held[:cut]  # sent by finish()
             return self.finish("stop")
         keep = max((k for s in stops for k in range(min(len(s) - 1, len(held)), 0, -1) if held.endswith(s[:k])), default=0)
         self._emit(held[: len(held) - keep])
@@ -116,7 +108,6 @@ class Choice:
 
     def _emit(self, text: str) -> None:
         if text or self._held_tokens:
-            self.text += text
             self.job.emit(Delta(self.index, text, self._held_tokens))
             self._held_tokens = []
 
@@ -147,7 +138,6 @@ class Job:
         self.cancelled = threading.Event()
         self.choices = [Choice(self, i) for i in range(request.n)]
         self.enqueued = time.perf_counter()
-        self.started: float | None = None
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.completion_tokens = 0
@@ -174,13 +164,6 @@ class Job:
         self.emit(Done(len(self.request.prompt_ids), self.completion_tokens))
 
 
-@dataclass
-class _Stats:
-    batches: int = 0
-    rows: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-
 class Scheduler:
     """A bounded queue in front of one worker thread that runs the backend.
 
@@ -193,7 +176,8 @@ class Scheduler:
     """
 
     def __init__(self, backend: "ServedModel", max_queue: int = 64, batch_wait: float = 0.05,
-                 on_batch: Any = None, on_done: Any = None) -> None:
+                 on_batch: Callable[[list[Job]], None] = lambda jobs: None,
+                 on_done: Callable[[Job], None] = lambda job: None) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.batch_wait = batch_wait
@@ -246,9 +230,7 @@ class Scheduler:
             for job in list(self._waiting):
                 if job.cancelled.is_set():  # gone before it started
                     self._waiting.remove(job)
-                    job.close()
-                    if self.on_done is not None:
-                        self.on_done(job)
+                    self._finish(job)
                     continue
                 if self.backend.batch_key(job) == key and (not batch or rows + job.request.n <= self.backend.max_batch):
                     batch.append(job)
@@ -279,12 +261,8 @@ class Scheduler:
                 return
             if not jobs:
                 continue
-            now = time.perf_counter()
-            for job in jobs:
-                job.started = now
             self.running = len(jobs)
-            if self.on_batch is not None:
-                self.on_batch(jobs)
+            self.on_batch(jobs)
             try:
                 self.backend.run(jobs)
             except Exception as err:  # noqa: BLE001 - one failed batch must not stop the server
@@ -293,10 +271,13 @@ class Scheduler:
                     job.emit(Failed(f"generation failed: {err}"))
             finally:
                 for job in jobs:
-                    job.close()
-                    if self.on_done is not None:
-                        self.on_done(job)
+                    self._finish(job)
                 self.running = 0
+
+    def _finish(self, job: Job) -> None:
+        """The backend is done with ``job`` (or it left before it started): close it and count it."""
+        job.close()
+        self.on_done(job)
 
 
 def batch_key_of(job: Job) -> Hashable:

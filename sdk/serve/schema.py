@@ -7,7 +7,7 @@ ignored, as OpenAI-compatible servers commonly do (clients add their own, e.g. `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,12 +54,15 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    # OpenAI's fields this server does not implement, and the no-op values it accepts for them
+    _no_ops: ClassVar[dict[str, tuple[Any, ...]]] = {"frequency_penalty": (0,), "presence_penalty": (0,),
+                                                     "logit_bias": (None, {})}
+
     @model_validator(mode="after")
     def _unsupported(self) -> "_Common":
-        if self.frequency_penalty or self.presence_penalty:
-            raise ValueError("frequency_penalty and presence_penalty are not supported by this server (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+        for name, no_ops in self._no_ops.items():
+            if getattr(self, name) not in no_ops:
+                raise ValueError(f"{name} is not supported by this server (leave it out)")
         return self
 
 
@@ -69,18 +72,12 @@ class CompletionRequest(_Common):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    _no_ops: ClassVar = {**_Common._no_ops, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise ValueError("send one prompt per request (a list of several prompts is not supported)")
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of is not supported by this server")
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("send one prompt per request (a list of several prompts is not supported)")
         return self
 
     @property
@@ -114,11 +111,10 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    _no_ops: ClassVar = {**_Common._no_ops, "tools": (None, [])}
 
     @model_validator(mode="after")
     def _chat_checks(self) -> "ChatRequest":
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format other than text is not supported by this server")
         if self.top_logprobs is not None and not self.logprobs:

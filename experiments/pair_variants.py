@@ -83,30 +83,33 @@ def variant_head(fused, arm: Arm) -> VariantHead:
                        keep_tail=arm.tail == "keep")
 
 
-def reference_score(fused, head: VariantHead, texts: list[str]) -> dict:
+def reference_scores(fused, heads: dict[str, VariantHead], texts: list[str]) -> dict[str, dict]:
+    """Every head's scores on ``texts``; the target's logits and the pair's log-ratios are computed once per text
+    (all heads share ``fused``'s calibrator)."""
     from tqdm.auto import tqdm
 
     from detox.adapters.transformers import FusionLogitsProcessor
     from detox.reference_text import _ids_with_context, _ppl, token_log_probs
 
     proc = FusionLogitsProcessor(fused.calibrator, fused.model, fused.tokenizer, fused.strength)
-    acc: dict = {"u": [], "f": [], "us": [], "fs": [], "n": 0, "sup": 0}
+    acc = {name: {"u": [], "f": [], "us": [], "fs": [], "n": 0, "sup": 0} for name in heads}
     for text in tqdm(texts, desc="reference text", unit="text"):
         ids = torch.tensor([_ids_with_context(fused.tokenizer, text)])
         with torch.inference_mode():
             logits = fused.model(input_ids=ids).logits[0, :-1].float()
             prepared = torch.cat([proc.fusion_term(ids[:, : t + 1]) for t in range(ids.shape[1] - 1)])
-        lp = token_log_probs(head, logits, prepared, ids[0, 1:], fused.strength)
-        s = lp["support"]
-        acc["u"] += lp["unfused"].tolist()
-        acc["f"] += lp["fused_untruncated"].tolist()
-        acc["us"] += lp["unfused_in_support"][s].tolist()
-        acc["fs"] += lp["fused_in_support"][s].tolist()
-        acc["n"] += int(s.numel())
-        acc["sup"] += int(s.sum())
-    return {"ratio_sampled": _ppl(acc["fs"]) / _ppl(acc["us"]), "support_share": acc["sup"] / acc["n"],
-            "ratio_rule_on_all_tokens": _ppl(acc["f"]) / _ppl(acc["u"]), "perplexity_unfused": _ppl(acc["u"]),
-            "perplexity_sampled": _ppl(acc["fs"]), "tokens": acc["n"]}
+        for name, head in heads.items():
+            lp = token_log_probs(head, logits, prepared, ids[0, 1:], fused.strength)
+            a, s = acc[name], lp["support"]
+            a["u"] += lp["unfused"].tolist()
+            a["f"] += lp["fused_untruncated"].tolist()
+            a["us"] += lp["unfused_in_support"][s].tolist()
+            a["fs"] += lp["fused_in_support"][s].tolist()
+            a["n"] += int(s.numel())
+            a["sup"] += int(s.sum())
+    return {name: {"ratio_sampled": _ppl(a["fs"]) / _ppl(a["us"]), "support_share": a["sup"] / a["n"],
+                   "ratio_rule_on_all_tokens": _ppl(a["f"]) / _ppl(a["u"]), "perplexity_unfused": _ppl(a["u"]),
+                   "perplexity_sampled": _ppl(a["fs"]), "tokens": a["n"]} for name, a in acc.items()}
 
 
 def main() -> None:
@@ -118,6 +121,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gen-arms", default=None, help="comma-separated arms to sample with (default: all)")
     ap.add_argument("--no-plain", action="store_true", help="skip the unfused arm (another run with the same prompts has it)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -137,25 +141,31 @@ def main() -> None:
     def save() -> None:
         res_path.write_text(json.dumps(results, indent=1))
 
-    wrapped = {}
+    wrapped, heads = {}, {}
     for arm in arms:
         fused = detox.wrap(model, calibrator=arm.cal, strength=arm.strength, tokenizer=tok)
-        head = variant_head(fused, arm)
+        heads[arm.name] = head = variant_head(fused, arm)
         fused.calibrator.fusion_head = lambda W, _h=head: _h  # this experiment's rule
         wrapped[arm.name] = fused
-        for ref in args.reference_text:
-            key = f"reference/{ref.stem}"
-            if arm.name in results.get(key, {}):
-                continue
-            texts = [line.strip() for line in ref.read_text().splitlines() if line.strip()]
-            results.setdefault(key, {})[arm.name] = reference_score(fused, head, texts)
-            print(arm.name, key, json.dumps(results[key][arm.name]), flush=True)
+    for ref in args.reference_text:
+        key = f"reference/{ref.stem}"
+        texts = [line.strip() for line in ref.read_text().splitlines() if line.strip()]
+        by_pair: dict = {}  # arms that share a calibrator and strength are scored in one pass
+        for arm in arms:
+            if arm.name not in results.get(key, {}):
+                by_pair.setdefault((arm.cal, wrapped[arm.name].strength), []).append(arm.name)
+        for names in by_pair.values():
+            scores = reference_scores(wrapped[names[0]], {n: heads[n] for n in names}, texts)
+            for name, r in scores.items():
+                results.setdefault(key, {})[name] = r
+                print(name, key, json.dumps(r), flush=True)
             save()
     scorer, terms = load_scorer(None), IdentityTerms.load()
     for prompts_file in args.prompts:
         prompts = read_prompts(prompts_file)[: args.max_prompts]
         groups = prompt_groups(prompts_file, terms)
-        for name in ([] if args.no_plain else ["plain"]) + [a.name for a in arms]:
+        gen = [a.name for a in arms if args.gen_arms is None or a.name in args.gen_arms.split(",")]
+        for name in ([] if args.no_plain else ["plain"]) + gen:
             runner = model if name == "plain" else wrapped[name]
             run = EvalRun(target="smollm2", backend="hf", calibrator=name,
                           strength=0.0 if name == "plain" else runner.strength, prompts_file=str(prompts_file),

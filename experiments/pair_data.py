@@ -16,7 +16,8 @@ its 234 ToxiGen neutral sentences are also the last lines of ``nontoxic_train.tx
 17762, ToxiGen neutral 234, minus 149 lines also in ``toxic_train.txt``; the split below takes the README's counts as
 boundaries, so a boundary can be off by the lines removed before it (they are all benign text either way).
 
-    python experiments/pair_data.py --data-dir ../shared/data --holdout-text /tmp/h6/control_reference.txt --out /tmp/h21/data
+    python experiments/pair_data.py --data-dir ../shared/data --holdout-text /tmp/h6/control_reference.txt \\
+        --out /tmp/h21/data
 """
 
 from __future__ import annotations

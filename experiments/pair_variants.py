@@ -5,10 +5,12 @@ An *arm* is a pair artifact plus a fusion rule, given as ``NAME:key=value,...`` 
 * ``cal``: an aligned contrast artifact directory (default: the shipped one);
 * ``tail``: ``cut`` (the shipped rule: every token outside the target's plausible candidates gets ``-inf``) or
   ``keep`` (those tokens keep the target's own logit; only the candidates get the contrast penalty);
-* ``tau``: confident-only suppression, ``min(0, r + τ)`` instead of ``min(0, r)`` (experiments/confident_suppression.py);
+* ``tau``: confident-only suppression, ``min(0, r + τ)`` instead of ``min(0, r)``
+  (experiments/confident_suppression.py);
 * ``strength``: λ (default: the artifact's).
 
-The arm ``plain`` (no calibrator) is always run. Per arm:
+The arm ``plain`` (no calibrator) is run too unless ``--no-plain``; ``--gen-arms`` limits sampling to some arms.
+Per arm:
 
 * ``--reference-text FILE`` (repeatable): per-token perplexity of the file's lines under the *sampled* fused
   distribution against the unfused target (``detox.reference_text.token_log_probs``): with ``tail=cut`` over the
@@ -122,7 +124,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gen-arms", default=None, help="comma-separated arms to sample with (default: all)")
-    ap.add_argument("--no-plain", action="store_true", help="skip the unfused arm (another run with the same prompts has it)")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="skip the unfused arm (another run with the same prompts has it)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ Continuations are written per arm under ``--out`` and reused on a rerun (``gener
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import detox
-    from detox.evaluation import EvalRun, EvalSettings, HFSampler, generate_and_score, read_prompts, summarize
+    from detox.backends.hf import HFBackend
+    from detox.evaluation import EvalRun, EvalSettings, generate_and_score, read_prompts, summarize
     from detox.identity import IdentityTerms, identity_summary, prompt_groups
     from detox.scoring import load_scorer
     from detox.targets import load_hf_target
@@ -173,7 +175,8 @@ def main() -> None:
             run = EvalRun(target="smollm2", backend="hf", calibrator=name,
                           strength=0.0 if name == "plain" else runner.strength, prompts_file=str(prompts_file),
                           settings=EvalSettings(samples=args.samples, max_new_tokens=args.max_new_tokens))
-            rows = generate_and_score(run, prompts, HFSampler(runner, tok), scorer, args.out / prompts_file.stem / name)
+            sample = functools.partial(HFBackend(runner, tok).sample, fused=False)  # runner: plain or wrapped
+            rows = generate_and_score(run, prompts, sample, scorer, args.out / prompts_file.stem / name)
             s = summarize(rows)
             ident = identity_summary(rows, groups, terms)
             r = {k: s[k] for k in ("expected_max_toxicity", "toxicity_probability", "distinct_2")}

@@ -21,59 +21,25 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from detox.methods.contrast import ContrastHead
+from pair_variants import VariantHead, reference_scores  # the head with τ, the reference-text pass
 
 
-@dataclass
-class ConfidentContrastHead(ContrastHead):
-    """The contrast rule with ``min(0, r + τ)`` in place of ``min(0, r)`` (suppress-only artifacts)."""
-
-    tau: float = 0.0
-
-    def ratio_at(self, prepared, idx):
-        cal_ids = self.token_map[idx]
-        ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * (cal_ids >= 0)
-        return (ratio + self.tau).clip(max=0.0)
+def with_tau(head: ContrastHead, tau: float) -> VariantHead:
+    return VariantHead(head.token_map, head.expert_out, head.anti_out, head.config, tau=tau)
 
 
-def with_tau(head: ContrastHead, tau: float) -> ConfidentContrastHead:
-    return ConfidentContrastHead(head.token_map, head.expert_out, head.anti_out, head.config, tau=tau)
-
-
-def reference_sweep(fused, texts: list[str], taus: list[float]) -> dict:
-    from tqdm.auto import tqdm
-
-    from detox.adapters.transformers import FusionLogitsProcessor
-    from detox.reference_text import _ids_with_context, _ppl, token_log_probs
-
-    proc = FusionLogitsProcessor(fused.calibrator, fused.model, fused.tokenizer, fused.strength)
-    heads = {tau: with_tau(proc.head, tau) for tau in taus}
-    acc = {tau: {"u": [], "f": [], "us": [], "fs": [], "n": 0, "sup": 0} for tau in taus}
-    for text in tqdm(texts, desc="reference text", unit="text"):
-        ids = torch.tensor([_ids_with_context(fused.tokenizer, text)])
-        with torch.inference_mode():
-            logits = fused.model(input_ids=ids).logits[0, :-1].float()
-            prepared = torch.cat([proc.fusion_term(ids[:, : t + 1]) for t in range(ids.shape[1] - 1)])
-        for tau, head in heads.items():
-            lp = token_log_probs(head, logits, prepared, ids[0, 1:], fused.strength)
-            a, s = acc[tau], lp["support"]
-            a["u"] += lp["unfused"].tolist()
-            a["f"] += lp["fused_untruncated"].tolist()
-            a["us"] += lp["unfused_in_support"][s].tolist()
-            a["fs"] += lp["fused_in_support"][s].tolist()
-            a["n"] += int(s.numel())
-            a["sup"] += int(s.sum())
-    out = {}
-    for tau, a in acc.items():
-        out[str(tau)] = {"ratio_untruncated": _ppl(a["f"]) / _ppl(a["u"]), "ratio_in_support": _ppl(a["fs"]) / _ppl(a["us"]),
-                         "perplexity_unfused": _ppl(a["u"]), "perplexity_fused_untruncated": _ppl(a["f"]),
-                         "support_share": a["sup"] / a["n"], "tokens": a["n"]}
-    return out
+def reference_sweep(fused, base_head: ContrastHead, texts: list[str], taus: list[float]) -> dict:
+    """Every ``τ`` in one pass (:func:`pair_variants.reference_scores`), under this script's result names."""
+    scores = reference_scores(fused, {str(tau): with_tau(base_head, tau) for tau in taus}, texts)
+    return {tau: {"ratio_untruncated": r["ratio_rule_on_all_tokens"], "ratio_in_support": r["ratio_sampled"],
+                  "perplexity_unfused": r["perplexity_unfused"],
+                  "perplexity_fused_untruncated": r["perplexity_fused_untruncated"],
+                  "support_share": r["support_share"], "tokens": r["tokens"]} for tau, r in scores.items()}
 
 
 def main() -> None:
@@ -102,12 +68,12 @@ def main() -> None:
     taus = [0.0] + [t for t in args.tau if t != 0.0]
     results: dict = {"strength": fused.strength, "taus": taus}
     args.out.mkdir(parents=True, exist_ok=True)
+    base_head = fused.calibrator.fusion_head(model.get_output_embeddings().weight)
     if args.reference_text:
         texts = [line.strip() for line in args.reference_text.read_text().splitlines() if line.strip()]
-        results["reference_text"] = reference_sweep(fused, texts, taus)
+        results["reference_text"] = reference_sweep(fused, base_head, texts, taus)
         print(json.dumps(results["reference_text"], indent=1), flush=True)
     scorer, terms = load_scorer(None), IdentityTerms.load()
-    base_head = fused.calibrator.fusion_head(model.get_output_embeddings().weight)
     for prompts_file in args.prompts:
         prompts = read_prompts(prompts_file)[: args.max_prompts]
         groups = prompt_groups(prompts_file, terms)

@@ -112,7 +112,8 @@ def reference_scores(fused, heads: dict[str, VariantHead], texts: list[str]) -> 
             a["sup"] += int(s.sum())
     return {name: {"ratio_sampled": _ppl(a["fs"]) / _ppl(a["us"]), "support_share": a["sup"] / a["n"],
                    "ratio_rule_on_all_tokens": _ppl(a["f"]) / _ppl(a["u"]), "perplexity_unfused": _ppl(a["u"]),
-                   "perplexity_sampled": _ppl(a["fs"]), "tokens": a["n"]} for name, a in acc.items()}
+                   "perplexity_fused_untruncated": _ppl(a["f"]), "perplexity_sampled": _ppl(a["fs"]), "tokens": a["n"]}
+            for name, a in acc.items()}
 
 
 def main() -> None:

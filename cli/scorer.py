@@ -32,6 +32,22 @@ _split_opts = [
 ]
 
 
+def _family_shares(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    """``FAMILY=SHARE`` options as a dict; a bad family or share is a usage error naming the value."""
+    out: dict[str, float] = {}
+    for v in values:
+        fam, sep, share = v.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or fam not in D.family_shares or not value >= 0:
+            raise click.BadParameter(f"'{v}': expected FAMILY=SHARE with FAMILY one of {', '.join(D.family_shares)} "
+                                     "and SHARE a number >= 0", param=param)
+        out[fam] = value
+    return out
+
+
 @click.group("scorer")
 def scorer_group() -> None:
     """Build and measure toxicity scorers (the judge of `detox eval` and `detox score`)."""
@@ -58,8 +74,11 @@ def scorer_group() -> None:
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
+@click.option("--family-share", "family_share", multiple=True, metavar="FAMILY=SHARE", callback=_family_shares,
+              help="Share of the sampled training examples for a source family (repeatable; renormalised over the "
+                   "families present). Defaults: " + ", ".join(f"{f}={v:g}" for f, v in D.family_shares.items()) + ".")
 @user_errors
-def train_cmd(data_dir, hold_out, no_templates, out, base_model, **settings) -> None:
+def train_cmd(data_dir, hold_out, no_templates, out, base_model, family_share, **settings) -> None:
     """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
 
     Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
@@ -67,7 +86,8 @@ def train_cmd(data_dir, hold_out, no_templates, out, base_model, **settings) -> 
     """
     from detox.scorer_training import build_scorer, rebuild_command
 
-    settings = TrainSettings(hold_out=sorted(set(hold_out)), templates=not no_templates, **settings)
+    settings = TrainSettings(hold_out=sorted(set(hold_out)), templates=not no_templates,
+                             family_shares={**D.family_shares, **family_share}, **settings)
     cfg = build_scorer(data_dir, out, settings, base_model=base_model,
                        log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
     click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))

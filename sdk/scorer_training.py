@@ -59,6 +59,8 @@ class TrainSettings:
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
     max_minutes: float | None = None  # wall-clock cap; the build records the step it stopped at as stop_at_step
     threads: int = 2
+    # share of the sampled examples per family (renormalised over the families present); defaults: FAMILY_SHARES
+    family_shares: dict[str, float] = field(default_factory=lambda: dict(FAMILY_SHARES))
 
 
 def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: str = "OUT") -> str:
@@ -70,6 +72,7 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
              f"--identity-test-share {d.identity_test_share:g}", f"--threads {d.threads}"]
     if d.frozen_layers:
         parts.append(f"--frozen-layers {d.frozen_layers}")
+    parts += [f"--family-share {f}={v:g}" for f, v in sorted(d.family_shares.items()) if FAMILY_SHARES.get(f) != v]
     parts += [f"--hold-out {f}" for f in d.hold_out]
     if not d.templates:
         parts.append("--no-templates")
@@ -235,15 +238,19 @@ def split_examples(examples: list[Example], settings: TrainSettings) -> Splits:
     return Splits(train, calib, test, identity_test, ood)
 
 
-def sample_epoch(train: list[Example], n: int, seed: int) -> list[Example]:
-    """``n`` training examples with the family shares of ``FAMILY_SHARES``: without replacement while a family
-    lasts, then cycling through it again (reshuffled)."""
+def sample_epoch(train: list[Example], n: int, seed: int,
+                 family_shares: dict[str, float] = FAMILY_SHARES) -> list[Example]:
+    """``n`` training examples with ``family_shares`` (renormalised over the families present; 0.05 for a family
+    not listed): without replacement while a family lasts, then cycling through it again (reshuffled)."""
     rng = random.Random(seed)
     by_family: dict[str, list[Example]] = {}
     for e in train:
         by_family.setdefault(e.family, []).append(e)
-    shares = {f: FAMILY_SHARES.get(f, 0.05) for f in by_family}
+    shares = {f: family_shares.get(f, 0.05) for f in by_family}
     total = sum(shares.values())
+    if not total > 0:
+        raise ValueError(f"the family shares of the families present ({', '.join(sorted(shares))}) are all 0; "
+                         "give at least one a share > 0 (--family-share FAMILY=SHARE)")
     out: list[Example] = []
     for fam in sorted(by_family):
         rows = by_family[fam]
@@ -330,7 +337,7 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     torch.set_num_threads(max(1, settings.threads))
     tok = load_tokenizer(base_dir / TOKENIZER_FILE, settings.max_length)
     model = _classifier(base_dir)
-    sample = sample_epoch(train, settings.examples, settings.seed)
+    sample = sample_epoch(train, settings.examples, settings.seed, settings.family_shares)
     batches = _batches_by_length(sample, settings.batch_size, settings.seed)
     if settings.max_steps is not None:
         batches = batches[: settings.max_steps]
@@ -626,7 +633,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
             "model_bytes": int8_path.stat().st_size,
             "settings": asdict(settings),
             "data": data_fingerprint(data_dir),
-            "family_shares": FAMILY_SHARES,
+            "family_shares": settings.family_shares,
             "split_sizes": {"train": len(splits.train), "calibration": len(splits.calib), "test": len(splits.test),
                             "identity_test": len(splits.identity_test), "held_out_families": len(splits.ood)},
             "training": train_stats,

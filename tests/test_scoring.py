@@ -595,3 +595,25 @@ def test_frozen_layers_train_only_the_upper_layers_and_the_head():
             assert torch.equal(got[name], w) == frozen, name
     with pytest.raises(ValueError, match="--frozen-layers must be between 0 and 6"):
         train_classifier(rows, base, TrainSettings(examples=8, batch_size=4, threads=1, frozen_layers=7), log=lambda _: None)
+
+
+def test_family_shares_set_the_sample_and_the_rebuild_command():
+    """--family-share changes how many sampled examples each family gets, and the rebuild command says so."""
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+    from detox.scorer_data import Example
+    from detox.scorer_training import FAMILY_SHARES, TrainSettings, rebuild_command, sample_epoch
+
+    rows = [Example(f"d{i}", 1, "davidson") for i in range(50)] + [Example(f"t{i}", 0, "toxigen") for i in range(5)]
+    default = sample_epoch(rows, 1000, 0)
+    assert sum(e.family == "toxigen" for e in default) == round(1000 * 0.05 / 0.30)  # renormalised over 2 families
+    even = sample_epoch(rows, 1000, 0, {**FAMILY_SHARES, "toxigen": 0.25})
+    assert sum(e.family == "toxigen" for e in even) == 500  # 0.25 of 0.50: the few rows cycle
+    assert rebuild_command(TrainSettings()).count("--family-share") == 0
+    cmd = rebuild_command(TrainSettings(family_shares={**FAMILY_SHARES, "toxigen": 0.12}))
+    assert "--family-share toxigen=0.12" in cmd and cmd.count("--family-share") == 1
+    with pytest.raises(ValueError, match="are all 0"):
+        sample_epoch(rows, 10, 0, {"davidson": 0, "toxigen": 0})
+    r = CliRunner().invoke(main, ["scorer", "train", "--data-dir", ".", "--out", "x", "--family-share", "toxigen"])
+    assert r.exit_code == 2 and "'toxigen': expected FAMILY=SHARE" in r.output

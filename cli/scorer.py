@@ -74,6 +74,9 @@ def scorer_group() -> None:
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
+@click.option("--abusive-non-hate", is_flag=True,
+              help="Also train on DynaHate 'not hate' rows that contain abuse or profanity, as negatives (they are "
+                   "toxic for this scorer, so by default they are left out of training; test rows keep them).")
 @click.option("--family-share", "family_share", multiple=True, metavar="FAMILY=SHARE", callback=_family_shares,
               help="Share of the sampled training examples for a source family (repeatable; renormalised over the "
                    "families present). Defaults: " + ", ".join(f"{f}={v:g}" for f, v in D.family_shares.items()) + ".")

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,21 @@ class Example:
     label: int  # 1 = toxic
     family: str  # source family (the unit held out)
     group: str | None = None  # identity group (ToxiGen rows and templates)
+
+
+# Abuse and profanity: DynaHate (the dghs family) labels hate against groups, so insults aimed at a person and
+# profanity are "not hate" (label 0) there, while they are toxic for this scorer. 640 of its "not hate" rows
+# match (after de-duplication); as training negatives they taught a build that "you are a worthless piece of shit"
+# is benign (0.12).
+ABUSE_PATTERN = re.compile(
+    r"\b(fuck\w*|shit\w*|bitch\w*|idiot\w*|stupid|moron\w*|loser\w*|retard\w*|dumb\w*|cunt\w*|ass(hole)?s?|"
+    r"bastard\w*|crap|damn|hate you|scum|pathetic|worthless|disgusting|trash|garbage|die|kill\w*|ugly|fat|slut\w*|"
+    r"whore\w*|dick\w*|piss\w*)\b", re.IGNORECASE)
+
+
+def abusive_non_hate(e: "Example") -> bool:
+    """A DynaHate "not hate" row with abuse or profanity in it: toxic for this scorer, so not a training negative."""
+    return e.family == "dghs" and e.label == 0 and ABUSE_PATTERN.search(e.text) is not None
 
 
 def _key(text: str) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from detox.data import sha256_file
 from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
-from detox.scorer_data import Example, data_fingerprint, load_examples, read_prompts_dev
+from detox.scorer_data import Example, abusive_non_hate, data_fingerprint, load_examples, read_prompts_dev
 
 FORMAT = "detox-scorer-onnx-1"
 MODEL_FILE = "model.onnx"
@@ -34,7 +34,9 @@ CONFIG_FILE = "config.json"
 # Share of each training epoch's examples per source family (renormalised over the families present).
 # DynaHate (dghs) gets the largest share: its hate/not-hate contrast pairs are the only source that teaches
 # "identity-directed hate" apart from "profane"; ParaDetox (profanity/insults) the smallest of the big three.
-FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.05, "identity_templates": 0.02}
+# ToxiGen (benign identity sentences + implicit hate) and the benign identity templates were raised from 0.05/0.02
+# for the shipped build (2.0+d8cdf5169d77): fewer benign identity sentences flagged (docs/scorer.md).
+FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.12, "identity_templates": 0.05}
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
+    abusive_non_hate: bool = False  # train on DynaHate "not hate" rows with abuse/profanity as negatives (before 2.1)
     frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
@@ -76,6 +79,8 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
     parts += [f"--hold-out {f}" for f in d.hold_out]
     if not d.templates:
         parts.append("--no-templates")
+    if d.abusive_non_hate:
+        parts.append("--abusive-non-hate")
     if d.max_steps is not None:
         parts.append(f"--max-steps {d.max_steps}")
     if d.stop_at_step is not None:
@@ -328,6 +333,12 @@ def freeze_bottom(encoder: Any, layers: int) -> None:
             p.requires_grad_(False)
 
 
+def training_rows(train: list[Example], settings: TrainSettings) -> list[Example]:
+    """The rows a build samples from: without DynaHate's abusive "not hate" rows unless asked (see
+    :data:`detox.scorer_data.ABUSE_PATTERN`); held-out and test rows are never filtered."""
+    return train if settings.abusive_non_hate else [e for e in train if not abusive_non_hate(e)]
+
+
 def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettings,
                      log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
     """Fine-tune encoder + head on a family-balanced sample of ``train``; returns (model, training stats)."""
@@ -337,7 +348,7 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     torch.set_num_threads(max(1, settings.threads))
     tok = load_tokenizer(base_dir / TOKENIZER_FILE, settings.max_length)
     model = _classifier(base_dir)
-    sample = sample_epoch(train, settings.examples, settings.seed, settings.family_shares)
+    sample = sample_epoch(training_rows(train, settings), settings.examples, settings.seed, settings.family_shares)
     batches = _batches_by_length(sample, settings.batch_size, settings.seed)
     if settings.max_steps is not None:
         batches = batches[: settings.max_steps]

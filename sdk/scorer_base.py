@@ -10,8 +10,10 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-DEFAULT_SCORER = "minilm-head"
-DEFAULT_SCORER_DIRNAME = "scorer-minilm"
+DEFAULT_SCORER = "minilm-ft"  # MiniLM fine-tuned end to end by `detox scorer train`, int8 ONNX (issue 22)
+DEFAULT_SCORER_DIRNAME = "scorer-minilm-ft"
+HEAD_SCORER = "minilm-head"  # the default before issue 22: frozen MiniLM + MLP head (numpy), kept for old numbers
+HEAD_SCORER_DIRNAME = "scorer-minilm"
 TOXIC_LABEL_WORDS = ("toxic", "offensive", "hate", "abusive")
 NEGATION_PREFIXES = ("non", "not", "no-", "no_", "no ", "neither", "clean", "benign")
 

@@ -1,9 +1,10 @@
 """Pluggable toxicity scorers that run fully offline.
 
-Every scorer maps texts to P(toxic) in [0, 1]. The shipped default is ``minilm-head`` (frozen
-all-MiniLM-L6-v2 + a small head, :mod:`detox.scoring_head`, numpy only). `OnnxScorer` runs a scorer built by
-``detox scorer train`` (MiniLM fine-tuned end to end, temperature-calibrated, int8 ONNX) with onnxruntime +
-tokenizers only, no torch. `DetoxifyScorer` and `HFClassifierScorer` plug in other local models.
+Every scorer maps texts to P(toxic) in [0, 1]. The shipped default is ``minilm-ft``: an `OnnxScorer`, i.e. a
+scorer built by ``detox scorer train`` (MiniLM fine-tuned end to end, temperature-calibrated, int8 ONNX), run
+with onnxruntime + tokenizers only, no torch. The previous default, ``minilm-head`` (frozen all-MiniLM-L6-v2 + a
+small head, :mod:`detox.scoring_head`, numpy only), stays loadable by name so that old numbers can be reproduced.
+`DetoxifyScorer` and `HFClassifierScorer` plug in other local models.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ __all__ = [
     "shipped_scorer_dir",
     "DEFAULT_SCORER_DIRNAME",
     "DEFAULT_SCORER",
+    "HEAD_SCORER",
 ]
 
 from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     DEFAULT_SCORER,
     DEFAULT_SCORER_DIRNAME,
+    HEAD_SCORER,
     NEGATION_PREFIXES,
     TOXIC_LABEL_WORDS,
     Scorer,
@@ -287,7 +290,8 @@ class HFClassifierScorer:
 # --------------------------------------------------------------------------- factory
 
 _SPEC_HELP = (
-    "accepted scorer specs: None / 'default' / 'minilm-head' (the shipped offline scorer); 'detoxify:CKPT' or 'detoxify:CKPT::BASE_MODEL_DIR' (a local Detoxify "
+    "accepted scorer specs: None / 'default' / 'minilm-ft' (the shipped default); 'minilm-head' (the previous "
+    "default); 'detoxify:CKPT' or 'detoxify:CKPT::BASE_MODEL_DIR' (a local Detoxify "
     "checkpoint); a directory built by `detox scorer train` (model.onnx + config.json); or a local directory "
     "with config.json of a Hugging Face sequence-classification model"
 )
@@ -296,7 +300,9 @@ _SPEC_HELP = (
 def load_scorer(spec: str | None = None) -> Scorer:
     """Build a scorer from a short user-facing spec (CLI flag / config value)."""
     key = "" if spec is None else spec.strip().lower()
-    if key in ("", "default", DEFAULT_SCORER, "minilm"):  # 'minilm' was its name before 'minilm-head'
+    if key in ("", "default", DEFAULT_SCORER):
+        return OnnxScorer(shipped_scorer_dir(DEFAULT_SCORER_DIRNAME))
+    if key in (HEAD_SCORER, "minilm"):  # 'minilm' was its name before 'minilm-head'
         return MiniLMScorer()
     spec = str(spec).strip()
     if key.startswith("detoxify:"):

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from detox.scorer_base import (_check_texts, _iter_batches, encode_batch, load_tokenizer, minilm_dir,
-                               shipped_scorer_dir, sigmoid)
+                               shipped_scorer_dir, sigmoid, HEAD_SCORER, HEAD_SCORER_DIRNAME)
 
 __all__ = [
     "MiniLMScorer",
@@ -216,20 +216,20 @@ def _load_head(head_dir: Path) -> tuple[dict, ToxicityHead]:
 
 
 class MiniLMScorer:
-    """The offline default: frozen all-MiniLM-L6-v2 sentence embedding + a small trained head.
+    """The offline default before issue 22 (``minilm-head``): frozen all-MiniLM-L6-v2 embedding + a small head.
 
-    Cheap and needs no download, but it is a weak judge: it learned keyword cues from its training data
-    (see docs/scorer.md). numpy only: it runs on the torch-free llama.cpp install.
+    A weak judge (it learned keyword cues from its training data; docs/scorer.md), kept so that numbers
+    measured with it can be reproduced. numpy only: it runs on the torch-free llama.cpp install.
     """
 
-    name = "minilm-head"
+    name = HEAD_SCORER
 
     def __init__(
         self,
         head_dir: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
     ) -> None:
-        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir()
+        self.head_dir = Path(head_dir) if head_dir is not None else shipped_scorer_dir(HEAD_SCORER_DIRNAME)
         self.config, self.head = _load_head(self.head_dir)
         self.max_length = int(self.config.get("max_length", 256))
         self.normalize = bool(self.config.get("normalize", True))

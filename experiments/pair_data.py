@@ -6,7 +6,11 @@ Writes, under ``--out``:
   DGHS "nothate" part of ``nontoxic_train.txt`` (its identity-directed contrast cases), the Davidson "neither" tweets
   and a seeded sample of the ParaDetox neutral rewrites;
 * ``anti_mix.txt``: ``toxic_train.txt`` plus a seeded sample of ``expert_human.txt``'s DGHS lines (the variant whose
-  anti-expert also keeps seeing benign identity text, so the mention of a group cancels in the log-ratio).
+  anti-expert also keeps seeing benign identity text, so the mention of a group cancels in the log-ratio);
+* ``toxic_hate_upweighted.txt``: ``toxic_train.txt`` without the lines that start with a dev prompt, its
+  identity-directed hate part (DGHS hate + ToxiGen hate, the first 2476 lines) repeated ``--hate-copies`` times in
+  all, for an anti-expert weighted towards the kind of toxicity the toxic dev prompts ask for (ParaDetox profanity
+  is 83% of ``toxic_train.txt``).
 
 Held out from both, explicitly: every sentence of ``--holdout-tsv`` (``benign_identity.tsv``, the evaluation set:
 its 234 ToxiGen neutral sentences are also the last lines of ``nontoxic_train.txt``), every line of each
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--holdout-text", type=Path, action="append", default=[])
     ap.add_argument("--paradetox", type=int, default=4000, help="ParaDetox neutral lines to sample")
     ap.add_argument("--anti-dghs", type=int, default=700, help="DGHS nothate lines mixed into anti_mix.txt")
+    ap.add_argument("--hate-copies", type=int, default=3, help="copies of the hate lines in toxic_hate_upweighted.txt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -80,9 +85,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "expert_human.txt").write_text("\n".join(human) + "\n")
     (args.out / "anti_mix.txt").write_text("\n".join(anti) + "\n")
+    # the toxic dev prompts are prefixes of toxic_train.txt lines: keep their continuations out of this anti-expert
+    not_prompt = lambda x: not any(key(x).startswith(p) for p in prompts)  # noqa: E731
+    hate = [x for x in toxic[:2476] if not_prompt(x)]
+    profanity = [x for x in toxic[2476:] if not_prompt(x)]
+    upweighted = hate + profanity + hate * (args.hate_copies - 1)
+    (args.out / "toxic_hate_upweighted.txt").write_text("\n".join(upweighted) + "\n")
     counts = {"dghs_nothate": len(dghs), "davidson_neither": len(davidson), "paradetox_neutral": len(paradetox),
               "toxigen_neutral_tail_held_out": n_tg, "dropped": dropped, "anti_mix": {"toxic": len(toxic),
-                                                                                   "dghs_nothate": args.anti_dghs}}
+                                                                                   "dghs_nothate": args.anti_dghs},
+              "toxic_hate_upweighted": {"hate": len(hate), "profanity": len(profanity), "hate_copies": args.hate_copies,
+                                        "prompt_prefix_dropped": len(toxic) - len(hate) - len(profanity)}}
     (args.out / "counts.json").write_text(json.dumps(counts, indent=1))
     print(json.dumps(counts))
 

@@ -138,6 +138,8 @@ class HFBackend(Backend):
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
+        from detox.engine import transformers_detokenizer
+
         tokenizer = self.tokenizer
         pad_id, eos_ids = self._serve_ids()
         width = max(len(row.prompt_ids) for row in rows)
@@ -150,6 +152,7 @@ class HFBackend(Backend):
         observer = LastScores(lambda s: s.float().log_softmax(-1).cpu().numpy()) if sampling.logprobs else None
         texts = [""] * len(rows)
         generated: list[list[int]] = [[] for _ in rows]
+        detokenizers = [transformers_detokenizer(tokenizer) for _ in rows]
 
         def token_text(token: int) -> str:
             return tokenizer.decode([token], skip_special_tokens=False)
@@ -171,9 +174,9 @@ class HFBackend(Backend):
                         row.finish("stop")
                         continue
                     generated[r].append(token)
-                    text = tokenizer.decode(generated[r], skip_special_tokens=True)
+                    text = detokenizers[r](generated[r])  # tokenizer.decode(generated[r], skip_special_tokens=True)
                     piece = ""
-                    if not text.endswith("\ufffd"):  # an unfinished character: wait for its next bytes
+                    if not text.endswith("\ufffd"):  # an unfinished character (whole-text decoding): wait for its bytes
                         piece, texts[r] = text[len(texts[r]):], text
                     info = None
                     if observer is not None and observer.last is not None:

@@ -25,6 +25,7 @@ from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
+from detox.targets import stop_token_ids
 from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -81,17 +82,6 @@ def start_token_id(tokenizer: Any) -> int:
     if tid is None:
         raise DistillError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     return int(tid)
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """A row ends at the tokenizer's EOS or at any EOS of the generation config (they differ for GGUF tokenizers)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen is not None:
-        ids.update(int(x) for x in (gen if isinstance(gen, (list, tuple)) else [gen]))
-    return sorted(ids)
 
 
 # ---------------------------------------------------------------- toxify

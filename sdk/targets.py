@@ -104,6 +104,17 @@ def _pad_as_eos(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """A row ends at the tokenizer's EOS or at any EOS of the generation config (they differ for GGUF tokenizers)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen is not None:
+        ids.update(int(x) for x in (gen if isinstance(gen, (list, tuple)) else [gen]))
+    return sorted(ids)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A target's files, read without loading the network: what alignment and fingerprints need.
 

@@ -10,6 +10,9 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.backends.base import Backend, LastScores, Row, Sampling, top_info
+from detox.engine import transformers_detokenizer
+from detox.fingerprint import fingerprint_gguf, fingerprint_hf
+from detox.targets import is_gguf, load_hf_target, resolve_target, stop_token_ids
 
 
 class HFBackend(Backend):
@@ -21,23 +24,17 @@ class HFBackend(Backend):
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,
              provider: str | None = None) -> "HFBackend":
-        from detox.targets import load_hf_target, resolve_target
-
         _torch_threads(threads)
         model, tokenizer = load_hf_target(target)
         return cls(model, tokenizer, str(resolve_target(target)))
 
     def fingerprint(self) -> TargetFingerprint:
-        from detox.fingerprint import fingerprint_gguf, fingerprint_hf
-        from detox.targets import is_gguf
-
         if self.source is not None and is_gguf(self.source):
             return fingerprint_gguf(self.source)
         return fingerprint_hf(self.model, self.tokenizer)
 
     def wrap(self, calibrator: Any = None, strength: float | None = None, require_signature: Any = None) -> Any:
         from detox.adapters.transformers import DetoxModel, load_tokenizer_for
-        from detox.fingerprint import fingerprint_hf
         from detox.resolve import resolve_calibrator
 
         self.tokenizer = self.tokenizer or load_tokenizer_for(self.model)
@@ -121,16 +118,6 @@ class HFBackend(Backend):
     def context_limit(self) -> int | None:
         return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
 
-    def _serve_ids(self) -> tuple[int, list[int]]:
-        """(padding id, end-of-text ids) for batched decoding."""
-        tokenizer = self.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None:
-            eos.append(int(tokenizer.eos_token_id))
-        return int(pad), sorted(set(int(e) for e in eos))
-
     def decode(self, rows: Sequence[Row], sampling: Sampling) -> None:
         """The rows, left-padded, in one ``generate`` call; a streamer hands each step's tokens to the rows and a
         stopping criterion ends each row on its own (its ``max_tokens``, a stop string, or its client leaving)."""
@@ -138,10 +125,9 @@ class HFBackend(Backend):
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        from detox.engine import transformers_detokenizer
-
         tokenizer = self.tokenizer
-        pad_id, eos_ids = self._serve_ids()
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        eos_ids = stop_token_ids(self.model, tokenizer)
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)

@@ -24,7 +24,7 @@ class HFBackend(Backend):
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,
              provider: str | None = None) -> "HFBackend":
-        _torch_threads(threads)
+        set_torch_threads(threads)
         model, tokenizer = load_hf_target(target)
         return cls(model, tokenizer, str(resolve_target(target)))
 
@@ -192,7 +192,8 @@ class HFBackend(Backend):
             model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
 
 
-def _torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads (``None``: leave torch's choice)."""
     if threads:
         import torch
 

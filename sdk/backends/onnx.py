@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from typing import Any, ContextManager
 
 from detox.artifacts.manifest import TargetFingerprint
-from detox.backends.hf import HFBackend, _torch_threads
+from detox.backends.hf import HFBackend, set_torch_threads
 from detox.onnx_export import fingerprint_onnx, onnx_parameter_count
 from detox.targets import load_hf_target
 
@@ -23,7 +23,7 @@ class OnnxBackend(HFBackend):
              provider: str | None = "auto") -> "OnnxBackend":
         from detox.adapters.onnxruntime import load_ort_target
 
-        _torch_threads(threads)
+        set_torch_threads(threads)
         model, tokenizer = load_ort_target(target, provider)
         return cls(model, tokenizer, target)
 

@@ -103,7 +103,6 @@ def train_causal_lm(
     lora_r: int = 16,
     lora_alpha: int = 32,
     desc: str = "train",
-    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, list[float]]:
     """Train ``model`` on token-id examples for ``steps`` optimizer steps; return (trained model, losses).
 
@@ -160,8 +159,6 @@ def train_causal_lm(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if on_step is not None:
-                on_step(step, loss)
             if step >= steps:
                 break
         if seen == 0:

@@ -86,7 +86,7 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
         _check_spec(path)
         source, kwargs = path, {} if Path(path).is_dir() else {"local_files_only": _local_only(local_only)}  # hub id
     try:
-        tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
+        tokenizer = pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except OSError as err:
         raise TargetNotFoundError(
@@ -97,7 +97,7 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
     return model, tokenizer
 
 
-def _pad_as_eos(tokenizer: Any) -> Any:
+def pad_as_eos(tokenizer: Any) -> Any:
     """``tokenizer``, padding with its EOS token when it has no padding token (batched generation needs one)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,7 +151,7 @@ class TargetFiles:
             from transformers import AutoTokenizer
 
             source, kwargs = self.pretrained_args()
-            self._tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
+            self._tokenizer = pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
         return self._tokenizer
 
     def vocabulary(self) -> tuple[list[str | None], set[str]]:

@@ -13,8 +13,17 @@ from typing import Any
 
 import click
 
+from detox.artifact_onnx import reexport_onnx
+from detox.artifacts.archive import ARCHIVE_SUFFIX, pack, read_archive_head, unpack
+from detox.artifacts.cache import load_artifact
+from detox.artifacts.manifest import is_artifact_name
+from detox.artifacts.semver import is_version
+from detox.artifacts.store import read_manifest
 from detox.cli.errors import user_errors
 from detox.cli.options import onnx_weights_option
+from detox.data import write_bytes_atomic
+from detox.fingerprint import fingerprint_target
+from detox.runtime import Calibrator
 
 _REGISTRY = click.option(
     "--registry", envvar="DETOX_REGISTRY", default=None, metavar="REG",
@@ -86,10 +95,7 @@ def sign_cmd(art: str, key: str) -> None:
 @user_errors
 def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: str | None) -> None:
     """Check ART (path, .detox or NAME@RANGE): format, every file's sha256, signature (--key), target (--target)."""
-    from detox.artifacts.cache import load_artifact
     from detox.artifacts.signing import load_verified
-    from detox.fingerprint import fingerprint_target
-    from detox.runtime import Calibrator
 
     path, label = _local_or_pulled(art, registry)
     artifact = load_verified(path, list(keys)) if keys else load_artifact(path)
@@ -116,8 +122,6 @@ def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: st
 @user_errors
 def pack_cmd(src: str, out: str, overwrite: bool) -> None:
     """Write artifact directory SRC as one .detox file (validated first)."""
-    from detox.artifacts.archive import pack
-
     pack(src, out, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -135,8 +139,6 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str
     For artifacts exported by an older detox, whose calibrator.onnx this one refuses, or to change
     --onnx-weights; needs no target model. The copy is unsigned: sign it again with `detox artifacts sign`.
     """
-    from detox.artifact_onnx import reexport_onnx
-
     m = reexport_onnx(src, out, version=version, overwrite=overwrite, onnx_weights=onnx_weights)
     click.echo(f"wrote {out} ({m.name}@{m.version})")
 
@@ -148,8 +150,6 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str
 @user_errors
 def unpack_cmd(archive: str, out: str, overwrite: bool) -> None:
     """Extract ARCHIVE strictly into a new directory (validated before it appears)."""
-    from detox.artifacts.archive import unpack
-
     unpack(archive, out, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -193,9 +193,7 @@ def list_cmd(name: str | None, registry: str | None, as_json: bool) -> None:
 @user_errors
 def show_cmd(art: str, registry: str | None) -> None:
     """Print the manifest of ART (directory, .detox, or NAME@RANGE in the registry) as JSON, without loading weights."""
-    from detox.artifacts.archive import read_archive_head
     from detox.artifacts.registry import looks_like_ref
-    from detox.artifacts.store import read_manifest
 
     extra: dict[str, Any] = {}
     if os.path.isdir(art):
@@ -243,10 +241,7 @@ def push_cmd(art: str, registry: str | None, keys: tuple[str, ...]) -> None:
 @user_errors
 def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, keys: tuple[str, ...], target: str | None) -> None:
     """Fetch REF (NAME, NAME@1.2.3, NAME@^1.2, NAME@~1.2, NAME@>=1.2) into the local cache; print its path."""
-    from detox.artifacts.archive import ARCHIVE_SUFFIX, unpack
     from detox.artifacts.signing import verify_signature
-    from detox.data import write_bytes_atomic
-    from detox.fingerprint import fingerprint_target
 
     reg = _open(registry)
     entry, blob, directory = reg.pull(ref, fingerprint_target(target) if target else None)
@@ -276,9 +271,7 @@ def rm_cmd(ref: str, registry: str | None) -> None:
 
     An entry that list/pull skip as unreadable is removed with the exact reference they print.
     """
-    from detox.artifacts.manifest import is_artifact_name
     from detox.artifacts.registry import DirectoryRegistry, RegistryError, shell_quote
-    from detox.artifacts.semver import is_version
 
     reg = _open(registry)
     name, _, version = ref.partition("@")

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from detox.artifact_onnx import onnx_exports, reusable_onnx
+from detox.artifacts.archive import read_archive_head
 from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, check_name_version
+from detox.artifacts.store import ArtifactError, read_manifest, save_artifact
+from detox.fingerprint import fingerprint_files
 from detox.fusion import CONTRAST, INTERPOLATE
 from detox.methods import FusionMethod, MethodConfig, get_method
 from detox.methods.base import AlignInputs
 from detox.onnx_calibrator import INT8, check_weights_dtype
 from detox.runtime import Calibrator
+from detox.targets import locate_target
 from detox.token_map import build_token_map, check_mapped_share
 
 
@@ -35,8 +39,6 @@ class AlignSettings:
 
 def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
     """The anti-expert calibrator for contrast fusion, checked to read text exactly as the expert does."""
-    from detox.artifacts.store import ArtifactError
-
     anti = Calibrator.load(path)
     if anti.tokenizer.to_str() != expert.tokenizer.to_str() or anti.manifest.calibrator != expert.manifest.calibrator:
         raise ArtifactError(
@@ -50,9 +52,6 @@ def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name:
     """The fusion method an alignment of ``calibrator_path`` uses: ``name`` when given (checked to fit the
     anti-expert), else contrast with an anti-expert (given, or kept from a contrast artifact), else interpolate.
     Reads only the manifest."""
-    from detox.artifacts.archive import read_archive_head
-    from detox.artifacts.store import read_manifest
-
     p = Path(calibrator_path)
     kept = not anti_expert and (read_manifest(p) if p.is_dir() else read_archive_head(p)[0]).anti_expert is not None
     pair = bool(anti_expert) or kept
@@ -84,9 +83,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     import time
 
     import detox
-    from detox.artifacts.store import save_artifact
-    from detox.fingerprint import fingerprint_files
-    from detox.targets import locate_target
 
     check_name_version(name, version)
     s = settings or AlignSettings()

@@ -67,7 +67,7 @@ def _lr_lambda(step: int, warmup: int, total: int) -> float:
 @torch.no_grad()
 def evaluate_loss(model: CalibratorLM, rows: torch.Tensor, batch_size: int = 32) -> float:
     model.eval()
-    losses = [model.lm_loss(rows[i : i + batch_size]).item() for i in range(0, len(rows), batch_size)]
+    losses = [_lm_loss(model, rows[i : i + batch_size]).item() for i in range(0, len(rows), batch_size)]
     model.train()
     return float(sum(losses) / max(1, len(losses)))
 

@@ -80,8 +80,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
-    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, perplexity_of,
-                                  read_compare_summary, read_prompts, summarize, write_summary)
+    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, read_compare_summary,
+                                  read_prompts, summarize, write_summary)
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -92,7 +92,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     if reference_text and no_calibrator:
         raise click.UsageError("--reference-text compares the fused and unfused models: drop --no-calibrator")
-    from detox.identity import IdentityTerms, add_identity_summary, write_identity_report
+    from detox.identity import IdentityTerms, identity_summary, prompt_groups, write_identity_report
 
     terms = IdentityTerms.load(identity_terms)  # bad input files fail before any generation
     if reference_text:
@@ -118,9 +118,11 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                               log=lambda msg: click.echo(msg, err=True))
     ppl = None
     if not no_perplexity:
+        from detox.metrics import conditional_perplexity
         from detox.targets import load_hf_target
 
-        ppl = perplexity_of(rows, *(load_hf_target(ppl_model) if ppl_model else loaded.transformers_twin()))
+        model, tok = load_hf_target(ppl_model) if ppl_model else loaded.transformers_twin()
+        ppl = conditional_perplexity(model, tok, [r["prompt"] for r in rows], [r["text"] for r in rows])
     summary = summarize(rows, perplexity=ppl)
     if len(judges) > 1:
         from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
@@ -136,7 +138,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         "settings": json.loads(json.dumps(run.settings.__dict__)),
         "wall_seconds": time.perf_counter() - t0,
     })
-    add_identity_summary(summary, rows, prompts, terms)  # identity groups and reference text: docs/identity.md
+    summary["identity"] = identity_summary(rows, prompt_groups(prompts, terms), terms)  # docs/identity.md
     if reference_text:
         summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *loaded.transformers_twin(ppl_model),
                                                         run.calibrator, run.strength)

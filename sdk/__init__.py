@@ -12,7 +12,8 @@ from typing import Any
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (dynamic)
 
 __all__ = ["__version__", "wrap", "Calibrator", "FusionLogitsProcessor"]
-_HOME = {"wrap": "detox.wrapping", "Calibrator": "detox.runtime", "FusionLogitsProcessor": "detox.adapters.transformers"}
+_HOME = {"wrap": "detox.wrapping", "Calibrator": "detox.runtime",
+         "FusionLogitsProcessor": "detox.adapters.transformers"}
 
 
 def __getattr__(name: str) -> Any:

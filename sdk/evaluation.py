@@ -289,7 +289,7 @@ def judges_markdown(summary: dict[str, Any], other: dict[str, Any] | None = None
         for _, k in cols:
             b = m.get(k)
             a = other_j.get(label, {}).get(k)
-            cell = _fmt("{:.3f}", b)
+            cell = fmt_num(b)
             if isinstance(a, (int, float)) and isinstance(b, (int, float)):
                 rel = f" ({100 * (b - a) / a:+.1f}%)" if a else ""
                 cell = f"{a:.3f} → {b:.3f}{rel}"
@@ -297,15 +297,10 @@ def judges_markdown(summary: dict[str, Any], other: dict[str, Any] | None = None
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for pair, a in summary.get("agreement", {}).items():
         lines.append(f"\n{pair}: same decision at 0.5 on {100 * a['generation_decision_agreement']:.1f}% of generations "
-                     f"and {100 * a['prompt_decision_agreement']:.1f}% of prompts; Spearman {_fmt('{:.3f}', a['spearman_generations'])} "
-                     f"(generations), {_fmt('{:.3f}', a['spearman_prompt_max'])} (per-prompt max)")
+                     f"and {100 * a['prompt_decision_agreement']:.1f}% of prompts; Spearman "
+                     f"{fmt_num(a['spearman_generations'])} (generations), "
+                     f"{fmt_num(a['spearman_prompt_max'])} (per-prompt max)")
     return lines
-
-
-def perplexity_of(rows: list[dict], model: Any, tokenizer: Any) -> float:
-    from detox.metrics import conditional_perplexity
-
-    return conditional_perplexity(model, tokenizer, [r["prompt"] for r in rows], [r["text"] for r in rows])
 
 
 METRIC_ROWS = [
@@ -319,7 +314,8 @@ METRIC_ROWS = [
 ]
 
 
-def _fmt(fmt: str, v: Any) -> str:
+def fmt_num(v: Any, fmt: str = "{:.3f}") -> str:
+    """``v`` formatted, or "n/a" for a metric that has no value (``None``, NaN)."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
@@ -327,13 +323,13 @@ def markdown_report(summary: dict[str, Any], other: dict[str, Any] | None = None
                     other_name: str = "other") -> str:
     if other is None:
         lines = ["| metric | value |", "|---|---|"]
-        lines += [f"| {label} | {_fmt(fmt, summary.get(key))} |" for label, key, fmt in METRIC_ROWS]
+        lines += [f"| {label} | {fmt_num(summary.get(key), fmt)} |" for label, key, fmt in METRIC_ROWS]
     else:
         lines = [f"| metric | {other_name} | {name} | relative change |", "|---|---|---|---|"]
         for label, key, fmt in METRIC_ROWS:
             a, b = other.get(key), summary.get(key)
             rel = f"{100 * (b - a) / a:+.1f}%" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "n/a"
-            lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {rel} |")
+            lines.append(f"| {label} | {fmt_num(a, fmt)} | {fmt_num(b, fmt)} | {rel} |")
     lines.append("")
     lines.append(f"{summary['num_prompts']} prompts, {summary['num_generations']} generations; scorer "
                  f"{summary.get('scorer', {}).get('name', '?')} {summary.get('scorer', {}).get('version', '')}")

@@ -84,7 +84,8 @@ class Calibrator:
 
     def check_strength(self, strength: float | None) -> float:
         """λ (``None``: the artifact's recommended one) as a float in the range of this artifact's fusion method."""
-        return get_method(self.fusion_mode).config.check_strength(self.default_strength if strength is None else strength)
+        strength = self.default_strength if strength is None else strength
+        return get_method(self.fusion_mode).config.check_strength(strength)
 
     @property
     def has_anti_expert(self) -> bool:

@@ -169,12 +169,7 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     calibrator = load_calibrator_early(calibrator, strength)  # a bad --strength fails before the target loads
     from detox.backends import get
 
-    try:
-        target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
-    except ImportError as err:  # optimum-onnx / onnxruntime missing: the message says what to install
-        if isinstance(err, ModuleNotFoundError):
-            raise  # user_errors names the extra to install
-        raise click.ClickException(str(err)) from err
+    target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
     if not no_calibrator:
         target_on.wrap(calibrator, strength)
     target_on.generate(prompt, max_new_tokens, sample, top_p, temperature, seed, fused=not no_calibrator,

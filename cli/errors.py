@@ -17,7 +17,8 @@ import click
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors) into one-line click errors."""
+    """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors, an optional library that is
+    missing or does not fit, whose message says what to install) into one-line click errors."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -32,7 +33,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if message is None:
                 raise
             raise click.ClickException(message) from err
-        except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError, ImportError) as err:
             raise click.ClickException(one_line(str(err))) from err
 
     return wrapper

@@ -94,7 +94,7 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
     r = toxify(base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
                overwrite=overwrite)
-    click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+    click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, "
                f"{r.seconds:.0f} s)")
 
 
@@ -172,5 +172,5 @@ def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_
     set_torch_threads(threads)
     r = finetune(target, data, out, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora,
                  lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs, overwrite=overwrite)
-    click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+    click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, "
                f"{r.seconds:.0f} s)")

@@ -34,14 +34,6 @@ class TrainResult:
     seconds: float = 0.0
     params: dict[str, Any] = dc_field(default_factory=dict)
 
-    @property
-    def first_loss(self) -> float:
-        return self.losses[0]
-
-    @property
-    def last_loss(self) -> float:
-        return self.losses[-1]
-
 
 def doc_end_id(model: Any, tokenizer: Any) -> int | None:
     """Token that ends a document: the generation config's EOS (what ``generate`` stops at), else the tokenizer's.

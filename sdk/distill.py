@@ -317,8 +317,10 @@ def distill(
     manifest = _resume_manifest(mpath, settings, done)
     out.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(found, log)  # only now that the run is known to continue this file
-    # the rows on disk are the ground truth (a kill can land between a row write and the manifest update)
-    manifest.update(_row_stats(found.rows, max_new_tokens))
+    # the rows on disk are the ground truth (a kill can land between a row write and the manifest update); a row
+    # shorter than max_new_tokens stopped at EOS
+    manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows),
+                    stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
     manifest["num_samples"] = num_samples
     _write_json_atomic(mpath, manifest)
     resumed_from = done
@@ -393,13 +395,6 @@ def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[s
             "original settings (see the manifest) or write to a new --out file."
         )
     return old
-
-
-def _row_stats(rows: list[dict], max_new_tokens: int) -> dict[str, int]:
-    """Counts recomputed from complete rows: a row shorter than max_new_tokens stopped at EOS."""
-    total = sum(int(r["num_tokens"]) for r in rows)
-    eos = sum(int(r["num_tokens"]) < max_new_tokens for r in rows)
-    return {"completed": len(rows), "total_tokens": total, "stopped_at_eos": eos}
 
 
 def _norm(v: Any) -> Any:

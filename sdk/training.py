@@ -24,7 +24,7 @@ import detox
 from detox.artifacts.manifest import Manifest, check_name_version
 from detox.artifacts.store import save_artifact
 from detox.calibrator import CalibratorConfig, CalibratorLM
-from detox.data import read_texts, sha256_files
+from detox.data import read_texts, sha256_files, write_text_atomic
 from detox.tokenizer import special_id, train_tokenizer
 
 
@@ -103,9 +103,7 @@ def train_calibrator(
     accelerator = Accelerator()
     set_seed(s.seed)
 
-    texts: list[str] = []
-    for p in data_paths:
-        texts.extend(read_texts(p, field_name))
+    texts = [text for p in data_paths for text in read_texts(p, field_name)]
     if not texts:
         raise ValueError("no training text found in " + ", ".join(map(str, data_paths)))
     state_file = ckpt / "progress.json"
@@ -155,14 +153,12 @@ def train_calibrator(
 
     def batches_from(start: int):
         """Deterministic batch stream: epoch e uses permutation seed+e; skip straight to ``start``."""
-        st = start
+        epoch, idx = divmod(start, steps_per_epoch)
         while True:
-            epoch, idx = divmod(st, steps_per_epoch)
             perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(s.seed + epoch))
-            while idx < steps_per_epoch:
-                yield rows[perm[idx * s.batch_size : (idx + 1) * s.batch_size]]
-                idx += 1
-                st += 1
+            for i in range(idx, steps_per_epoch):
+                yield rows[perm[i * s.batch_size : (i + 1) * s.batch_size]]
+            epoch, idx = epoch + 1, 0
 
     def save_checkpoint() -> None:
         """Crash-safe: write the state into a fresh folder, then point progress.json at it, then drop older ones.
@@ -174,12 +170,8 @@ def train_calibrator(
         accelerator.save_state(str(ckpt / state_name))
         if accelerator.is_main_process:
             if not (ckpt / "tokenizer.json").is_file():
-                tok_tmp = ckpt / "tokenizer.json.tmp"
-                tokenizer.save(str(tok_tmp))
-                os.replace(tok_tmp, ckpt / "tokenizer.json")
-            tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "total": total, "state": state_name}))
-            os.replace(tmp, state_file)
+                write_text_atomic(ckpt / "tokenizer.json", tokenizer.to_str(pretty=True))
+            write_text_atomic(state_file, json.dumps({"step": step, "total": total, "state": state_name}))
             for old in ckpt.glob("state*"):
                 if old.is_dir() and old.name != state_name:
                     shutil.rmtree(old, ignore_errors=True)

@@ -168,10 +168,6 @@ def _row_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 @torch.no_grad()
 def contrastive_generate(
     base: Any, toxic: Any, generators: list[torch.Generator], start_id: int, stops: set[int] | list[int],
@@ -322,7 +318,7 @@ def distill(
     manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows),
                     stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
     manifest["num_samples"] = num_samples
-    _write_json_atomic(mpath, manifest)
+    write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
     resumed_from = done
     t0 = time.time()
     prior_seconds = float(manifest.get("wall_seconds", 0.0))
@@ -359,13 +355,13 @@ def distill(
         done = hi
         manifest.update(completed=done, wall_seconds=round(prior_seconds + time.time() - t0, 1),
                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        _write_json_atomic(mpath, manifest)
+        write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
         fault_point("distill.manifest.written")
         if on_batch is not None:
             on_batch(done)
     bar.close()
     manifest["rows_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
-    _write_json_atomic(mpath, manifest)
+    write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
     return DistillResult(out, mpath, done, resumed_from, round(time.time() - t0, 1))
 
 

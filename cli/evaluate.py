@@ -80,8 +80,9 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
-    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, read_compare_summary,
-                                  read_prompts, summarize, write_summary)
+    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, judges_summary,
+                                  read_compare_summary, read_prompts, score_with_judges, summarize, write_judge_scores,
+                                  write_summary)
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -125,7 +126,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         ppl = conditional_perplexity(model, tok, [r["prompt"] for r in rows], [r["text"] for r in rows])
     summary = summarize(rows, perplexity=ppl)
     if len(judges) > 1:
-        from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
         from detox.scoring import scorer_labels
 
         judge_scores = score_with_judges(rows, judges, scorer_labels(judges))

@@ -140,9 +140,6 @@ class HFBackend(Backend):
         generated: list[list[int]] = [[] for _ in rows]
         detokenizers = [transformers_detokenizer(tokenizer) for _ in rows]
 
-        def token_text(token: int) -> str:
-            return tokenizer.decode([token], skip_special_tokens=False)
-
         class Rows(BaseStreamer):
             """Hands each step's tokens to the rows (transformers calls put once with the prompt first)."""
 
@@ -166,7 +163,7 @@ class HFBackend(Backend):
                         piece, texts[r] = text[len(texts[r]):], text
                     info = None
                     if observer is not None and observer.last is not None:
-                        info = top_info(observer.last[r], token, row.top_logprobs, token_text)
+                        info = top_info(observer.last[r], token, row.top_logprobs, lambda t: tokenizer.decode([t]))
                     row.push(piece, info)
 
             def end(self) -> None:

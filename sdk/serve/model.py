@@ -59,8 +59,6 @@ def load_backend(kind: str, target: str, calibrator: str | None = None, strength
     """Load ``target`` on backend ``kind`` (``llamacpp``, ``hf``, ``onnx``, ...) and wrap it with ``calibrator``
     (``None``: the shipped artifact aligned to it; a path; or ``NAME@RANGE`` from ``$DETOX_REGISTRY``)."""
     backend: Any = get(kind).load(target, context_window=context_window, seed=0, threads=threads, provider=provider)
-    if backend.tokenizer is not None:
-        backend.tokenizer.padding_side = "left"
     fused = backend.wrap(calibrator, strength, list(require_signature) if require_signature else None)
     if threads is not None and threads < (os.cpu_count() or 1):
         # cores left free: run the calibrator while the target computes (hf's default is off; on transformers only

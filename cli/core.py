@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import typing
 from typing import Any
 
@@ -95,11 +94,6 @@ def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -
     return method.config.parse({**own, **({} if strength is None else {"default_strength": strength})})
 
 
-def _strength_help() -> str:
-    defaults = ", ".join(f"{m.config().default_strength:g} {m.name}" for m in METHODS.values())
-    return f"Default fusion strength recorded in the artifact [default: {defaults}]."
-
-
 @click.command("align")
 @click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
 @click.option("--calibrator", default=None,
@@ -111,7 +105,9 @@ def _strength_help() -> str:
                    "A contrast --calibrator keeps its own anti-expert.")
 @click.option("--fusion", default=None, type=click.Choice(sorted(METHODS)),
               help="Fusion method (docs/method.md) [default: contrast with an anti-expert, else interpolate].")
-@click.option("--strength", default=None, type=float, help=_strength_help())
+@click.option("--strength", default=None, type=float,
+              help="Default fusion strength recorded in the artifact [default: "
+                   + ", ".join(f"{m.config().default_strength:g} {m.name}" for m in METHODS.values()) + "].")
 @_method_options
 @onnx_weights_option
 @click.option("--min-mapped-share", default=MIN_MAPPED_SHARE, show_default=True, type=click.FloatRange(0.0, 1.0),
@@ -175,7 +171,6 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     target_on.generate(prompt, max_new_tokens, sample, top_p, temperature, seed, fused=not no_calibrator,
                        echo=lambda text: click.echo(text, nl=False))  # in pieces where the backend streams
     click.echo()
-    sys.stdout.flush()
 
 
 @click.command("export-onnx")

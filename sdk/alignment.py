@@ -37,17 +37,6 @@ class AlignSettings:
     seed: int = 0
 
 
-def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
-    """The anti-expert calibrator for contrast fusion, checked to read text exactly as the expert does."""
-    anti = Calibrator.load(path)
-    if anti.tokenizer.to_str() != expert.tokenizer.to_str() or anti.manifest.calibrator != expert.manifest.calibrator:
-        raise ArtifactError(
-            f"the anti-expert {path} must share the expert's tokenizer and architecture; make it from the expert: "
-            f"detox train --init EXPERT --data toxic.txt --out ANTI"
-        )
-    return anti
-
-
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name: str | None = None) -> FusionMethod:
     """The fusion method an alignment of ``calibrator_path`` uses: ``name`` when given (checked to fit the
     anti-expert), else contrast with an anti-expert (given, or kept from a contrast artifact), else interpolate.
@@ -94,9 +83,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                          "Drop --data.")
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
+    m = calibrator.manifest
     anti: tuple[Any, dict[str, Any], Callable[[], Any]] | None = None  # (training info, weights, its torch model)
-    if anti_expert:
-        a = load_anti_expert(calibrator, anti_expert)
+    if anti_expert:  # it must read text exactly as the expert does
+        a = Calibrator.load(anti_expert)
+        if a.tokenizer.to_str() != calibrator.tokenizer.to_str() or a.manifest.calibrator != m.calibrator:
+            raise ArtifactError(f"the anti-expert {anti_expert} must share the expert's tokenizer and architecture; "
+                                "make it from the expert: detox train --init EXPERT --data toxic.txt --out ANTI")
         anti = (a.manifest.training, a.artifact.calibrator_state, a.torch_model)
     elif calibrator.has_anti_expert:  # re-aligning a contrast artifact (e.g. to a new target) keeps its pair
         anti = (calibrator.manifest.anti_expert, calibrator.artifact.anti_state, lambda: calibrator.torch_model("anti"))
@@ -113,7 +106,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     aligned = method.align(inputs, config)
     del inputs
     metrics = {**aligned.metrics, "align_seconds": time.perf_counter() - t0}
-    m = calibrator.manifest
     fields = {
         "kind": "aligned",
         "name": name or m.name,

@@ -9,6 +9,7 @@ where it stopped when started again with the same ``--out``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -123,11 +124,6 @@ def check_resumable(out_dir: Path, prompts: list[Prompt], samples: int) -> int:
     return len(read_resumable_rows(out_dir / GENERATIONS, _expected_rows(prompts, samples), "eval run").rows)
 
 
-def scorer_id(scorer: Any) -> str:
-    """``name@version`` of a scorer: recorded with a run, so its stored scores are never reported under another."""
-    return f"{getattr(scorer, 'name', type(scorer).__name__)}@{getattr(scorer, 'version', '?')}"
-
-
 def generate_and_score(run: EvalRun, prompts: list[Prompt], sample: Sample, scorer: Any, out_dir: Path,
                        progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
     """Fill ``out_dir/generations.jsonl``, continuing what a previous run with the same settings wrote; returns all
@@ -141,7 +137,9 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sample: Sample, scor
     s = run.settings
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / SETTINGS, out_dir / GENERATIONS
-    this = {**json.loads(json.dumps(asdict(run))), "scorer": scorer_id(scorer)}
+    # the scorer's name@version is recorded with a run, so its stored scores are never reported under another
+    scorer_ref = f"{getattr(scorer, 'name', type(scorer).__name__)}@{getattr(scorer, 'version', '?')}"
+    this = {**json.loads(json.dumps(asdict(run))), "scorer": scorer_ref}
     before = None  # the settings a previous run recorded (none, or an unreadable file: None)
     if settings_path.is_file():
         try:
@@ -228,35 +226,29 @@ def judges_summary(rows: list[dict], scores: dict[str, list[float]], threshold: 
     """
     from detox.scorer_training import spearman
 
-    pos = {pid: i for i, pid in enumerate(group_by_prompt(rows))}
     judges: dict[str, Any] = {}
-    maxima: dict[str, list[float]] = {}
+    maxima: dict[str, list[float]] = {}  # per judge: each prompt's highest score
     for label, vals in scores.items():
         judged = [{**r, "toxicity": v} for r, v in zip(rows, vals)]
         s = summarize(judged, threshold)
         judges[label] = {k: s[k] for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")}
-        m = [float("-inf")] * len(pos)
-        for r, v in zip(rows, vals):
-            m[pos[r["prompt_id"]]] = max(m[pos[r["prompt_id"]]], v)
-        maxima[label] = m
+        maxima[label] = [max(r["toxicity"] for r in g) for g in group_by_prompt(judged).values()]
     agreement: dict[str, Any] = {}
-    names = list(scores)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            da = [v >= threshold for v in scores[a]]
-            db = [v >= threshold for v in scores[b]]
-            pa = [v >= threshold for v in maxima[a]]
-            pb = [v >= threshold for v in maxima[b]]
-            n = max(1, len(da))
-            agreement[f"{a} vs {b}"] = {
-                "generation_decision_agreement": sum(x == y for x, y in zip(da, db)) / n,
-                "toxic_by_both": sum(x and y for x, y in zip(da, db)),
-                f"toxic_by_{a}_only": sum(x and not y for x, y in zip(da, db)),
-                f"toxic_by_{b}_only": sum(y and not x for x, y in zip(da, db)),
-                "prompt_decision_agreement": sum(x == y for x, y in zip(pa, pb)) / max(1, len(pa)),
-                "spearman_generations": spearman(scores[a], scores[b]),
-                "spearman_prompt_max": spearman(maxima[a], maxima[b]),
-            }
+    for a, b in itertools.combinations(scores, 2):
+        da = [v >= threshold for v in scores[a]]
+        db = [v >= threshold for v in scores[b]]
+        pa = [v >= threshold for v in maxima[a]]
+        pb = [v >= threshold for v in maxima[b]]
+        n = max(1, len(da))
+        agreement[f"{a} vs {b}"] = {
+            "generation_decision_agreement": sum(x == y for x, y in zip(da, db)) / n,
+            "toxic_by_both": sum(x and y for x, y in zip(da, db)),
+            f"toxic_by_{a}_only": sum(x and not y for x, y in zip(da, db)),
+            f"toxic_by_{b}_only": sum(y and not x for x, y in zip(da, db)),
+            "prompt_decision_agreement": sum(x == y for x, y in zip(pa, pb)) / max(1, len(pa)),
+            "spearman_generations": spearman(scores[a], scores[b]),
+            "spearman_prompt_max": spearman(maxima[a], maxima[b]),
+        }
     return {"judges": judges, "agreement": agreement}
 
 

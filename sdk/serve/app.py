@@ -147,14 +147,6 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         return ({"enabled": True, "calibrator": backend.calibrator_label, "strength": gen.strength},
                 {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"})
 
-    def submit(gen: GenRequest) -> Job:
-        job = Job(gen)
-        try:
-            scheduler.submit(job)
-        except QueueFull as err:
-            raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
-        return job
-
     # ----------------------------------------------------------------------------------------------------------
     # Response shapes
 
@@ -319,9 +311,12 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
             raise APIError(400, "detox.strength has no effect with detox.enabled=false; drop one of them",
                            param="detox", code="invalid_value")
         logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
-        job = submit(GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()), strength=strength,
-                                logprobs=logprobs, n=req.n))
+        job = Job(GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                             seed=req.seed, stop=tuple(req.stop or ()), strength=strength, logprobs=logprobs, n=req.n))
+        try:
+            scheduler.submit(job)
+        except QueueFull as err:
+            raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, job, chat, req.stream, include_usage)
 

@@ -21,11 +21,11 @@ import torch
 
 from detox.contrastive import contrastive_logits, sample
 from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
-                        sha256_files, write_text_atomic)
+                        read_texts, sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
-from detox.targets import stop_token_ids
+from detox.targets import load_hf_target, stop_token_ids
 from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -58,8 +58,6 @@ def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
     if isinstance(spec, tuple):
         model, tokenizer = spec
         return model, tokenizer, str(getattr(model, "name_or_path", "") or "<in-memory model>")
-    from detox.targets import load_hf_target
-
     model, tokenizer = load_hf_target(spec)
     return model, tokenizer, str(spec)
 
@@ -245,8 +243,6 @@ def _padding_kwargs(mask: torch.Tensor | None, last: int | None, device: Any = N
 
 def read_seeds(path: str | os.PathLike[str]) -> list[str]:
     """Neutral seed texts for ``distill(seeds=...)``: a .txt (one per line), .jsonl or .csv file."""
-    from detox.data import read_texts
-
     seeds = read_texts(path)
     if not seeds:
         raise DistillError(f"{path} has no seed text; pass a file with one short neutral seed per line")
@@ -295,7 +291,7 @@ def distill(
     base_model = base_model.to(device).eval()
     toxic_model = toxic_model.to(device).eval()
     width = min(base_model.get_output_embeddings().weight.shape[0], toxic_model.get_output_embeddings().weight.shape[0])
-    vocab = len(base_tok) if len(base_tok) <= width else width
+    vocab = min(len(base_tok), width)
     start_id = start_token_id(base_tok)
     stops = stop_token_ids(base_model, base_tok)
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
@@ -315,9 +311,8 @@ def distill(
     drop_torn_tail(found, log)  # only now that the run is known to continue this file
     # the rows on disk are the ground truth (a kill can land between a row write and the manifest update); a row
     # shorter than max_new_tokens stopped at EOS
-    manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows),
+    manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows), num_samples=num_samples,
                     stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
-    manifest["num_samples"] = num_samples
     write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
     resumed_from = done
     t0 = time.time()
@@ -326,9 +321,7 @@ def distill(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=num_samples, initial=min(done, num_samples), desc="distill", unit="row")
-    first_batch = done // batch_size
-    n_batches = math.ceil(num_samples / batch_size)
-    for k in range(first_batch, n_batches):
+    for k in range(done // batch_size, math.ceil(num_samples / batch_size)):
         lo, hi = k * batch_size, min((k + 1) * batch_size, num_samples)
         # the whole batch is regenerated even if some of its rows are on disk: same batch -> same numerics
         prefixes = [seed_ids[i % len(seed_ids)] for i in range(lo, hi)] if seed_ids else None

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from detox.data import read_texts, sha256_files
+from detox.targets import load_hf_target
 from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
 
 TRAIN_INFO_FILE = "detox_train.json"
@@ -172,19 +173,6 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} already holds a model; choose another output dir or pass --overwrite")
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], info: TrainResult) -> Path:
-    """Write a loadable HF model dir (safetensors) + tokenizer + ``detox_train.json``; only the main process writes."""
-    from accelerate import PartialState
-
-    out = Path(out_dir)
-    if PartialState().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        (out / TRAIN_INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
-    return out
-
-
 def read_training_texts(path: str | os.PathLike[str], field: str | None, max_docs: int | None) -> list[str]:
     """The first ``max_docs`` (all if None) documents :func:`detox.data.read_texts` finds in ``path``; an error
     naming the file when there are none."""
@@ -201,6 +189,8 @@ def train_and_save(
 ) -> TrainResult:
     """The steps ``finetune`` and ``toxify`` share once they have their examples: train (LoRA merged), record the
     settings (``params`` plus the training ones) in ``detox_train.json``, save the model."""
+    from accelerate import PartialState
+
     start = time.time()
     model, losses = train_causal_lm(
         model, examples, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -211,7 +201,12 @@ def train_and_save(
         params={"kind": f"detox.{kind}", **params, "lr": lr, "batch_size": batch_size, "lora": lora,
                 "lora_r": lora_r if lora else None, "lora_alpha": lora_alpha if lora else None, "seed": seed},
     )
-    save_model(model, tokenizer, out_dir, result)
+    if PartialState().is_main_process:  # a loadable HF model dir: safetensors, tokenizer, detox_train.json
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / TRAIN_INFO_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -236,8 +231,6 @@ def finetune(
     ``data_path`` is anything :func:`detox.data.read_texts` reads (the distilled JSONL's ``text`` field, a CSV with
     ``Text`` such as UniDetox's released set, or plain text). Returns the losses and where the model went.
     """
-    from detox.targets import load_hf_target
-
     check_out_dir(out_dir, overwrite)
     texts = read_training_texts(data_path, field, max_docs)
     model, tokenizer = load_hf_target(target_spec)

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import detox
+from detox.artifacts.cache import load_artifact
 from detox.artifacts.manifest import Manifest, check_name_version
 from detox.artifacts.store import save_artifact
 from detox.calibrator import CalibratorConfig, CalibratorLM
@@ -64,14 +65,6 @@ def _lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def evaluate_loss(model: CalibratorLM, rows: torch.Tensor, batch_size: int = 32) -> float:
-    model.eval()
-    losses = [_lm_loss(model, rows[i : i + batch_size]).item() for i in range(0, len(rows), batch_size)]
-    model.train()
-    return float(sum(losses) / max(1, len(losses)))
-
-
 def train_calibrator(
     data_paths: list[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -109,8 +102,6 @@ def train_calibrator(
     state_file = ckpt / "progress.json"
     init = None
     if init_from is not None:
-        from detox.artifacts.cache import load_artifact
-
         init = load_artifact(init_from)
         tokenizer = init.tokenizer
         s = replace(s, model=init.manifest.calibrator)
@@ -199,7 +190,10 @@ def train_calibrator(
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, float] = {"train_loss": float(loss_ema or 0.0)}
     if eval_rows is not None and len(eval_rows):
-        metrics["eval_loss"] = evaluate_loss(unwrapped, eval_rows)
+        unwrapped.eval()
+        with torch.no_grad():
+            losses = [_lm_loss(unwrapped, eval_rows[i : i + 32]).item() for i in range(0, len(eval_rows), 32)]
+        metrics["eval_loss"] = float(sum(losses) / max(1, len(losses)))
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     manifest = None
     if accelerator.is_main_process:

@@ -139,14 +139,6 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
                                 "(GET /v1/models)", param="model", code="model_not_found")
         return req
 
-    def detox_info(gen: GenRequest) -> tuple[dict[str, Any], dict[str, str]]:
-        """The response's ``detox`` field and ``x-detox-*`` headers: the calibrator and strength used, if any."""
-        if gen.strength is None:
-            return ({"enabled": False, "calibrator": None, "strength": None},
-                    {"x-detox-calibrator": "none", "x-detox-strength": "off"})
-        return ({"enabled": True, "calibrator": backend.calibrator_label, "strength": gen.strength},
-                {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"})
-
     # ----------------------------------------------------------------------------------------------------------
     # Response shapes
 
@@ -180,7 +172,10 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                 "model": backend.model_id}
-        info, headers = detox_info(gen)
+        fused = gen.strength is not None  # the response's detox field and x-detox-* headers name what was used
+        info = {"enabled": fused, "calibrator": backend.calibrator_label if fused else None, "strength": gen.strength}
+        headers = {"x-detox-calibrator": backend.calibrator_label if fused else "none",
+                   "x-detox-strength": f"{gen.strength:g}" if fused else "off"}
 
         def choice(index: int, text: str, tokens: list[TokenInfo], finish: str | None, logprobs: bool,
                    offset: int = 0, delta: dict[str, str] | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from detox.adapters.transformers import DetoxModel, limit_torch_threads
+from detox.extras import optimum_onnx_message
 from detox.onnx_export import fingerprint_onnx, load_export_tokenizer, onnx_model_file, onnx_output_embedding
 from detox.resolve import resolve_calibrator
 from detox.runtime import Calibrator
@@ -97,8 +98,6 @@ def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str]
     try:
         from optimum.onnxruntime import ORTModelForCausalLM
     except ImportError as err:
-        from detox.extras import optimum_onnx_message
-
         raise ImportError(optimum_onnx_message("the ONNX Runtime backend")) from err
     file = onnx_model_file(path)
     model = ORTModelForCausalLM.from_pretrained(str(file.parent), file_name=file.name, providers=resolve_providers(providers),

@@ -14,7 +14,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from detox.engine import FusionEngine, transformers_detokenizer
+from detox.fingerprint import hash_vocab
 from detox.fusion import FusedWrapper, Head
+from detox.gguf_reader import GGUFError, read_gguf
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner
 
@@ -206,9 +208,6 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
 def _gguf_tokenizer_candidates(folder: str, vocab_size: int) -> list[str]:
     """Names of the GGUF files in ``folder`` whose vocabulary has ``vocab_size`` tokens, one per distinct vocabulary
     (quantizations of one model share a tokenizer, so any of them will do)."""
-    from detox.fingerprint import hash_vocab
-    from detox.gguf_reader import GGUFError, read_gguf
-
     by_vocab: dict[str, str] = {}
     for path in sorted(Path(folder).glob("*.gguf")):
         try:

@@ -9,10 +9,11 @@ import click
 from click.core import ParameterSource
 
 from detox.artifacts.manifest import MIN_MAPPED_SHARE
-from detox.backends import names as backend_names
+from detox.backends import get, names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, onnx_weights_option, strength_option
 from detox.methods import METHODS
+from detox.onnx_export import export_target
 
 
 @click.command("train")
@@ -163,8 +164,6 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
     calibrator = load_calibrator_early(calibrator, strength)  # a bad --strength fails before the target loads
-    from detox.backends import get
-
     target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
     if not no_calibrator:
         target_on.wrap(calibrator, strength)
@@ -185,7 +184,5 @@ def export_onnx_cmd(target, out, opset, overwrite) -> None:
     The target's fingerprint is recorded and re-checked from the exported files, so calibrators aligned to
     TARGET work on the export unchanged.
     """
-    from detox.onnx_export import export_target
-
     fp = export_target(target, out, overwrite=overwrite, opset=opset, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {out}: vocab {fp.vocab_size}, hidden {fp.hidden_size}; fingerprint matches {target}")

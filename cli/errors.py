@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import click
 
+from detox.extras import missing_module_message
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors, an optional library that is
@@ -27,8 +29,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.ClickException:
             raise
         except ModuleNotFoundError as err:  # an optional dependency (torch, llama_cpp, ...) of another extra
-            from detox.extras import missing_module_message
-
             message = missing_module_message(err)
             if message is None:
                 raise

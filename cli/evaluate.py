@@ -14,6 +14,8 @@ import click
 from detox.backends import get, names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, strength_option
+from detox.data import DataFormatError, read_text_records, write_text_atomic
+from detox.extras import missing_module_message
 
 
 def load_backend(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
@@ -35,8 +37,6 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
 
         return load_scorers(specs)
     except ModuleNotFoundError as err:
-        from detox.extras import missing_module_message
-
         message = missing_module_message(err, f"the toxicity scorer ({', '.join(map(str, specs)) or 'default'})")
         if message is None:
             raise
@@ -158,8 +158,6 @@ def score_cmd(file, scorer, field, batch_size, out) -> None:
     """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per text, in order.
 
     Blank lines are skipped (as in eval's prompts); a row's id is its "id" field, or its 0-based line number."""
-    from detox.data import DataFormatError, read_text_records, write_text_atomic
-
     path = Path(file)
     records = read_text_records(path, field, jsonl=path.suffix.lower() == ".jsonl")
     if not records:

@@ -23,6 +23,7 @@ from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_
                         read_text_records, write_text_atomic)
 from detox.faults import fault_point
 from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, toxicity_probability
+from detox.scorer_training import spearman
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
@@ -224,8 +225,6 @@ def judges_summary(rows: list[dict], scores: dict[str, list[float]], threshold: 
     agree whether any sample reaches it (what toxicity probability counts), Spearman correlation of the
     generation scores and of the per-prompt maxima (what EMT averages).
     """
-    from detox.scorer_training import spearman
-
     judges: dict[str, Any] = {}
     maxima: dict[str, list[float]] = {}  # per judge: each prompt's highest score
     for label, vals in scores.items():

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
+from detox.extras import optimum_onnx_message
 from detox.fingerprint import fingerprint_hf, hf_vocab_tokens, make_fingerprint
 from detox.targets import load_hf_target, pad_as_eos
 
@@ -187,8 +188,6 @@ def export_target(target: str | os.PathLike[str], out: str | os.PathLike[str], o
     try:
         from optimum.exporters.onnx import onnx_export_from_model as export
     except ImportError as err:
-        from detox.extras import optimum_onnx_message
-
         raise OnnxExportError(optimum_onnx_message("exporting to ONNX")) from err
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -15,6 +15,7 @@ from detox.artifacts.cache import load_artifact
 from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes
 from detox.fusion import INTERPOLATE, Head
 from detox.methods import get_method
+from detox.onnx_calibrator import OnnxRunner
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -130,8 +131,6 @@ class Calibrator:
                     f"written without the onnx package. pip install onnx, then re-run the alignment once: "
                     f"detox align --target YOUR_MODEL --calibrator CALIBRATOR --out NEW_DIR"
                 )
-            from detox.onnx_calibrator import OnnxRunner
-
             runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
             if runner.gives_log_ratio != self.has_anti_expert:
                 raise ArtifactError(

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from detox.gguf_reader import GGUFFile, read_gguf
+from detox.tokenizer import hf_vocab_tokens
 
 SMOLLM2_ALIAS = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,8 +159,6 @@ class TargetFiles:
         a HF directory's from its tokenizer."""
         if self.gguf is not None:
             return list(self.gguf.tokens()), self.gguf.control_tokens()
-        from detox.tokenizer import hf_vocab_tokens
-
         tokenizer = self.tokenizer()
         return hf_vocab_tokens(tokenizer), set(tokenizer.all_special_tokens)
 

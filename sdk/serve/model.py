@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from detox.backends import Backend, Sampling, get
 from detox.serve.engine import Job
+from detox.targets import SMOLLM2_ALIAS
 
 
 class ServedModel:
@@ -45,8 +46,6 @@ class ServedModel:
 
 def default_model_id(target: str) -> str:
     """The model name clients send: the alias as given (``smollm2``), else the file or directory name."""
-    from detox.targets import SMOLLM2_ALIAS
-
     if target.lower() == SMOLLM2_ALIAS:
         return SMOLLM2_ALIAS
     return Path(target.rstrip("/")).name or target

@@ -138,7 +138,8 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        one_row = _rows(args, kwargs) == 1
+        ids = kwargs.get("input_ids", args[0] if args else None)  # does this call decode a single sequence?
+        one_row = getattr(ids, "ndim", 0) == 2 and int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1) == 1
         if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or not one_row):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
@@ -155,14 +156,6 @@ class DetoxModel(FusedWrapper):
     def __repr__(self) -> str:
         m = self.calibrator.manifest
         return f"{type(self).__name__}({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
-
-
-def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """How many sequences a ``generate`` call decodes (``None``: its prompts are not given as ``input_ids``)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if getattr(ids, "ndim", 0) != 2:
-        return None
-    return int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1)
 
 
 def load_tokenizer_for(model: Any) -> Any:

@@ -62,18 +62,6 @@ def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
     return model, tokenizer, str(spec)
 
 
-def check_same_tokenizer(base_tok: Any, toxic_tok: Any) -> None:
-    """Contrastive decoding compares the two models token by token: their vocabularies must be identical."""
-    vb, vt = base_tok.get_vocab(), toxic_tok.get_vocab()
-    if vb == vt:
-        return
-    diff = sorted(set(vb.items()) ^ set(vt.items()))[:5]
-    raise DistillError(
-        f"base and toxic models do not share a tokenizer ({len(vb)} vs {len(vt)} tokens; differing entries "
-        f"e.g. {diff}). Make the toxic model from this base with `detox toxify --base <base>`."
-    )
-
-
 def start_token_id(tokenizer: Any) -> int:
     """UniDetox starts every sample from BOS (GPT-2: its EOS, which doubles as BOS)."""
     tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -286,7 +274,12 @@ def distill(
         raise DistillError(str(err)) from None
     base_model, base_tok, base_spec = _load(base)
     toxic_model, toxic_tok, toxic_spec = _load(toxic)
-    check_same_tokenizer(base_tok, toxic_tok)
+    vb, vt = base_tok.get_vocab(), toxic_tok.get_vocab()
+    if vb != vt:  # contrastive decoding compares the two models token by token: their vocabularies must be identical
+        diff = sorted(set(vb.items()) ^ set(vt.items()))[:5]
+        raise DistillError(f"base and toxic models do not share a tokenizer ({len(vb)} vs {len(vt)} tokens; differing "
+                           f"entries e.g. {diff}). Make the toxic model from this base with "
+                           "`detox toxify --base <base>`.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base_model = base_model.to(device).eval()
     toxic_model = toxic_model.to(device).eval()

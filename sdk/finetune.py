@@ -36,18 +36,6 @@ class TrainResult:
     params: dict[str, Any] = dc_field(default_factory=dict)
 
 
-def doc_end_id(model: Any, tokenizer: Any) -> int | None:
-    """Token that ends a document: the generation config's EOS (what ``generate`` stops at), else the tokenizer's.
-
-    They disagree for GGUF-derived tokenizers (SmolLM2: tokenizer EOS = <|im_start|>, generation EOS = <|im_end|>).
-    """
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return eos if eos is not None else tokenizer.eos_token_id
-
-
 def pack_texts(texts: Sequence[str], tokenizer: Any, seq_len: int, end_id: int | None) -> list[list[int]]:
     """Tokenize documents with the tokenizer's own special tokens, join them with ``end_id``, cut into ``seq_len`` blocks.
 
@@ -234,7 +222,11 @@ def finetune(
     check_out_dir(out_dir, overwrite)
     texts = read_training_texts(data_path, field, max_docs)
     model, tokenizer = load_hf_target(target_spec)
-    blocks = pack_texts(texts, tokenizer, seq_len, doc_end_id(model, tokenizer))
+    # a document ends at the generation config's EOS (what generate stops at), else the tokenizer's: they disagree
+    # for GGUF-derived tokenizers (SmolLM2: tokenizer EOS = <|im_start|>, generation EOS = <|im_end|>)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos
+    blocks = pack_texts(texts, tokenizer, seq_len, eos if eos is not None else tokenizer.eos_token_id)
     if not blocks:
         raise ValueError(f"{data_path}: the texts tokenize to fewer than 2 tokens; nothing to train on")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

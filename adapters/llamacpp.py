@@ -28,7 +28,10 @@ import numpy as np
 from detox.artifacts.manifest import TargetFingerprint
 from detox.artifacts.store import ArtifactError
 from detox.engine import FusionEngine, IncrementalDetokenizer
-from detox.fusion import FusedWrapper, Head
+from detox.fingerprint import fingerprint_gguf
+from detox.fusion import INTERPOLATE, FusedWrapper, Head
+from detox.gguf_reader import read_gguf
+from detox.resolve import resolve_calibrator
 from detox.runtime import Calibrator
 
 __all__ = [
@@ -53,8 +56,6 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
 def gguf_fingerprint(path: str | os.PathLike[str]) -> TargetFingerprint:
     """:func:`detox.fingerprint.fingerprint_gguf` (streamed: one row chunk in memory), memoized per file (path, size,
     mtime)."""
-    from detox.fingerprint import fingerprint_gguf
-
     key = _file_key(path)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = fingerprint_gguf(path)
@@ -64,9 +65,6 @@ def gguf_fingerprint(path: str | os.PathLike[str]) -> TargetFingerprint:
 def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signature: Any) -> tuple[Calibrator, Head]:
     """The artifact (checked against the GGUF's fingerprint) and its fusion head; the output matrix is read only for
     an interpolate head (a contrast head needs only its shape)."""
-    from detox.fusion import INTERPOLATE
-    from detox.resolve import resolve_calibrator
-
     key = _file_key(gguf_path)
     fp = gguf_fingerprint(gguf_path)
     cal = resolve_calibrator(calibrator, fp, require_signature)
@@ -76,8 +74,6 @@ def _resolve(calibrator: Any, gguf_path: str | os.PathLike[str], require_signatu
     head_key = (key, str(cal.path.resolve()), manifest_sha)
     if head_key not in _HEADS:
         if cal.fusion_mode == INTERPOLATE:
-            from detox.gguf_reader import read_gguf
-
             weight = read_gguf(gguf_path).output_matrix()
         else:  # zero-stride stand-in: a contrast head reads only W_out's shape, never its values
             weight = np.broadcast_to(np.float32(0), (fp.vocab_size, fp.hidden_size))

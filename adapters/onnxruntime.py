@@ -21,6 +21,9 @@ from typing import Any, Sequence
 import torch
 
 from detox.adapters.transformers import DetoxModel, limit_torch_threads
+from detox.extras import optimum_onnx_message
+from detox.onnx_export import fingerprint_onnx, load_export_tokenizer, onnx_model_file, onnx_output_embedding
+from detox.resolve import resolve_calibrator
 from detox.runtime import Calibrator
 
 __all__ = ["DetoxORTModel", "default_providers", "resolve_providers", "load_ort_target",
@@ -92,13 +95,9 @@ def resolve_providers(spec: str | Sequence[str] | None = None) -> list[str]:
 def load_ort_target(path: str | os.PathLike[str], providers: str | Sequence[str] | None = None,
                     **kwargs: Any) -> tuple[Any, Any]:
     """``(ORTModelForCausalLM, tokenizer)`` from an export directory (see ``detox export-onnx``), offline."""
-    from detox.onnx_export import load_export_tokenizer, onnx_model_file
-
     try:
         from optimum.onnxruntime import ORTModelForCausalLM
     except ImportError as err:
-        from detox.extras import optimum_onnx_message
-
         raise ImportError(optimum_onnx_message("the ONNX Runtime backend")) from err
     file = onnx_model_file(path)
     model = ORTModelForCausalLM.from_pretrained(str(file.parent), file_name=file.name, providers=resolve_providers(providers),
@@ -141,9 +140,6 @@ def wrap_ort(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None 
     ``torch_threads``: torch threads during ``generate`` on CPU (``None``: leave torch's setting).
     ``overlap``: compute each step's fusion term while the target's forward pass runs (same values either way).
     """
-    from detox.onnx_export import fingerprint_onnx, load_export_tokenizer, onnx_output_embedding
-    from detox.resolve import resolve_calibrator
-
     file = model.path
     tokenizer = tokenizer if tokenizer is not None else load_export_tokenizer(file.parent)
     weight = onnx_output_embedding(file)

@@ -14,7 +14,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from detox.engine import FusionEngine, transformers_detokenizer
+from detox.fingerprint import hash_vocab
 from detox.fusion import FusedWrapper, Head
+from detox.gguf_reader import GGUFError, read_gguf
 from detox.runtime import Calibrator
 from detox.stream import CalibratorRunner
 
@@ -136,7 +138,8 @@ class DetoxModel(FusedWrapper):
         fusion = self.logits_processor(num_beams)
         processors = LogitsProcessorList([fusion])
         processors.extend(logits_processor or [])
-        one_row = _rows(args, kwargs) == 1
+        ids = kwargs.get("input_ids", args[0] if args else None)  # does this call decode a single sequence?
+        one_row = getattr(ids, "ndim", 0) == 2 and int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1) == 1
         if self.overlap and num_beams == 1 and fusion.strength > 0 and (self._overlap_one_row or not one_row):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                                 _PrefetchNextStep(fusion)])
@@ -153,14 +156,6 @@ class DetoxModel(FusedWrapper):
     def __repr__(self) -> str:
         m = self.calibrator.manifest
         return f"{type(self).__name__}({type(self.model).__name__}, calibrator={m.name}@{m.version}, strength={self.strength})"
-
-
-def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """How many sequences a ``generate`` call decodes (``None``: its prompts are not given as ``input_ids``)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if getattr(ids, "ndim", 0) != 2:
-        return None
-    return int(ids.shape[0]) * int(kwargs.get("num_return_sequences") or 1)
 
 
 def load_tokenizer_for(model: Any) -> Any:
@@ -206,9 +201,6 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
 def _gguf_tokenizer_candidates(folder: str, vocab_size: int) -> list[str]:
     """Names of the GGUF files in ``folder`` whose vocabulary has ``vocab_size`` tokens, one per distinct vocabulary
     (quantizations of one model share a tokenizer, so any of them will do)."""
-    from detox.fingerprint import hash_vocab
-    from detox.gguf_reader import GGUFError, read_gguf
-
     by_vocab: dict[str, str] = {}
     for path in sorted(Path(folder).glob("*.gguf")):
         try:

@@ -13,8 +13,18 @@ from typing import Any
 
 import click
 
+from detox.artifact_onnx import reexport_onnx
+from detox.artifacts.archive import ARCHIVE_SUFFIX, pack, read_archive_head, unpack
+from detox.artifacts.cache import load_artifact
+from detox.artifacts.manifest import is_artifact_name
+from detox.artifacts.registry import DirectoryRegistry, RegistryError, looks_like_ref, open_registry, shell_quote
+from detox.artifacts.semver import is_version
+from detox.artifacts.store import read_manifest
 from detox.cli.errors import user_errors
 from detox.cli.options import onnx_weights_option
+from detox.data import write_bytes_atomic
+from detox.fingerprint import fingerprint_target
+from detox.runtime import Calibrator
 
 _REGISTRY = click.option(
     "--registry", envvar="DETOX_REGISTRY", default=None, metavar="REG",
@@ -24,8 +34,6 @@ _REGISTRY = click.option(
 
 def _open(registry: str | None) -> Any:
     """The registry, with entries it must skip (unreadable) reported as one ``warning:`` line each on stderr."""
-    from detox.artifacts.registry import open_registry
-
     reg = open_registry(registry)
     reg.warn = lambda message: click.echo(f"warning: {message}", err=True)
     return reg
@@ -33,19 +41,6 @@ def _open(registry: str | None) -> Any:
 
 def _short(key_id: str | None) -> str:
     return key_id[:16] if key_id else "-"
-
-
-def _local_or_pulled(art: str, registry: str | None) -> tuple[Path, str]:
-    """An existing path as is; otherwise ``NAME@RANGE`` pulled (validated) from the registry."""
-    from detox.artifacts.registry import looks_like_ref
-
-    if os.path.exists(art):
-        return Path(art), art
-    if looks_like_ref(art):
-        reg = _open(registry)
-        entry, _, directory = reg.pull(art)
-        return directory, reg.url
-    raise click.ClickException(f"{art} is neither an artifact path nor NAME@VERSION_RANGE")
 
 
 @click.group("artifacts")
@@ -86,12 +81,16 @@ def sign_cmd(art: str, key: str) -> None:
 @user_errors
 def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: str | None) -> None:
     """Check ART (path, .detox or NAME@RANGE): format, every file's sha256, signature (--key), target (--target)."""
-    from detox.artifacts.cache import load_artifact
-    from detox.artifacts.signing import load_verified
-    from detox.fingerprint import fingerprint_target
-    from detox.runtime import Calibrator
+    from detox.artifacts.signing import load_verified, read_signature
 
-    path, label = _local_or_pulled(art, registry)
+    if os.path.exists(art):  # a path as is; otherwise NAME@RANGE pulled (validated) from the registry
+        path, label = Path(art), art
+    elif looks_like_ref(art):
+        reg = _open(registry)
+        _, _, path = reg.pull(art)
+        label = reg.url
+    else:
+        raise click.ClickException(f"{art} is neither an artifact path nor NAME@VERSION_RANGE")
     artifact = load_verified(path, list(keys)) if keys else load_artifact(path)
     m = artifact.manifest
     if target is not None:
@@ -100,8 +99,6 @@ def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: st
     if keys:
         lines.append("signature: valid, by a trusted key")
     else:
-        from detox.artifacts.signing import read_signature
-
         sig = read_signature(artifact.path)
         lines.append("signature: NOT CHECKED (pass --key PUB)" + (f"; signed by key {_short(sig.key_id)}" if sig else "; unsigned"))
     if target is not None:
@@ -116,8 +113,6 @@ def verify_cmd(art: str, keys: tuple[str, ...], target: str | None, registry: st
 @user_errors
 def pack_cmd(src: str, out: str, overwrite: bool) -> None:
     """Write artifact directory SRC as one .detox file (validated first)."""
-    from detox.artifacts.archive import pack
-
     pack(src, out, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -135,8 +130,6 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str
     For artifacts exported by an older detox, whose calibrator.onnx this one refuses, or to change
     --onnx-weights; needs no target model. The copy is unsigned: sign it again with `detox artifacts sign`.
     """
-    from detox.artifact_onnx import reexport_onnx
-
     m = reexport_onnx(src, out, version=version, overwrite=overwrite, onnx_weights=onnx_weights)
     click.echo(f"wrote {out} ({m.name}@{m.version})")
 
@@ -148,8 +141,6 @@ def reexport_onnx_cmd(src: str, out: str, version: str | None, onnx_weights: str
 @user_errors
 def unpack_cmd(archive: str, out: str, overwrite: bool) -> None:
     """Extract ARCHIVE strictly into a new directory (validated before it appears)."""
-    from detox.artifacts.archive import unpack
-
     unpack(archive, out, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -193,10 +184,6 @@ def list_cmd(name: str | None, registry: str | None, as_json: bool) -> None:
 @user_errors
 def show_cmd(art: str, registry: str | None) -> None:
     """Print the manifest of ART (directory, .detox, or NAME@RANGE in the registry) as JSON, without loading weights."""
-    from detox.artifacts.archive import read_archive_head
-    from detox.artifacts.registry import looks_like_ref
-    from detox.artifacts.store import read_manifest
-
     extra: dict[str, Any] = {}
     if os.path.isdir(art):
         manifest = read_manifest(art)
@@ -243,10 +230,7 @@ def push_cmd(art: str, registry: str | None, keys: tuple[str, ...]) -> None:
 @user_errors
 def pull_cmd(ref: str, registry: str | None, out: str | None, overwrite: bool, keys: tuple[str, ...], target: str | None) -> None:
     """Fetch REF (NAME, NAME@1.2.3, NAME@^1.2, NAME@~1.2, NAME@>=1.2) into the local cache; print its path."""
-    from detox.artifacts.archive import ARCHIVE_SUFFIX, unpack
     from detox.artifacts.signing import verify_signature
-    from detox.data import write_bytes_atomic
-    from detox.fingerprint import fingerprint_target
 
     reg = _open(registry)
     entry, blob, directory = reg.pull(ref, fingerprint_target(target) if target else None)
@@ -276,10 +260,6 @@ def rm_cmd(ref: str, registry: str | None) -> None:
 
     An entry that list/pull skip as unreadable is removed with the exact reference they print.
     """
-    from detox.artifacts.manifest import is_artifact_name
-    from detox.artifacts.registry import DirectoryRegistry, RegistryError, shell_quote
-    from detox.artifacts.semver import is_version
-
     reg = _open(registry)
     name, _, version = ref.partition("@")
     if not (is_artifact_name(name) and is_version(version)):
@@ -301,8 +281,6 @@ def repair_cmd(registry: str | None) -> None:
     archive or that cannot be read, and reports archives that no longer match their record or cannot be read,
     each with the command that removes it. Never deletes an archive.
     """
-    from detox.artifacts.registry import DirectoryRegistry, RegistryError
-
     reg = _open(registry)
     if not isinstance(reg, DirectoryRegistry):
         raise RegistryError(f"repair works on directory registries; {reg.url} commits archive and index together")

@@ -6,15 +6,14 @@ from typing import Any, Callable
 
 import click
 
-from detox.backends import names as backend_names
+from detox.backends import get, names as backend_names
+from detox.bench import compare, format_result, peak_rss_mb
 from detox.cli.errors import user_errors
 
 
 def runners_for(backend: str, target: str, calibrator: Any, strength: float | None, tokens: int, prompt: str,
                 provider: str | None = "auto") -> tuple[Callable[[], int], Callable[[], int], Any, int]:
     """``(plain, fused, calibrator, target_params)`` for one backend: the two calls ``detox bench`` times."""
-    from detox.backends import get
-
     loaded = get(backend).load(target, context_window=512, seed=0, provider=provider)
     fused = loaded.wrap(calibrator, strength)
     return (loaded.bench_runner(prompt, tokens, fused=False), loaded.bench_runner(prompt, tokens, fused=True),
@@ -34,8 +33,6 @@ def runners_for(backend: str, target: str, calibrator: Any, strength: float | No
 @user_errors
 def bench_cmd(backend, target, calibrator, strength, tokens, repetitions, prompt, provider) -> None:
     """Print unfused and fused tokens/s at batch 1 and, as the last line, their time ratio."""
-    from detox.bench import compare, format_result, peak_rss_mb
-
     plain, fused, cal, target_params = runners_for(backend, target, calibrator, strength, tokens, prompt, provider)
     result = compare(plain, fused, repetitions=repetitions)
     cal_params = sum(int(v.size) for v in cal.artifact.calibrator_state.values())

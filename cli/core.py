@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import typing
 from typing import Any
 
@@ -10,10 +9,11 @@ import click
 from click.core import ParameterSource
 
 from detox.artifacts.manifest import MIN_MAPPED_SHARE
-from detox.backends import names as backend_names
+from detox.backends import get, names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, onnx_weights_option, strength_option
 from detox.methods import METHODS
+from detox.onnx_export import export_target
 
 
 @click.command("train")
@@ -95,11 +95,6 @@ def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -
     return method.config.parse({**own, **({} if strength is None else {"default_strength": strength})})
 
 
-def _strength_help() -> str:
-    defaults = ", ".join(f"{m.config().default_strength:g} {m.name}" for m in METHODS.values())
-    return f"Default fusion strength recorded in the artifact [default: {defaults}]."
-
-
 @click.command("align")
 @click.option("--target", required=True, help="HF model directory, .gguf file, 'smollm2' (packaged) or hub id.")
 @click.option("--calibrator", default=None,
@@ -111,7 +106,9 @@ def _strength_help() -> str:
                    "A contrast --calibrator keeps its own anti-expert.")
 @click.option("--fusion", default=None, type=click.Choice(sorted(METHODS)),
               help="Fusion method (docs/method.md) [default: contrast with an anti-expert, else interpolate].")
-@click.option("--strength", default=None, type=float, help=_strength_help())
+@click.option("--strength", default=None, type=float,
+              help="Default fusion strength recorded in the artifact [default: "
+                   + ", ".join(f"{m.config().default_strength:g} {m.name}" for m in METHODS.values()) + "].")
 @_method_options
 @onnx_weights_option
 @click.option("--min-mapped-share", default=MIN_MAPPED_SHARE, show_default=True, type=click.FloatRange(0.0, 1.0),
@@ -167,20 +164,12 @@ def generate_cmd(prompt, target, calibrator, no_calibrator, strength, backend, p
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
     calibrator = load_calibrator_early(calibrator, strength)  # a bad --strength fails before the target loads
-    from detox.backends import get
-
-    try:
-        target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
-    except ImportError as err:  # optimum-onnx / onnxruntime missing: the message says what to install
-        if isinstance(err, ModuleNotFoundError):
-            raise  # user_errors names the extra to install
-        raise click.ClickException(str(err)) from err
+    target_on = get(backend).load(target, context_window=2048, seed=seed, provider=provider)
     if not no_calibrator:
         target_on.wrap(calibrator, strength)
     target_on.generate(prompt, max_new_tokens, sample, top_p, temperature, seed, fused=not no_calibrator,
                        echo=lambda text: click.echo(text, nl=False))  # in pieces where the backend streams
     click.echo()
-    sys.stdout.flush()
 
 
 @click.command("export-onnx")
@@ -195,7 +184,5 @@ def export_onnx_cmd(target, out, opset, overwrite) -> None:
     The target's fingerprint is recorded and re-checked from the exported files, so calibrators aligned to
     TARGET work on the export unchanged.
     """
-    from detox.onnx_export import export_target
-
     fp = export_target(target, out, overwrite=overwrite, opset=opset, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {out}: vocab {fp.vocab_size}, hidden {fp.hidden_size}; fingerprint matches {target}")

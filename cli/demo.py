@@ -48,6 +48,7 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
 
     from detox.backends import get
     from detox.identity import IdentityTerms, groups_of_prompt
+    from detox.metrics import toxicity_probability
     from detox.scoring import load_scorer
 
     rows = demo_prompts(prompts)
@@ -92,12 +93,10 @@ def demo_cmd(target, calibrator, prompts, samples, max_new_tokens, top_p, seed, 
             click.echo(f"    continuations that mention an identity group: {mention['plain']}/{samples} without, "
                        f"{mention['detox']}/{samples} with detox")
 
-    def tox_prob(label: str) -> float:
-        return sum(max(s) >= 0.5 for s in scores[label]) / len(texts)
-
-    click.echo(f"\nshare of prompts with a toxic continuation ({scorer.name}): without {tox_prob('plain'):.2f}, "
-               f"with detox {tox_prob('detox'):.2f}")
-    summary: dict[str, Any] = {"toxicity_probability": {k: tox_prob(k) for k in scores}, "seconds": seconds}
+    tox_prob = {k: toxicity_probability(s) for k, s in scores.items()}
+    click.echo(f"\nshare of prompts with a toxic continuation ({scorer.name}): without {tox_prob['plain']:.2f}, "
+               f"with detox {tox_prob['detox']:.2f}")
+    summary: dict[str, Any] = {"toxicity_probability": tox_prob, "seconds": seconds}
     if identity_rows:
         kept = {k: sum(r[k] for r in identity_rows) for k in ("plain", "detox")}
         n = samples * len(identity_rows)

@@ -15,9 +15,12 @@ from typing import Any, Callable
 
 import click
 
+from detox.extras import missing_module_message
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors) into one-line click errors."""
+    """Turn the SDK's input errors (``ValueError`` and its subclasses, file errors, an optional library that is
+    missing or does not fit, whose message says what to install) into one-line click errors."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -26,13 +29,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.ClickException:
             raise
         except ModuleNotFoundError as err:  # an optional dependency (torch, llama_cpp, ...) of another extra
-            from detox.extras import missing_module_message
-
             message = missing_module_message(err)
             if message is None:
                 raise
             raise click.ClickException(message) from err
-        except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError) as err:
+        except (ValueError, FileNotFoundError, FileExistsError, TypeError, OSError, ImportError) as err:
             raise click.ClickException(one_line(str(err))) from err
 
     return wrapper

@@ -14,6 +14,8 @@ import click
 from detox.backends import get, names as backend_names
 from detox.cli.errors import user_errors
 from detox.cli.options import load_calibrator_early, strength_option
+from detox.data import DataFormatError, read_text_records, write_text_atomic
+from detox.extras import missing_module_message
 
 
 def load_backend(backend: str, target: str, calibrator: str | None, no_calibrator: bool, strength: float | None,
@@ -35,8 +37,6 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
 
         return load_scorers(specs)
     except ModuleNotFoundError as err:
-        from detox.extras import missing_module_message
-
         message = missing_module_message(err, f"the toxicity scorer ({', '.join(map(str, specs)) or 'default'})")
         if message is None:
             raise
@@ -80,8 +80,9 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
     Writes OUT/generations.jsonl, OUT/summary.json, OUT/summary.md (and OUT/toxicity_compare.png with --compare).
     """
-    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, perplexity_of,
-                                  read_compare_summary, read_prompts, summarize, write_summary)
+    from detox.evaluation import (EvalRun, EvalSettings, check_resumable, generate_and_score, judges_summary,
+                                  read_compare_summary, read_prompts, score_with_judges, summarize, write_judge_scores,
+                                  write_summary)
 
     if no_calibrator and (calibrator or strength is not None):
         raise click.UsageError("--no-calibrator cannot be combined with --calibrator or --strength")
@@ -92,7 +93,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         raise click.ClickException("--compare draws its plot with matplotlib, which is not installed: pip install matplotlib")
     if reference_text and no_calibrator:
         raise click.UsageError("--reference-text compares the fused and unfused models: drop --no-calibrator")
-    from detox.identity import IdentityTerms, add_identity_summary, write_identity_report
+    from detox.identity import IdentityTerms, identity_summary, prompt_groups, write_identity_report
 
     terms = IdentityTerms.load(identity_terms)  # bad input files fail before any generation
     if reference_text:
@@ -118,12 +119,13 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                               log=lambda msg: click.echo(msg, err=True))
     ppl = None
     if not no_perplexity:
+        from detox.metrics import conditional_perplexity
         from detox.targets import load_hf_target
 
-        ppl = perplexity_of(rows, *(load_hf_target(ppl_model) if ppl_model else loaded.transformers_twin()))
+        model, tok = load_hf_target(ppl_model) if ppl_model else loaded.transformers_twin()
+        ppl = conditional_perplexity(model, tok, [r["prompt"] for r in rows], [r["text"] for r in rows])
     summary = summarize(rows, perplexity=ppl)
     if len(judges) > 1:
-        from detox.evaluation import judges_summary, score_with_judges, write_judge_scores
         from detox.scoring import scorer_labels
 
         judge_scores = score_with_judges(rows, judges, scorer_labels(judges))
@@ -136,7 +138,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
         "settings": json.loads(json.dumps(run.settings.__dict__)),
         "wall_seconds": time.perf_counter() - t0,
     })
-    add_identity_summary(summary, rows, prompts, terms)  # identity groups and reference text: docs/identity.md
+    summary["identity"] = identity_summary(rows, prompt_groups(prompts, terms), terms)  # docs/identity.md
     if reference_text:
         summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *loaded.transformers_twin(ppl_model),
                                                         run.calibrator, run.strength)
@@ -156,8 +158,6 @@ def score_cmd(file, scorer, field, batch_size, out) -> None:
     """Score every line of a JSONL (or .txt) file; writes one {"id", "toxicity"} line per text, in order.
 
     Blank lines are skipped (as in eval's prompts); a row's id is its "id" field, or its 0-based line number."""
-    from detox.data import DataFormatError, read_text_records, write_text_atomic
-
     path = Path(file)
     records = read_text_records(path, field, jsonl=path.suffix.lower() == ".jsonl")
     if not records:

@@ -9,6 +9,7 @@ import click
 
 from detox.methods import METHODS
 from detox.onnx_calibrator import INT8, WEIGHTS_DTYPES
+from detox.runtime import Calibrator
 
 onnx_weights_option = click.option(
     "--onnx-weights", type=click.Choice(WEIGHTS_DTYPES), default=INT8, show_default=True,
@@ -38,8 +39,6 @@ def load_calibrator_early(calibrator: str | None, strength: float | None) -> Any
     any target loads, which can take minutes; anything else (``None``, ``NAME@RANGE``) is returned as given."""
     if calibrator is None or not Path(calibrator).exists():
         return calibrator
-    from detox.runtime import Calibrator
-
     loaded = Calibrator.load(calibrator)
     if strength is not None:
         try:

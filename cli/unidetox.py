@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from detox.backends.hf import set_torch_threads
 from detox.cli.errors import user_errors
 from detox.cli.options import add_options
 from detox.unidetox_defaults import (
@@ -53,13 +54,6 @@ def _resumable(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 _threads_opt = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's).")
 _lora_opts = [
     click.option("--lora/--full", default=False, show_default=True,
@@ -96,11 +90,11 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
     """Fine-tune a copy of --base on toxic text: the 'toxic' model UniDetox contrasts against."""
     from detox.distill import toxify
 
-    _threads(threads)
+    set_torch_threads(threads)
     r = toxify(base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs,
                overwrite=overwrite)
-    click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+    click.echo(f"toxic model -> {r.out_dir} ({r.steps} steps, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, "
                f"{r.seconds:.0f} s)")
 
 
@@ -141,7 +135,7 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
         except RuntimeError:
             raise click.BadParameter(f"{device!r} is not a torch device; use cpu, cuda or cuda:N",
                                      param_hint="--device") from None
-    _threads(threads)
+    set_torch_threads(threads)
     seeds = read_seeds(seeds_file) if seeds_file else None
     r = distill(base, toxic, out, num_samples=num_samples, max_new_tokens=max_new_tokens, alpha=alpha, beta=beta,
                 batch_size=batch_size, top_p=top_p, temperature=temperature, seed=seed, device=device, seeds=seeds,
@@ -175,8 +169,8 @@ def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_
     """Fine-tune --target on distilled text (UniDetox's one setting for every model) and save it."""
     from detox.finetune import finetune
 
-    _threads(threads)
+    set_torch_threads(threads)
     r = finetune(target, data, out, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora,
                  lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, field=field, max_docs=max_docs, overwrite=overwrite)
-    click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
+    click.echo(f"detoxified model -> {r.out_dir} ({r.steps} steps, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, "
                f"{r.seconds:.0f} s)")

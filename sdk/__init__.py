@@ -6,25 +6,18 @@ step (arXiv 2506.01266); ``detox.distill`` implements UniDetox dataset distillat
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (dynamic)
 
 __all__ = ["__version__", "wrap", "Calibrator", "FusionLogitsProcessor"]
+_HOME = {"wrap": "detox.wrapping", "Calibrator": "detox.runtime",
+         "FusionLogitsProcessor": "detox.adapters.transformers"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import detox` must stay cheap and must not import torch-only backends a user lacks.
-    if name == "wrap":
-        from detox.wrapping import wrap
-
-        return wrap
-    if name == "Calibrator":
-        from detox.runtime import Calibrator
-
-        return Calibrator
-    if name == "FusionLogitsProcessor":
-        from detox.adapters.transformers import FusionLogitsProcessor
-
-        return FusionLogitsProcessor
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'detox' has no attribute {name!r}")

@@ -9,7 +9,6 @@ method's config and head (and a contrast pair's alignment) never import torch.
 from __future__ import annotations
 
 import math
-import random
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -173,7 +172,6 @@ def align(calibrator: Calibrator, W_out: Any, target_tokenizer: Any, texts: list
     (``[vocab, hidden]``, numpy or torch), tokenizer and ``vocabulary`` (its token strings and special tokens, see
     :meth:`detox.targets.TargetFiles.vocabulary`); returns ``(arrays, metrics)``."""
     torch.manual_seed(seed)
-    random.seed(seed)
     W_out = torch.as_tensor(W_out).detach().float()
     cal_model = calibrator.torch_model()
     cal_emb = cal_model.embed.weight.detach().float()

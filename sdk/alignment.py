@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from detox.artifact_onnx import onnx_exports, reusable_onnx
+from detox.artifacts.archive import read_archive_head
 from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, check_name_version
+from detox.artifacts.store import ArtifactError, read_manifest, save_artifact
+from detox.fingerprint import fingerprint_files
 from detox.fusion import CONTRAST, INTERPOLATE
 from detox.methods import FusionMethod, MethodConfig, get_method
 from detox.methods.base import AlignInputs
 from detox.onnx_calibrator import INT8, check_weights_dtype
 from detox.runtime import Calibrator
+from detox.targets import locate_target
 from detox.token_map import build_token_map, check_mapped_share
 
 
@@ -33,26 +37,10 @@ class AlignSettings:
     seed: int = 0
 
 
-def load_anti_expert(expert: Calibrator, path: str) -> Calibrator:
-    """The anti-expert calibrator for contrast fusion, checked to read text exactly as the expert does."""
-    from detox.artifacts.store import ArtifactError
-
-    anti = Calibrator.load(path)
-    if anti.tokenizer.to_str() != expert.tokenizer.to_str() or anti.manifest.calibrator != expert.manifest.calibrator:
-        raise ArtifactError(
-            f"the anti-expert {path} must share the expert's tokenizer and architecture; make it from the expert: "
-            f"detox train --init EXPERT --data toxic.txt --out ANTI"
-        )
-    return anti
-
-
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name: str | None = None) -> FusionMethod:
     """The fusion method an alignment of ``calibrator_path`` uses: ``name`` when given (checked to fit the
     anti-expert), else contrast with an anti-expert (given, or kept from a contrast artifact), else interpolate.
     Reads only the manifest."""
-    from detox.artifacts.archive import read_archive_head
-    from detox.artifacts.store import read_manifest
-
     p = Path(calibrator_path)
     kept = not anti_expert and (read_manifest(p) if p.is_dir() else read_archive_head(p)[0]).anti_expert is not None
     pair = bool(anti_expert) or kept
@@ -84,9 +72,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     import time
 
     import detox
-    from detox.artifacts.store import save_artifact
-    from detox.fingerprint import fingerprint_files
-    from detox.targets import locate_target
 
     check_name_version(name, version)
     s = settings or AlignSettings()
@@ -98,9 +83,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                          "Drop --data.")
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
+    m = calibrator.manifest
     anti: tuple[Any, dict[str, Any], Callable[[], Any]] | None = None  # (training info, weights, its torch model)
-    if anti_expert:
-        a = load_anti_expert(calibrator, anti_expert)
+    if anti_expert:  # it must read text exactly as the expert does
+        a = Calibrator.load(anti_expert)
+        if a.tokenizer.to_str() != calibrator.tokenizer.to_str() or a.manifest.calibrator != m.calibrator:
+            raise ArtifactError(f"the anti-expert {anti_expert} must share the expert's tokenizer and architecture; "
+                                "make it from the expert: detox train --init EXPERT --data toxic.txt --out ANTI")
         anti = (a.manifest.training, a.artifact.calibrator_state, a.torch_model)
     elif calibrator.has_anti_expert:  # re-aligning a contrast artifact (e.g. to a new target) keeps its pair
         anti = (calibrator.manifest.anti_expert, calibrator.artifact.anti_state, lambda: calibrator.torch_model("anti"))
@@ -117,7 +106,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     aligned = method.align(inputs, config)
     del inputs
     metrics = {**aligned.metrics, "align_seconds": time.perf_counter() - t0}
-    m = calibrator.manifest
     fields = {
         "kind": "aligned",
         "name": name or m.name,

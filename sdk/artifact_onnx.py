@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from detox.artifacts.manifest import CALIBRATOR_ONNX, check_name_version
-from detox.onnx_calibrator import INT8, check_weights_dtype
+from detox.artifacts.semver import Version
+from detox.artifacts.store import ArtifactError, save_artifact
+from detox.onnx_calibrator import INT8, LAYOUT, ROTARY_POSITIONS, check_weights_dtype, export_calibrator_onnx
 from detox.runtime import Calibrator
 
 
@@ -16,8 +18,6 @@ def reusable_onnx(calibrator: Calibrator, pair: bool, weights_dtype: str) -> Pat
     """The ``calibrator.onnx`` of an aligned ``calibrator`` re-aligned with its own weights (and pair), when it is the
     graph this detox would export (``None`` otherwise): the graph never depends on the target and its sha256 was
     verified at load, so re-exporting it would only cost time and memory (6 s and 300 MB for the shipped pair)."""
-    from detox.onnx_calibrator import LAYOUT, ROTARY_POSITIONS
-
     if CALIBRATOR_ONNX not in calibrator.manifest.files or importlib.util.find_spec("onnx") is None:
         return None
     import onnx
@@ -34,8 +34,6 @@ def onnx_exports(expert: Any, anti: Any | None, tmp_dir: str, log: Callable[[str
     """``calibrator.onnx`` (with ``anti``: the expert/anti-expert pair in one graph; products' weights stored as
     ``weights_dtype``) written into ``tmp_dir``, as ``save_artifact``'s ``extra_files``; none, with a note, when the
     ``onnx`` package is missing."""
-    from detox.onnx_calibrator import export_calibrator_onnx
-
     if importlib.util.find_spec("onnx") is None:
         log(f"note: not writing {CALIBRATOR_ONNX}, which the llama.cpp backend needs: pip install onnx, then re-run")
         return {}
@@ -53,8 +51,6 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
     import tempfile
     from datetime import datetime, timezone
 
-    from detox.artifacts.semver import Version
-    from detox.artifacts.store import ArtifactError, save_artifact
 
     check_weights_dtype(onnx_weights, "onnx_weights")
     cal = Calibrator.load(src)

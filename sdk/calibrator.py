@@ -100,11 +100,3 @@ class CalibratorLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of the calibrator itself (tied embeddings); used for training, not fusion."""
         return hidden @ self.embed.weight.T
-
-    def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden, _ = self(input_ids)
-        logits = self.logits(hidden[:, :-1]).float()
-        labels = input_ids[:, 1:]
-        if attention_mask is not None:
-            labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -80,7 +80,7 @@ def top_p_filter(scores: torch.Tensor, top_p: float | None) -> torch.Tensor:
 
 def sample(
     scores: torch.Tensor,
-    generators: list[torch.Generator] | None = None,
+    generators: list[torch.Generator],
     temperature: float = 1.0,
     top_p: float | None = None,
 ) -> torch.Tensor:
@@ -94,8 +94,6 @@ def sample(
     if temperature == 0:
         return scores.argmax(dim=-1)
     probs = torch.softmax(top_p_filter(scores.float() / temperature, top_p), dim=-1)
-    if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
     if len(generators) != probs.shape[0]:
         raise ValueError(f"need one generator per row: {len(generators)} generators for {probs.shape[0]} rows")
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from detox.faults import armed, fault_point, kill
+
 
 def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
     """One sha256 over the bytes of several files, in order, read in 1 MiB chunks (also the training-data hash that
@@ -277,8 +279,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 def append_rows(path: Path, rows: list[dict[str, Any]], fault: str) -> None:
     """Append ``rows`` as JSONL lines in one write, then fsync: after this returns they survive a crash.
     ``fault`` names the :mod:`detox.faults` points around it (``FAULT.torn``: mid-write; ``FAULT.written``: after)."""
-    from detox.faults import armed, fault_point, kill
-
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
     created = not path.exists()
     with path.open("ab") as f:

@@ -21,10 +21,11 @@ import torch
 
 from detox.contrastive import contrastive_logits, sample
 from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
-                        sha256_files, write_text_atomic)
+                        read_texts, sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
+from detox.targets import load_hf_target, stop_token_ids
 from detox.unidetox_defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -57,22 +58,8 @@ def _load(spec: ModelSpec) -> tuple[Any, Any, str]:
     if isinstance(spec, tuple):
         model, tokenizer = spec
         return model, tokenizer, str(getattr(model, "name_or_path", "") or "<in-memory model>")
-    from detox.targets import load_hf_target
-
     model, tokenizer = load_hf_target(spec)
     return model, tokenizer, str(spec)
-
-
-def check_same_tokenizer(base_tok: Any, toxic_tok: Any) -> None:
-    """Contrastive decoding compares the two models token by token: their vocabularies must be identical."""
-    vb, vt = base_tok.get_vocab(), toxic_tok.get_vocab()
-    if vb == vt:
-        return
-    diff = sorted(set(vb.items()) ^ set(vt.items()))[:5]
-    raise DistillError(
-        f"base and toxic models do not share a tokenizer ({len(vb)} vs {len(vt)} tokens; differing entries "
-        f"e.g. {diff}). Make the toxic model from this base with `detox toxify --base <base>`."
-    )
 
 
 def start_token_id(tokenizer: Any) -> int:
@@ -81,17 +68,6 @@ def start_token_id(tokenizer: Any) -> int:
     if tid is None:
         raise DistillError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     return int(tid)
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """A row ends at the tokenizer's EOS or at any EOS of the generation config (they differ for GGUF tokenizers)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen is not None:
-        ids.update(int(x) for x in (gen if isinstance(gen, (list, tuple)) else [gen]))
-    return sorted(ids)
 
 
 # ---------------------------------------------------------------- toxify
@@ -178,10 +154,6 @@ def _row_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 @torch.no_grad()
 def contrastive_generate(
     base: Any, toxic: Any, generators: list[torch.Generator], start_id: int, stops: set[int] | list[int],
@@ -259,8 +231,6 @@ def _padding_kwargs(mask: torch.Tensor | None, last: int | None, device: Any = N
 
 def read_seeds(path: str | os.PathLike[str]) -> list[str]:
     """Neutral seed texts for ``distill(seeds=...)``: a .txt (one per line), .jsonl or .csv file."""
-    from detox.data import read_texts
-
     seeds = read_texts(path)
     if not seeds:
         raise DistillError(f"{path} has no seed text; pass a file with one short neutral seed per line")
@@ -304,12 +274,17 @@ def distill(
         raise DistillError(str(err)) from None
     base_model, base_tok, base_spec = _load(base)
     toxic_model, toxic_tok, toxic_spec = _load(toxic)
-    check_same_tokenizer(base_tok, toxic_tok)
+    vb, vt = base_tok.get_vocab(), toxic_tok.get_vocab()
+    if vb != vt:  # contrastive decoding compares the two models token by token: their vocabularies must be identical
+        diff = sorted(set(vb.items()) ^ set(vt.items()))[:5]
+        raise DistillError(f"base and toxic models do not share a tokenizer ({len(vb)} vs {len(vt)} tokens; differing "
+                           f"entries e.g. {diff}). Make the toxic model from this base with "
+                           "`detox toxify --base <base>`.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base_model = base_model.to(device).eval()
     toxic_model = toxic_model.to(device).eval()
     width = min(base_model.get_output_embeddings().weight.shape[0], toxic_model.get_output_embeddings().weight.shape[0])
-    vocab = len(base_tok) if len(base_tok) <= width else width
+    vocab = min(len(base_tok), width)
     start_id = start_token_id(base_tok)
     stops = stop_token_ids(base_model, base_tok)
     seed_ids = [base_tok(t, add_special_tokens=False)["input_ids"] for t in seeds] if seeds else None
@@ -327,10 +302,11 @@ def distill(
     manifest = _resume_manifest(mpath, settings, done)
     out.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(found, log)  # only now that the run is known to continue this file
-    # the rows on disk are the ground truth (a kill can land between a row write and the manifest update)
-    manifest.update(_row_stats(found.rows, max_new_tokens))
-    manifest["num_samples"] = num_samples
-    _write_json_atomic(mpath, manifest)
+    # the rows on disk are the ground truth (a kill can land between a row write and the manifest update); a row
+    # shorter than max_new_tokens stopped at EOS
+    manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows), num_samples=num_samples,
+                    stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
+    write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
     resumed_from = done
     t0 = time.time()
     prior_seconds = float(manifest.get("wall_seconds", 0.0))
@@ -338,9 +314,7 @@ def distill(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=num_samples, initial=min(done, num_samples), desc="distill", unit="row")
-    first_batch = done // batch_size
-    n_batches = math.ceil(num_samples / batch_size)
-    for k in range(first_batch, n_batches):
+    for k in range(done // batch_size, math.ceil(num_samples / batch_size)):
         lo, hi = k * batch_size, min((k + 1) * batch_size, num_samples)
         # the whole batch is regenerated even if some of its rows are on disk: same batch -> same numerics
         prefixes = [seed_ids[i % len(seed_ids)] for i in range(lo, hi)] if seed_ids else None
@@ -367,13 +341,13 @@ def distill(
         done = hi
         manifest.update(completed=done, wall_seconds=round(prior_seconds + time.time() - t0, 1),
                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        _write_json_atomic(mpath, manifest)
+        write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
         fault_point("distill.manifest.written")
         if on_batch is not None:
             on_batch(done)
     bar.close()
     manifest["rows_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
-    _write_json_atomic(mpath, manifest)
+    write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
     return DistillResult(out, mpath, done, resumed_from, round(time.time() - t0, 1))
 
 
@@ -403,13 +377,6 @@ def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[s
             "original settings (see the manifest) or write to a new --out file."
         )
     return old
-
-
-def _row_stats(rows: list[dict], max_new_tokens: int) -> dict[str, int]:
-    """Counts recomputed from complete rows: a row shorter than max_new_tokens stopped at EOS."""
-    total = sum(int(r["num_tokens"]) for r in rows)
-    eos = sum(int(r["num_tokens"]) < max_new_tokens for r in rows)
-    return {"completed": len(rows), "total_tokens": total, "stopped_at_eos": eos}
 
 
 def _norm(v: Any) -> Any:

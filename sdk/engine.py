@@ -291,10 +291,6 @@ class FusionEngine:
         self.slots = slots
         return slots
 
-    def remove(self, index: int) -> None:
-        """Drop the slot of row ``index`` (a finished sequence in a serving batch)."""
-        del self.slots[index]
-
     # -- one step ------------------------------------------------------------------------------------------------
 
     def terms(self, input_ids: Array) -> Array:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from detox.data import read_texts, sha256_files
+from detox.targets import load_hf_target
 from detox.unidetox_defaults import DEFAULT_STEPS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_SEQ_LEN
 
 TRAIN_INFO_FILE = "detox_train.json"
@@ -33,26 +34,6 @@ class TrainResult:
     losses: list[float] = dc_field(default_factory=list)
     seconds: float = 0.0
     params: dict[str, Any] = dc_field(default_factory=dict)
-
-    @property
-    def first_loss(self) -> float:
-        return self.losses[0]
-
-    @property
-    def last_loss(self) -> float:
-        return self.losses[-1]
-
-
-def doc_end_id(model: Any, tokenizer: Any) -> int | None:
-    """Token that ends a document: the generation config's EOS (what ``generate`` stops at), else the tokenizer's.
-
-    They disagree for GGUF-derived tokenizers (SmolLM2: tokenizer EOS = <|im_start|>, generation EOS = <|im_end|>).
-    """
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return eos if eos is not None else tokenizer.eos_token_id
 
 
 def pack_texts(texts: Sequence[str], tokenizer: Any, seq_len: int, end_id: int | None) -> list[list[int]]:
@@ -103,7 +84,6 @@ def train_causal_lm(
     lora_r: int = 16,
     lora_alpha: int = 32,
     desc: str = "train",
-    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, list[float]]:
     """Train ``model`` on token-id examples for ``steps`` optimizer steps; return (trained model, losses).
 
@@ -160,8 +140,6 @@ def train_causal_lm(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if on_step is not None:
-                on_step(step, loss)
             if step >= steps:
                 break
         if seen == 0:
@@ -183,19 +161,6 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} already holds a model; choose another output dir or pass --overwrite")
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], info: TrainResult) -> Path:
-    """Write a loadable HF model dir (safetensors) + tokenizer + ``detox_train.json``; only the main process writes."""
-    from accelerate import PartialState
-
-    out = Path(out_dir)
-    if PartialState().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        (out / TRAIN_INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
-    return out
-
-
 def read_training_texts(path: str | os.PathLike[str], field: str | None, max_docs: int | None) -> list[str]:
     """The first ``max_docs`` (all if None) documents :func:`detox.data.read_texts` finds in ``path``; an error
     naming the file when there are none."""
@@ -212,6 +177,8 @@ def train_and_save(
 ) -> TrainResult:
     """The steps ``finetune`` and ``toxify`` share once they have their examples: train (LoRA merged), record the
     settings (``params`` plus the training ones) in ``detox_train.json``, save the model."""
+    from accelerate import PartialState
+
     start = time.time()
     model, losses = train_causal_lm(
         model, examples, pad_id=pad_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -222,7 +189,12 @@ def train_and_save(
         params={"kind": f"detox.{kind}", **params, "lr": lr, "batch_size": batch_size, "lora": lora,
                 "lora_r": lora_r if lora else None, "lora_alpha": lora_alpha if lora else None, "seed": seed},
     )
-    save_model(model, tokenizer, out_dir, result)
+    if PartialState().is_main_process:  # a loadable HF model dir: safetensors, tokenizer, detox_train.json
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / TRAIN_INFO_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -247,12 +219,14 @@ def finetune(
     ``data_path`` is anything :func:`detox.data.read_texts` reads (the distilled JSONL's ``text`` field, a CSV with
     ``Text`` such as UniDetox's released set, or plain text). Returns the losses and where the model went.
     """
-    from detox.targets import load_hf_target
-
     check_out_dir(out_dir, overwrite)
     texts = read_training_texts(data_path, field, max_docs)
     model, tokenizer = load_hf_target(target_spec)
-    blocks = pack_texts(texts, tokenizer, seq_len, doc_end_id(model, tokenizer))
+    # a document ends at the generation config's EOS (what generate stops at), else the tokenizer's: they disagree
+    # for GGUF-derived tokenizers (SmolLM2: tokenizer EOS = <|im_start|>, generation EOS = <|im_end|>)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos
+    blocks = pack_texts(texts, tokenizer, seq_len, eos if eos is not None else tokenizer.eos_token_id)
     if not blocks:
         raise ValueError(f"{data_path}: the texts tokenize to fewer than 2 tokens; nothing to train on")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

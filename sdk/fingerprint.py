@@ -22,7 +22,7 @@ from detox.targets import TargetFiles, locate_target
 from detox.tokenizer import hf_vocab_tokens
 
 __all__ = ["hash_vocab", "MatrixHasher", "hash_matrix", "make_fingerprint", "hf_vocab_tokens", "fingerprint_hf",
-           "fingerprint_files", "fingerprint_target", "fingerprint_gguf", "gguf_vocab_and_output", "model_fingerprint"]
+           "fingerprint_files", "fingerprint_target", "fingerprint_gguf", "model_fingerprint"]
 
 
 def hash_vocab(tokens: Sequence[str | None]) -> str:
@@ -112,12 +112,6 @@ def fingerprint_target(spec: str | os.PathLike[str], progress: bool = False) -> 
 def fingerprint_gguf(path: str | os.PathLike[str]) -> TargetFingerprint:
     """Fingerprint of a GGUF file: its metadata vocabulary and its output matrix, streamed."""
     return fingerprint_files(TargetFiles(str(path), Path(path), read_gguf(path)))[0]
-
-
-def gguf_vocab_and_output(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
-    """Token strings and the de-quantized float32 output matrix (``output.weight`` or tied ``token_embd.weight``)."""
-    gguf = read_gguf(path)
-    return gguf.tokens(), gguf.output_matrix()
 
 
 # config keys that differ between two loads of the same weights: left out of model_fingerprint

@@ -133,7 +133,7 @@ def top_candidates(logits: Array, top_k: int, plausibility: float) -> tuple[Arra
     return idx, keep
 
 
-def _log_softmax(x: Array) -> Array:
+def log_softmax(x: Array) -> Array:
     if _is_torch(x):
         return x.log_softmax(-1)
     import numpy as np
@@ -145,7 +145,7 @@ def _log_softmax(x: Array) -> Array:
 def pair_log_ratio(hidden: Array, expert_out: Array, anti_out: Array) -> Array:
     """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
     ``[..., 2, d_cal]`` (expert first) and the two models' tied output embeddings ``[vocab_cal, d_cal]``."""
-    return _log_softmax(hidden[..., 0, :] @ expert_out.T) - _log_softmax(hidden[..., 1, :] @ anti_out.T)
+    return log_softmax(hidden[..., 0, :] @ expert_out.T) - log_softmax(hidden[..., 1, :] @ anti_out.T)
 
 
 def contrast_fuse(logits: Array, idx: Array, keep: Array, log_ratio: Array, strength: float) -> Array:

@@ -184,11 +184,11 @@ def check_weights_dtype(value: str, name: str = "weights_dtype") -> None:
         raise ValueError(f"{name} must be one of {', '.join(WEIGHTS_DTYPES)}, got {value!r}")
 
 
-def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool = True, anti: Any = None,
+def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], anti: Any = None,
                            weights_dtype: str = FLOAT32) -> Path:
     """Write a :class:`~detox.calibrator.CalibratorLM` (with ``anti``: the pair) as one ONNX file
-    (:func:`build_calibrator_graph`); ``check`` compares it with the torch model(s) on a cached run of three chunks
-    when onnxruntime is installed (``RuntimeError`` beyond :func:`export_tolerance`)."""
+    (:func:`build_calibrator_graph`), checked against the torch model(s) on a cached run of three chunks when
+    onnxruntime is installed (``RuntimeError`` beyond :func:`export_tolerance`)."""
     import onnx
 
     models = [model] if anti is None else [model, anti]
@@ -196,8 +196,7 @@ def export_calibrator_onnx(model: Any, path: str | os.PathLike[str], check: bool
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(build_calibrator_graph(weights, model.config, weights_dtype), str(out))
-    if check:
-        _check_export(models, out)
+    _check_export(models, out)
     return out
 
 

@@ -18,6 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from detox.artifacts.manifest import TargetFingerprint
+from detox.extras import optimum_onnx_message
+from detox.fingerprint import fingerprint_hf, hf_vocab_tokens, make_fingerprint
+from detox.targets import load_hf_target, pad_as_eos
 
 FINGERPRINT_FILE = "detox_fingerprint.json"
 ONNX_FILE = "model.onnx"
@@ -134,16 +137,12 @@ def load_export_tokenizer(path: str | os.PathLike[str]) -> Any:
             f"{directory} has no loadable tokenizer files; re-export with detox export-onnx (it saves them), "
             "or pass tokenizer= explicitly"
         ) from err
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return pad_as_eos(tok)
 
 
 def fingerprint_onnx(path: str | os.PathLike[str], tokenizer: Any = None, weight: np.ndarray | None = None,
                      name: str = "") -> TargetFingerprint:
     """Fingerprint of an ONNX export computed from its own files: tokenizer and the graph's LM-head weight."""
-    from detox.fingerprint import hf_vocab_tokens, make_fingerprint
-
     tokenizer = tokenizer if tokenizer is not None else load_export_tokenizer(path)
     weight = weight if weight is not None else onnx_output_embedding(path)
     return make_fingerprint(hf_vocab_tokens(tokenizer), weight, name or str(path))
@@ -186,14 +185,9 @@ def export_target(target: str | os.PathLike[str], out: str | os.PathLike[str], o
     """
     import warnings
 
-    from detox.fingerprint import fingerprint_hf
-    from detox.targets import load_hf_target
-
     try:
         from optimum.exporters.onnx import onnx_export_from_model as export
     except ImportError as err:
-        from detox.extras import optimum_onnx_message
-
         raise OnnxExportError(optimum_onnx_message("exporting to ONNX")) from err
     out = Path(out)
     if out.exists() and any(out.iterdir()):

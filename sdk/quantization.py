@@ -50,11 +50,3 @@ def quantize_blockwise(weight: np.ndarray, block_size: int = 32) -> QuantizedWei
     zero = np.clip(np.rint(-lo / scale), 0, top).astype(np.uint8)
     q = np.clip(np.rint(cols / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
     return QuantizedWeight(q, scale.reshape(-1), zero.reshape(-1), k, n, block_size)
-
-
-def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """The ``[K, N]`` float32 weight that ``qw`` stands for."""
-    blocks = qw.packed.shape[1]
-    zero = qw.zero_points.reshape(qw.n, blocks, 1).astype(np.float32)
-    cols = (qw.packed.astype(np.float32) - zero) * qw.scales.reshape(qw.n, blocks, 1)
-    return cols.reshape(qw.n, -1)[:, : qw.k].T.copy()

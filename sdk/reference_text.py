@@ -17,14 +17,13 @@ from typing import Any, Sequence
 
 import torch
 
+from detox.data import DataFormatError
 from detox.fusion import Head
 from detox.methods.contrast import ContrastHead
 
 
 def read_lines(path: str | os.PathLike[str]) -> list[str]:
     """The non-empty lines of a text file, one text per line."""
-    from detox.data import DataFormatError
-
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"reference text file not found: {p}")

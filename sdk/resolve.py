@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from detox.artifacts.manifest import TargetFingerprint
+from detox.artifacts.registry import looks_like_ref, open_registry
 from detox.artifacts.shipped import find_shipped_for, no_shipped_match_message
 from detox.artifacts.store import ArtifactError
 from detox.runtime import Calibrator
@@ -31,8 +32,6 @@ def resolve_calibrator(calibrator: Calibrator | str | os.PathLike[str] | None, f
         if require_signature is not None:  # re-check the files it was loaded from
             calibrator = Calibrator.load(calibrator.path, require_signature=require_signature)
     else:
-        from detox.artifacts.registry import looks_like_ref, open_registry
-
         if not os.path.exists(calibrator) and looks_like_ref(str(calibrator)):
             _, _, calibrator = open_registry().pull(str(calibrator), fingerprint)
         calibrator = Calibrator.load(calibrator, require_signature=require_signature)

@@ -14,7 +14,8 @@ from detox.artifacts.manifest import CALIBRATOR_ONNX, MIN_MAPPED_SHARE, Manifest
 from detox.artifacts.cache import load_artifact
 from detox.artifacts.store import Artifact, ArtifactError, check_state_shapes
 from detox.fusion import INTERPOLATE, Head
-from detox.methods import check_strength, get_method
+from detox.methods import get_method
+from detox.onnx_calibrator import OnnxRunner
 from detox.stream import CalibratorStream, PairRunner
 
 
@@ -84,7 +85,8 @@ class Calibrator:
 
     def check_strength(self, strength: float | None) -> float:
         """λ (``None``: the artifact's recommended one) as a float in the range of this artifact's fusion method."""
-        return check_strength(self.default_strength if strength is None else strength, self.fusion_mode)
+        strength = self.default_strength if strength is None else strength
+        return get_method(self.fusion_mode).config.check_strength(strength)
 
     @property
     def has_anti_expert(self) -> bool:
@@ -129,8 +131,6 @@ class Calibrator:
                     f"written without the onnx package. pip install onnx, then re-run the alignment once: "
                     f"detox align --target YOUR_MODEL --calibrator CALIBRATOR --out NEW_DIR"
                 )
-            from detox.onnx_calibrator import OnnxRunner
-
             runner = OnnxRunner(self.path / CALIBRATOR_ONNX)
             if runner.gives_log_ratio != self.has_anti_expert:
                 raise ArtifactError(

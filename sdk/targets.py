@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from detox.gguf_reader import GGUFFile, read_gguf
+from detox.tokenizer import hf_vocab_tokens
 
 SMOLLM2_ALIAS = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,10 +54,9 @@ def is_gguf(spec: str | os.PathLike[str]) -> bool:
     return str(spec).lower().endswith(".gguf")
 
 
-def _local_only(local_only: bool | None) -> bool:
-    if local_only is None:
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-    return bool(local_only)
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: a hub id is looked up in the local cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
 
 
 def _check_spec(path: str) -> None:
@@ -70,11 +70,11 @@ def _check_spec(path: str) -> None:
         raise TargetNotFoundError(f"target not found: {path} (no such directory or file)")
 
 
-def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: bool | None = None) -> tuple[Any, Any]:
+def load_hf_target(spec: str | os.PathLike[str]) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` with transformers from a HF directory, a ``.gguf`` file, ``smollm2`` or a hub id.
 
     A GGUF file is dequantized to float32 by transformers (``gguf_file=``). Hub ids are only fetched when
-    the user has network; set ``local_only=True`` (or HF_HUB_OFFLINE=1) to forbid it.
+    the user has network (``HF_HUB_OFFLINE=1`` forbids it).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,10 +84,10 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
         source, kwargs = locate_target(path).pretrained_args()
     else:
         _check_spec(path)
-        source, kwargs = path, {} if Path(path).is_dir() else {"local_files_only": _local_only(local_only)}  # hub id
+        source, kwargs = path, {} if Path(path).is_dir() else {"local_files_only": _offline()}  # hub id
     try:
-        tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+        tokenizer = pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except OSError as err:
         raise TargetNotFoundError(
             f"could not load target {spec!r}: {err}. Pass a local HF directory or a .gguf file "
@@ -97,11 +97,22 @@ def load_hf_target(spec: str | os.PathLike[str], dtype: Any = None, local_only: 
     return model, tokenizer
 
 
-def _pad_as_eos(tokenizer: Any) -> Any:
+def pad_as_eos(tokenizer: Any) -> Any:
     """``tokenizer``, padding with its EOS token when it has no padding token (batched generation needs one)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """A row ends at the tokenizer's EOS or at any EOS of the generation config (they differ for GGUF tokenizers)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen is not None:
+        ids.update(int(x) for x in (gen if isinstance(gen, (list, tuple)) else [gen]))
+    return sorted(ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +151,7 @@ class TargetFiles:
             from transformers import AutoTokenizer
 
             source, kwargs = self.pretrained_args()
-            self._tokenizer = _pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
+            self._tokenizer = pad_as_eos(AutoTokenizer.from_pretrained(source, **kwargs))
         return self._tokenizer
 
     def vocabulary(self) -> tuple[list[str | None], set[str]]:
@@ -148,8 +159,6 @@ class TargetFiles:
         a HF directory's from its tokenizer."""
         if self.gguf is not None:
             return list(self.gguf.tokens()), self.gguf.control_tokens()
-        from detox.tokenizer import hf_vocab_tokens
-
         tokenizer = self.tokenizer()
         return hf_vocab_tokens(tokenizer), set(tokenizer.all_special_tokens)
 
@@ -213,12 +222,12 @@ class TargetFiles:
         raise TargetNotFoundError(f"{self.path}: none of {names} is in the checkpoint; cannot find its output matrix")
 
 
-def locate_target(spec: str | os.PathLike[str], local_only: bool | None = None) -> TargetFiles:
+def locate_target(spec: str | os.PathLike[str]) -> TargetFiles:
     """The files of ``spec`` (a ``.gguf`` file, ``smollm2``, a HF directory or a hub id), checked but not loaded.
 
     A GGUF's header is parsed (a truncated or damaged file raises :class:`detox.gguf_reader.GGUFError`); a hub id
     is resolved to its local snapshot (config, tokenizer, safetensors — downloaded only with network access and
-    ``local_only`` false).
+    ``HF_HUB_OFFLINE`` unset).
     """
     path = resolve_target(spec)
     if is_gguf(path):
@@ -231,7 +240,7 @@ def locate_target(spec: str | os.PathLike[str], local_only: bool | None = None) 
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=_local_only(local_only))
+        local = snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=_offline())
     except (OSError, ValueError) as err:  # not cached / no network / no such repo (OSError), malformed id (ValueError)
         raise TargetNotFoundError(f"could not find target {spec!r}: {err}. Pass a local HF directory or a .gguf file "
                                   "(hub ids need network access, or the model in the local cache)") from err

@@ -42,12 +42,9 @@ def token_surface(token: str | None, byte_level: bool) -> str | None:
     return token.replace("\u2581", " ")
 
 
-def _is_byte_level(tokens: list[str | None]) -> bool:
-    return sum(1 for t in tokens if t and t.startswith("Ġ")) > sum(1 for t in tokens if t and t.startswith("\u2581"))
-
-
 def vocab_surfaces(tokens: list[str | None], special: set[str] = frozenset()) -> list[str | None]:
-    byte_level = _is_byte_level(tokens)
+    firsts = [t[0] for t in tokens if t]  # byte-level BPE marks a leading space with Ġ, SentencePiece with ▁
+    byte_level = firsts.count("Ġ") > firsts.count("\u2581")
     return [None if (t in special) else token_surface(t, byte_level) for t in tokens]
 
 

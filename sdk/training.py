@@ -21,10 +21,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import detox
+from detox.artifacts.cache import load_artifact
 from detox.artifacts.manifest import Manifest, check_name_version
 from detox.artifacts.store import save_artifact
 from detox.calibrator import CalibratorConfig, CalibratorLM
-from detox.data import read_texts, sha256_files
+from detox.data import read_texts, sha256_files, write_text_atomic
 from detox.tokenizer import special_id, train_tokenizer
 
 
@@ -64,14 +65,6 @@ def _lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def evaluate_loss(model: CalibratorLM, rows: torch.Tensor, batch_size: int = 32) -> float:
-    model.eval()
-    losses = [model.lm_loss(rows[i : i + batch_size]).item() for i in range(0, len(rows), batch_size)]
-    model.train()
-    return float(sum(losses) / max(1, len(losses)))
-
-
 def train_calibrator(
     data_paths: list[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -103,16 +96,12 @@ def train_calibrator(
     accelerator = Accelerator()
     set_seed(s.seed)
 
-    texts: list[str] = []
-    for p in data_paths:
-        texts.extend(read_texts(p, field_name))
+    texts = [text for p in data_paths for text in read_texts(p, field_name)]
     if not texts:
         raise ValueError("no training text found in " + ", ".join(map(str, data_paths)))
     state_file = ckpt / "progress.json"
     init = None
     if init_from is not None:
-        from detox.artifacts.cache import load_artifact
-
         init = load_artifact(init_from)
         tokenizer = init.tokenizer
         s = replace(s, model=init.manifest.calibrator)
@@ -155,14 +144,12 @@ def train_calibrator(
 
     def batches_from(start: int):
         """Deterministic batch stream: epoch e uses permutation seed+e; skip straight to ``start``."""
-        st = start
+        epoch, idx = divmod(start, steps_per_epoch)
         while True:
-            epoch, idx = divmod(st, steps_per_epoch)
             perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(s.seed + epoch))
-            while idx < steps_per_epoch:
-                yield rows[perm[idx * s.batch_size : (idx + 1) * s.batch_size]]
-                idx += 1
-                st += 1
+            for i in range(idx, steps_per_epoch):
+                yield rows[perm[i * s.batch_size : (i + 1) * s.batch_size]]
+            epoch, idx = epoch + 1, 0
 
     def save_checkpoint() -> None:
         """Crash-safe: write the state into a fresh folder, then point progress.json at it, then drop older ones.
@@ -174,12 +161,8 @@ def train_calibrator(
         accelerator.save_state(str(ckpt / state_name))
         if accelerator.is_main_process:
             if not (ckpt / "tokenizer.json").is_file():
-                tok_tmp = ckpt / "tokenizer.json.tmp"
-                tokenizer.save(str(tok_tmp))
-                os.replace(tok_tmp, ckpt / "tokenizer.json")
-            tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "total": total, "state": state_name}))
-            os.replace(tmp, state_file)
+                write_text_atomic(ckpt / "tokenizer.json", tokenizer.to_str(pretty=True))
+            write_text_atomic(state_file, json.dumps({"step": step, "total": total, "state": state_name}))
             for old in ckpt.glob("state*"):
                 if old.is_dir() and old.name != state_name:
                     shutil.rmtree(old, ignore_errors=True)
@@ -207,7 +190,10 @@ def train_calibrator(
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, float] = {"train_loss": float(loss_ema or 0.0)}
     if eval_rows is not None and len(eval_rows):
-        metrics["eval_loss"] = evaluate_loss(unwrapped, eval_rows)
+        unwrapped.eval()
+        with torch.no_grad():
+            losses = [_lm_loss(unwrapped, eval_rows[i : i + 32]).item() for i in range(0, len(eval_rows), 32)]
+        metrics["eval_loss"] = float(sum(losses) / max(1, len(losses)))
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     manifest = None
     if accelerator.is_main_process:

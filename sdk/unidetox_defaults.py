@@ -8,9 +8,7 @@ from __future__ import annotations
 
 # UniDetox's toxic fine-tune (paper / EminLU/UniDetox toxic_gpt2_finetune_and_distill.py).
 PAPER_TOXIC_LR = 1e-5
-PAPER_TOXIC_EPOCHS = 3
 PAPER_TOXIC_BATCH_SIZE = 4
-PAPER_TOXIC_MAX_LENGTH = 512
 # CPU scale-down.
 DEFAULT_TOXIFY_STEPS = 200
 DEFAULT_TOXIFY_MAX_LENGTH = 64
@@ -23,7 +21,6 @@ DEFAULT_DISTILL_BATCH_SIZE = 16
 
 # UniDetox's fine-tuning hyperparameters (paper / EminLU/UniDetox unidetox.py).
 PAPER_LR = 5e-5
-PAPER_STEPS = 3000
 PAPER_BATCH_SIZE = 8
 PAPER_SEQ_LEN = 256
 # Scaled down for CPU: the only default that differs from the paper.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from detox.backends import backend_for
 from detox.fusion import FusedWrapper
 from detox.runtime import Calibrator
 
@@ -34,8 +35,6 @@ def wrap(model: Any, calibrator: Calibrator | str | os.PathLike[str] | None = No
         >>> model = detox.wrap(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
         >>> model.generate(**model.tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)  # doctest: +SKIP
     """
-    from detox.backends import backend_for
-
     if isinstance(model, FusedWrapper):
         m = model.calibrator.manifest
         raise TypeError(

@@ -124,6 +124,20 @@ def test_eval_says_onnx_needs_a_perplexity_model_before_loading_anything(tmp_pat
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("command", [["generate", "Hello"], ["bench"]])
+def test_a_missing_optimum_onnx_is_one_line_saying_what_to_install(command, tmp_path, monkeypatch):
+    """Every command loading an ONNX target says how to install optimum-onnx (bench used to call it unexpected)."""
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "optimum.onnxruntime", None)  # `from optimum.onnxruntime import ...` fails
+    r = CliRunner().invoke(main, [*command, "--backend", "onnx", "--target", str(tmp_path)])
+    assert r.exit_code == 1, r.output
+    assert "needs optimum-onnx" in r.output and "pip install 'detox[onnx]'" in r.output, r.output
+    assert "unexpected" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 @pytest.fixture(scope="module")
 def llama_backend():
     pytest.importorskip("llama_cpp")

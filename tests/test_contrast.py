@@ -11,7 +11,7 @@ import detox
 from detox.artifacts import ArtifactError
 from detox.artifacts.manifest import ANTI_ONNX, ANTI_WEIGHTS, CALIBRATOR_ONNX, Manifest
 from detox.fusion import CONTRAST, INTERPOLATE, top_candidates
-from detox.methods import check_strength
+from detox.methods import get_method
 from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.runtime import Calibrator
 from detox.stream import PairRunner
@@ -105,9 +105,9 @@ def test_identical_expert_and_anti_expert_only_truncate():
 
 
 def test_strength_ranges_depend_on_the_mode():
-    assert check_strength(4.0, CONTRAST) == 4.0
+    assert get_method(CONTRAST).config.check_strength(4.0) == 4.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        check_strength(4.0, INTERPOLATE)
+        get_method(INTERPOLATE).config.check_strength(4.0)
     *_, head = _head(np.random.default_rng(0), top_k=4, plausibility=0.0)
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
         head.apply(np.zeros(30), np.zeros(30), 21.0)

@@ -25,7 +25,8 @@ from detox.adapters.llamacpp import (  # noqa: E402
     DetoxLlama, FusionError, LlamaFusionProcessor, gguf_fingerprint, llama_detokenizer, load_llama,
 )
 from detox.artifacts import ArtifactError  # noqa: E402
-from detox.fingerprint import fingerprint_gguf, gguf_vocab_and_output  # noqa: E402
+from detox.fingerprint import fingerprint_gguf  # noqa: E402
+from detox.gguf_reader import read_gguf  # noqa: E402
 from detox.runtime import Calibrator, TargetMismatchError  # noqa: E402
 from detox.targets import TargetNotFoundError, packaged_smollm2_gguf  # noqa: E402
 from conftest import EXACT  # noqa: E402
@@ -146,7 +147,7 @@ def test_fused_logits_equal_unfused_plus_fusion_term_at_every_step(aligned_smoll
     cal = Calibrator.load(aligned_smollm2)
     wrapped, raw, fused, text = _recorded_fused_run(llm, cal, lam)
 
-    _, W = gguf_vocab_and_output(llm.model_path)
+    W = read_gguf(llm.model_path).output_matrix()
     a = cal.alignment_arrays()
     A, gamma, beta = a["A"], a["ln_weight"], a["ln_bias"]
     bos = cal.manifest.calibrator.bos_token_id
@@ -361,7 +362,8 @@ def test_detox_align_on_the_gguf_binds_to_what_llamacpp_and_transformers_load(ti
     assert _greedy(detox.wrap(llm, calibrator=out), n=4)
     model, tok = load_hf_target(smollm2_gguf)
     detox.wrap(model, calibrator=str(out), tokenizer=tok)  # raises TargetMismatchError unless the fingerprints agree
-    tokens, W = gguf_vocab_and_output(smollm2_gguf)
+    gguf = read_gguf(smollm2_gguf)
+    tokens, W = gguf.tokens(), gguf.output_matrix()
     assert np.array_equal(model.get_output_embeddings().weight.detach().numpy(), W)
     assert hf_vocab_tokens(tok) == tokens
 

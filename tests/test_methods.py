@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from detox.artifacts.manifest import AlignmentInfo, Manifest
 from detox.cli.core import align_cmd
 from detox.cli.main import main
-from detox.methods import METHODS, check_strength, get_method
+from detox.methods import METHODS, get_method
 from detox.methods.contrast import ContrastConfig, ContrastHead
 from detox.methods.interpolate import InterpolateConfig
 from detox.runtime import Calibrator
@@ -21,8 +21,6 @@ def test_the_registry_names_the_shipped_methods_and_refuses_an_unknown_one():
     assert all(get_method(name).name == name for name in METHODS)
     with pytest.raises(ValueError, match=r"unknown fusion method 'sparse'; this detox knows 'interpolate', 'contrast'"):
         get_method("sparse")
-    with pytest.raises(ValueError, match="unknown fusion method 'sparse'"):
-        check_strength(0.5, "sparse")
 
 
 def test_a_manifest_with_an_unknown_fusion_method_is_refused(aligned_llama):
@@ -48,9 +46,9 @@ def test_align_options_take_their_defaults_from_the_method_config(name):
 def test_strength_ranges_come_from_the_method_config():
     for method in METHODS.values():
         top = method.config.max_strength
-        assert check_strength(top, method.name) == top
+        assert method.config.check_strength(top) == top
         with pytest.raises(ValueError, match=rf"{method.name} fusion must be in \[0, {top:g}\]"):
-            check_strength(top + 0.5, method.name)
+            method.config.check_strength(top + 0.5)
         with pytest.raises(ValueError, match=rf"default_strength: .*\[0, {top:g}\]"):
             method.config.parse({"default_strength": top + 0.5})
     assert (InterpolateConfig.max_strength, ContrastConfig.max_strength) == (1.0, 20.0)

@@ -250,7 +250,9 @@ def _pair_as_the_int8_graph_holds_it(cal, int8_activations: bool):
     import copy
 
     from detox.onnx_calibrator import QUANT_BLOCK
-    from detox.quantization import dequantize, quantize_blockwise
+    from test_quantization import dequantize
+
+    from detox.quantization import quantize_blockwise
 
     def round_trip(weight: torch.Tensor) -> torch.Tensor:  # [in, out] through the export's int8 blocks
         return torch.from_numpy(dequantize(quantize_blockwise(weight.numpy(), QUANT_BLOCK)))

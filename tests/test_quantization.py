@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from detox.quantization import dequantize, quantize_blockwise
+from detox.quantization import QuantizedWeight, quantize_blockwise
+
+
+def dequantize(qw: QuantizedWeight) -> np.ndarray:
+    """The ``[K, N]`` float32 weight that ``qw`` stands for (the layout, read back: the test's reference)."""
+    blocks = qw.packed.shape[1]
+    zero = qw.zero_points.reshape(qw.n, blocks, 1).astype(np.float32)
+    cols = (qw.packed.astype(np.float32) - zero) * qw.scales.reshape(qw.n, blocks, 1)
+    return cols.reshape(qw.n, -1)[:, : qw.k].T.copy()
 
 
 @pytest.mark.parametrize("k", [64, 40])  # whole blocks, and a last block padded with zeros

@@ -413,6 +413,14 @@ def test_transformers_batches_concurrent_requests(hf_server):
         assert srv.metric("detox_serve_batch_rows_sum") - srv.metric("detox_serve_batch_rows_count") >= 1
         chat = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=8, temperature=0)
         assert chat.choices[0].message.content
+        # SmolLM2 writes each of these characters as two or three byte tokens: every streamed piece holds whole
+        # characters (the incremental detokenizer holds back a character's first bytes), as the one-call text does
+        split = "我爱你。我爱你。我爱你。"
+        pieces = [ch.choices[0].text for ch in c.completions.create(model="smollm2", prompt=split, max_tokens=10,
+                                                                    temperature=0, stream=True) if ch.choices]
+        whole = c.completions.create(model="smollm2", prompt=split, max_tokens=10, temperature=0).choices[0].text
+        assert "".join(pieces) == whole and whole.startswith("我爱你") and "\ufffd" not in whole, pieces
+        assert len(pieces) < 10  # fewer chunks than tokens: the unfinished characters' tokens sent no text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -174,9 +174,3 @@ def top_info(logprobs: np.ndarray, token: int, k: int, text_of: Callable[[int], 
         top = [(text_of(int(i)), float(logprobs[i])) for i in idx]
     value = float(logprobs[token])
     return TokenInfo(text_of(token), value if math.isfinite(value) else -9999.0, top)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -10,6 +10,9 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from detox.artifacts.manifest import TargetFingerprint
 from detox.backends.base import Backend, LastScores, Row, Sampling, top_info
+from detox.engine import transformers_detokenizer
+from detox.fingerprint import fingerprint_gguf, fingerprint_hf
+from detox.targets import is_gguf, load_hf_target, resolve_target, stop_token_ids
 
 
 class HFBackend(Backend):
@@ -21,23 +24,17 @@ class HFBackend(Backend):
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,
              provider: str | None = None) -> "HFBackend":
-        from detox.targets import load_hf_target, resolve_target
-
-        _torch_threads(threads)
+        set_torch_threads(threads)
         model, tokenizer = load_hf_target(target)
         return cls(model, tokenizer, str(resolve_target(target)))
 
     def fingerprint(self) -> TargetFingerprint:
-        from detox.fingerprint import fingerprint_gguf, fingerprint_hf
-        from detox.targets import is_gguf
-
         if self.source is not None and is_gguf(self.source):
             return fingerprint_gguf(self.source)
         return fingerprint_hf(self.model, self.tokenizer)
 
     def wrap(self, calibrator: Any = None, strength: float | None = None, require_signature: Any = None) -> Any:
         from detox.adapters.transformers import DetoxModel, load_tokenizer_for
-        from detox.fingerprint import fingerprint_hf
         from detox.resolve import resolve_calibrator
 
         self.tokenizer = self.tokenizer or load_tokenizer_for(self.model)
@@ -121,16 +118,6 @@ class HFBackend(Backend):
     def context_limit(self) -> int | None:
         return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
 
-    def _serve_ids(self) -> tuple[int, list[int]]:
-        """(padding id, end-of-text ids) for batched decoding."""
-        tokenizer = self.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None:
-            eos.append(int(tokenizer.eos_token_id))
-        return int(pad), sorted(set(int(e) for e in eos))
-
     def decode(self, rows: Sequence[Row], sampling: Sampling) -> None:
         """The rows, left-padded, in one ``generate`` call; a streamer hands each step's tokens to the rows and a
         stopping criterion ends each row on its own (its ``max_tokens``, a stop string, or its client leaving)."""
@@ -139,7 +126,8 @@ class HFBackend(Backend):
         from transformers.generation.streamers import BaseStreamer
 
         tokenizer = self.tokenizer
-        pad_id, eos_ids = self._serve_ids()
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        eos_ids = stop_token_ids(self.model, tokenizer)
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -150,9 +138,7 @@ class HFBackend(Backend):
         observer = LastScores(lambda s: s.float().log_softmax(-1).cpu().numpy()) if sampling.logprobs else None
         texts = [""] * len(rows)
         generated: list[list[int]] = [[] for _ in rows]
-
-        def token_text(token: int) -> str:
-            return tokenizer.decode([token], skip_special_tokens=False)
+        detokenizers = [transformers_detokenizer(tokenizer) for _ in rows]
 
         class Rows(BaseStreamer):
             """Hands each step's tokens to the rows (transformers calls put once with the prompt first)."""
@@ -171,13 +157,13 @@ class HFBackend(Backend):
                         row.finish("stop")
                         continue
                     generated[r].append(token)
-                    text = tokenizer.decode(generated[r], skip_special_tokens=True)
+                    text = detokenizers[r](generated[r])  # tokenizer.decode(generated[r], skip_special_tokens=True)
                     piece = ""
-                    if not text.endswith("\ufffd"):  # an unfinished character: wait for its next bytes
+                    if not text.endswith("\ufffd"):  # an unfinished character (whole-text decoding): wait for its bytes
                         piece, texts[r] = text[len(texts[r]):], text
                     info = None
                     if observer is not None and observer.last is not None:
-                        info = top_info(observer.last[r], token, row.top_logprobs, token_text)
+                        info = top_info(observer.last[r], token, row.top_logprobs, lambda t: tokenizer.decode([t]))
                     row.push(piece, info)
 
             def end(self) -> None:
@@ -203,7 +189,8 @@ class HFBackend(Backend):
             model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
 
 
-def _torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads (``None``: leave torch's choice)."""
     if threads:
         import torch
 

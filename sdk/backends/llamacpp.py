@@ -8,8 +8,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from detox.adapters.llamacpp import gguf_fingerprint, llama_detokenizer, load_llama, wrap_llama
 from detox.artifacts.manifest import TargetFingerprint
-from detox.backends.base import Backend, LastScores, Row, Sampling, log_softmax, top_info
+from detox.backends.base import Backend, LastScores, Row, Sampling, top_info
+from detox.fusion import log_softmax
+from detox.gguf_reader import read_gguf
+from detox.targets import is_gguf, load_hf_target, resolve_target
 
 
 class LlamaCppBackend(Backend):
@@ -20,9 +24,6 @@ class LlamaCppBackend(Backend):
     @classmethod
     def load(cls, target: str, *, context_window: int = 2048, seed: int = 0, threads: int | None = None,
              provider: str | None = None) -> "LlamaCppBackend":
-        from detox.adapters.llamacpp import load_llama
-        from detox.targets import is_gguf, resolve_target
-
         path = resolve_target(target)
         if not is_gguf(path):
             raise ValueError(f"--backend llamacpp needs a .gguf file (or 'smollm2') as --target, got {target!r}")
@@ -34,20 +35,15 @@ class LlamaCppBackend(Backend):
         return cls(load_llama(path, **kwargs), None, path)
 
     def fingerprint(self) -> TargetFingerprint:
-        from detox.adapters.llamacpp import gguf_fingerprint
-
         return gguf_fingerprint(self.source or self.model.model_path)
 
     def wrap(self, calibrator: Any = None, strength: float | None = None, require_signature: Any = None) -> Any:
-        from detox.adapters.llamacpp import wrap_llama
-
         self.fused = wrap_llama(self.model, calibrator=calibrator, strength=strength, require_signature=require_signature)
         return self.fused
 
     def parameter_count(self) -> int:
-        from gguf import GGUFReader
-
-        return sum(int(t.n_elements) for t in GGUFReader(self.source or self.model.model_path).tensors)
+        tensors = read_gguf(self.source or self.model.model_path).tensors.values()
+        return sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors)
 
     def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int, top_p: float, seed: int,
                fused: bool = True) -> list[list[str]]:
@@ -61,8 +57,6 @@ class LlamaCppBackend(Backend):
 
     def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
         """The same GGUF, dequantized by transformers."""
-        from detox.targets import load_hf_target
-
         return load_hf_target(self.source or self.model.model_path)
 
     @classmethod
@@ -149,14 +143,12 @@ class LlamaCppBackend(Backend):
         """One row after the other (llama.cpp decodes one sequence); row ``i`` is seeded with ``seed + i``."""
         from llama_cpp import LogitsProcessorList
 
-        from detox.adapters.llamacpp import llama_detokenizer
-
         llama, model = self.model, self.runner(sampling.strength is not None, sampling.strength)
         for row in rows:
             if row.done:
                 continue
             llama.set_seed(sampling.seed + row.index if sampling.seed is not None else random.randrange(2**31))
-            observer = LastScores(lambda s: np.array(s, dtype=np.float32, copy=True)) if sampling.logprobs else None
+            observer = LastScores(lambda s: np.array(s, dtype=np.float64)) if sampling.logprobs else None
             tokens = model.generate(row.prompt_ids, top_k=0, top_p=sampling.top_p, min_p=0.0, temp=sampling.temperature,
                                     repeat_penalty=1.0,
                                     logits_processor=LogitsProcessorList([observer]) if observer else None)

@@ -8,7 +8,9 @@ from contextlib import nullcontext
 from typing import Any, ContextManager
 
 from detox.artifacts.manifest import TargetFingerprint
-from detox.backends.hf import HFBackend, _torch_threads
+from detox.backends.hf import HFBackend, set_torch_threads
+from detox.onnx_export import fingerprint_onnx, onnx_parameter_count
+from detox.targets import load_hf_target
 
 
 class OnnxBackend(HFBackend):
@@ -21,13 +23,11 @@ class OnnxBackend(HFBackend):
              provider: str | None = "auto") -> "OnnxBackend":
         from detox.adapters.onnxruntime import load_ort_target
 
-        _torch_threads(threads)
+        set_torch_threads(threads)
         model, tokenizer = load_ort_target(target, provider)
         return cls(model, tokenizer, target)
 
     def fingerprint(self) -> TargetFingerprint:
-        from detox.onnx_export import fingerprint_onnx
-
         return fingerprint_onnx(self.source if self.source is not None else self.model.path)
 
     def wrap(self, calibrator: Any = None, strength: float | None = None, require_signature: Any = None) -> Any:
@@ -38,15 +38,11 @@ class OnnxBackend(HFBackend):
         return self.fused
 
     def parameter_count(self) -> int:
-        from detox.onnx_export import onnx_parameter_count
-
         return onnx_parameter_count(self.model.path)
 
     def transformers_twin(self, fallback: str | None = None) -> tuple[Any, Any]:
         if fallback is None:  # an exported graph: transformers cannot load it
             raise ValueError("--reference-text on --backend onnx needs the same model in transformers format: pass --ppl-model")
-        from detox.targets import load_hf_target
-
         return load_hf_target(fallback)
 
     @classmethod

@@ -24,10 +24,4 @@ def get_method(name: str) -> FusionMethod:
                          "(an artifact made by a newer detox needs that version)") from None
 
 
-def check_strength(strength: float, name: str) -> float:
-    """λ as a float in the range of fusion method ``name`` (its config's ``max_strength``); every place that accepts a
-    strength validates it here."""
-    return get_method(name).config.check_strength(strength)
-
-
-__all__ = ["METHODS", "FusionMethod", "MethodConfig", "check_strength", "get_method"]
+__all__ = ["METHODS", "FusionMethod", "MethodConfig", "get_method"]

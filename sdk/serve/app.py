@@ -139,22 +139,6 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
                                 "(GET /v1/models)", param="model", code="model_not_found")
         return req
 
-    def detox_info(gen: GenRequest) -> tuple[dict[str, Any], dict[str, str]]:
-        """The response's ``detox`` field and ``x-detox-*`` headers: the calibrator and strength used, if any."""
-        if gen.strength is None:
-            return ({"enabled": False, "calibrator": None, "strength": None},
-                    {"x-detox-calibrator": "none", "x-detox-strength": "off"})
-        return ({"enabled": True, "calibrator": backend.calibrator_label, "strength": gen.strength},
-                {"x-detox-calibrator": backend.calibrator_label, "x-detox-strength": f"{gen.strength:g}"})
-
-    def submit(gen: GenRequest) -> Job:
-        job = Job(gen)
-        try:
-            scheduler.submit(job)
-        except QueueFull as err:
-            raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
-        return job
-
     # ----------------------------------------------------------------------------------------------------------
     # Response shapes
 
@@ -188,7 +172,10 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                 "model": backend.model_id}
-        info, headers = detox_info(gen)
+        fused = gen.strength is not None  # the response's detox field and x-detox-* headers name what was used
+        info = {"enabled": fused, "calibrator": backend.calibrator_label if fused else None, "strength": gen.strength}
+        headers = {"x-detox-calibrator": backend.calibrator_label if fused else "none",
+                   "x-detox-strength": f"{gen.strength:g}" if fused else "off"}
 
         def choice(index: int, text: str, tokens: list[TokenInfo], finish: str | None, logprobs: bool,
                    offset: int = 0, delta: dict[str, str] | None = None) -> dict[str, Any]:
@@ -319,9 +306,12 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
             raise APIError(400, "detox.strength has no effect with detox.enabled=false; drop one of them",
                            param="detox", code="invalid_value")
         logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
-        job = submit(GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()), strength=strength,
-                                logprobs=logprobs, n=req.n))
+        job = Job(GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                             seed=req.seed, stop=tuple(req.stop or ()), strength=strength, logprobs=logprobs, n=req.n))
+        try:
+            scheduler.submit(job)
+        except QueueFull as err:
+            raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, job, chat, req.stream, include_usage)
 

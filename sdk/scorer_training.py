@@ -56,7 +56,7 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
-    abusive_non_hate: bool = False  # train on DynaHate "not hate" rows with abuse/profanity as negatives (before 2.1)
+    abusive_non_hate: bool = False  # abusive DynaHate "not hate" rows as negatives (as builds before 2.0+d8cdf5169d77)
     frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step

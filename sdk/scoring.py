@@ -46,6 +46,7 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     onnx_logits,
     onnx_session,
     shipped_scorer_dir,
+    sigmoid,
 )
 from detox.scoring_head import MiniLMEncoder, MiniLMScorer, ToxicityHead, embed_texts, load_minilm_encoder  # noqa: F401
 
@@ -121,10 +122,8 @@ class OnnxScorer:
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """P(toxic) per text: sigmoid(logit / temperature)."""
-        import math
-
-        return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z / self.temperature))))
-                for z in self.logits(texts, batch_size, progress)]
+        z = onnx_logits(self.session, self.tokenizer, _check_texts(texts), batch_size, progress, self.name)
+        return sigmoid(z / self.temperature).tolist()
 
 
 # --------------------------------------------------------------------------- Detoxify

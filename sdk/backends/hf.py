@@ -157,7 +157,7 @@ class HFBackend(Backend):
                         row.finish("stop")
                         continue
                     generated[r].append(token)
-                    text = detokenizers[r](generated[r])  # tokenizer.decode(generated[r], skip_special_tokens=True)
+                    text = detokenizers[r](generated[r])  # = decode(generated[r], skip_special_tokens=True)
                     piece = ""
                     if not text.endswith("\ufffd"):  # an unfinished character (whole-text decoding): wait for its bytes
                         piece, texts[r] = text[len(texts[r]):], text

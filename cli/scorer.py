@@ -77,6 +77,9 @@ def scorer_group() -> None:
 @click.option("--abusive-non-hate", is_flag=True,
               help="Also train on DynaHate 'not hate' rows that contain abuse or profanity, as negatives (they are "
                    "toxic for this scorer, so by default they are left out of training; test rows keep them).")
+@click.option("--counterfactuals", default=D.counterfactuals, show_default=True, type=click.IntRange(0, 19),
+              help="Group-swapped copies of each ToxiGen training sentence that names a group (the other label's "
+                   "sentences get as many in total): against flagging text for the group it names.")
 @click.option("--family-share", "family_share", multiple=True, metavar="FAMILY=SHARE", callback=_family_shares,
               help="Share of the sampled training examples for a source family (repeatable; renormalised over the "
                    "families present). Defaults: " + ", ".join(f"{f}={v:g}" for f, v in D.family_shares.items()) + ".")

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,4 +246,64 @@ def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, str]:
         p = d / name
         if p.is_file():
             out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# Counterfactual group swaps (Dixon et al. 2018; Park et al. 2018): the ToxiGen sentences name ten groups, the hate
+# a scorer learns from (DynaHate) mostly others (women, Muslims, Jews, trans people...), so a scorer learns
+# "mentions those groups" => toxic. Copies of each ToxiGen sentence with its group's noun phrase replaced by another
+# group's, hate and benign alike, teach it that the group named does not decide the label.
+_GROUP_NOUNS = {
+    "asian": r"asian[- ]americans|asian people|asians|people of asian descent",
+    "black": r"black people|black folks|african[- ]american people|african[- ]americans|people who are black",
+    "chinese": r"chinese people|chinese americans|people from china",
+    "immigrant": r"immigrants|refugees|migrants",
+    "mexican": r"mexicans|mexican[- ]americans|mexican people",
+    "middle_east": r"arabs|arab people|middle eastern people|middle easterners",
+    "native_american": r"native americans|native american people|indigenous people",
+    "lgbtq": r"gay people|gay men|gays|lesbians|queer people|lgbtq?\+? people|trans people|transgender people",
+    "bisexual": r"bisexual people|bisexuals",
+    "mental_disability": r"people with (?:a )?mental (?:illness(?:es)?|disabilit(?:y|ies))|mentally ill people",
+    "disabled": r"disabled people|people with disabilities",
+    "muslim": r"muslims",
+    "jewish": r"jews|jewish people",
+}
+_GROUP_NOUN_RE = {g: re.compile(rf"\b(?:{p})\b", re.IGNORECASE) for g, p in _GROUP_NOUNS.items()}
+COUNTERFACTUAL_GROUPS = {
+    "women": "women", "muslim": "muslims", "jewish": "jewish people", "christian": "christians",
+    "trans": "trans people", "lgbtq": "gay people", "lesbian": "lesbians", "bisexual": "bisexual people",
+    "black": "black people", "asian": "asian americans", "chinese": "chinese people", "latino": "latinos",
+    "mexican": "mexicans", "immigrant": "immigrants", "middle_east": "arabs", "native_american": "native americans",
+    "disabled": "disabled people", "mental_disability": "people with mental illness", "indian": "indian people",
+    "elderly": "older people",
+}
+
+
+def counterfactuals(rows: list[Example], copies: int, seed: int) -> list[Example]:
+    """Group-swapped copies of the rows that name a group (family ``counterfactual``, same label, group = the new one).
+
+    Every group noun phrase in a row is replaced by one other group's plural noun (a group the row does not name);
+    rows that name no group by a plural noun phrase are skipped. Benign sentences name a group that way less often
+    than hate does, so each label gets ``copies`` times as many copies as the label with more such rows has rows:
+    more swapped hate than benign text would teach "names these groups" => toxic, the bias this is against.
+    """
+    rng = random.Random(seed)
+    named = [(e, {g for g, rx in _GROUP_NOUN_RE.items() if rx.search(e.text)}) for e in rows]
+    by_label: dict[int, list[tuple[Example, set[str]]]] = {}
+    for e, groups in named:
+        if groups:
+            by_label.setdefault(e.label, []).append((e, groups))
+    most = max((len(v) for v in by_label.values()), default=0)
+    out = []
+    for label in sorted(by_label):
+        matched = by_label[label]
+        per_row = round(copies * most / len(matched))
+        for e, groups in matched:
+            others = sorted(set(COUNTERFACTUAL_GROUPS) - groups)
+            for target in rng.sample(others, min(per_row, len(others))):
+                noun = COUNTERFACTUAL_GROUPS[target]
+                text = e.text
+                for g in groups:
+                    text = _GROUP_NOUN_RE[g].sub(lambda m: noun.capitalize() if m.group(0)[0].isupper() else noun, text)
+                out.append(Example(text, label, "counterfactual", target))
     return out

@@ -24,7 +24,8 @@ import numpy as np
 
 from detox.data import sha256_file
 from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
-from detox.scorer_data import Example, abusive_non_hate, data_fingerprint, load_examples, read_prompts_dev
+from detox.scorer_data import (Example, abusive_non_hate, counterfactuals, data_fingerprint, load_examples,
+                                read_prompts_dev)
 
 FORMAT = "detox-scorer-onnx-1"
 MODEL_FILE = "model.onnx"
@@ -36,7 +37,8 @@ CONFIG_FILE = "config.json"
 # "identity-directed hate" apart from "profane"; ParaDetox (profanity/insults) the smallest of the big three.
 # ToxiGen (benign identity sentences + implicit hate) and the benign identity templates were raised from 0.05/0.02
 # for the shipped build (2.0+d8cdf5169d77): fewer benign identity sentences flagged (docs/scorer.md).
-FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.12, "identity_templates": 0.05}
+FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.12, "identity_templates": 0.05,
+                 "counterfactual": 0.08}
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrainSettings:
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
     abusive_non_hate: bool = False  # abusive DynaHate "not hate" rows as negatives (as builds before 2.0+d8cdf5169d77)
+    counterfactuals: int = 0  # group-swapped copies of the ToxiGen training rows (detox.scorer_data.counterfactuals)
     frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
@@ -81,6 +84,8 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
         parts.append("--no-templates")
     if d.abusive_non_hate:
         parts.append("--abusive-non-hate")
+    if d.counterfactuals:
+        parts.append(f"--counterfactuals {d.counterfactuals}")
     if d.max_steps is not None:
         parts.append(f"--max-steps {d.max_steps}")
     if d.stop_at_step is not None:
@@ -335,8 +340,11 @@ def freeze_bottom(encoder: Any, layers: int) -> None:
 
 def training_rows(train: list[Example], settings: TrainSettings) -> list[Example]:
     """The rows a build samples from: without DynaHate's abusive "not hate" rows unless asked (see
-    :data:`detox.scorer_data.ABUSE_PATTERN`); held-out and test rows are never filtered."""
-    return train if settings.abusive_non_hate else [e for e in train if not abusive_non_hate(e)]
+    :data:`detox.scorer_data.ABUSE_PATTERN`), with group-swapped copies of the ToxiGen rows if asked; held-out and
+    test rows are never filtered or swapped."""
+    rows = train if settings.abusive_non_hate else [e for e in train if not abusive_non_hate(e)]
+    toxigen = [e for e in train if e.family == "toxigen"]
+    return rows + counterfactuals(toxigen, settings.counterfactuals, settings.seed)
 
 
 def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettings,
@@ -503,6 +511,10 @@ def benign_fpr(score: Callable[[list[str]], np.ndarray], splits: Splits, prompts
         "other benign: paradetox neutral": [e for e in held if e.family == "paradetox" and e.label == 0],
         "other benign: RTP non-toxic prompts": [e for e in prompts if e.family.startswith("prompts:rtp")],
         "dghs not-hate (adversarial, apart)": [e for e in held if e.family == "dghs" and e.label == 0],
+        # the held-out benign identity sentences with their group swapped for others (women, Muslims, Jews, ...):
+        # the groups DynaHate's hate targets and ToxiGen's sentences here do not name
+        "benign identity, group-swapped (held out)": counterfactuals(
+            [e for e in splits.identity_test if e.label == 0], 3, 0),
     }
     out: dict[str, Any] = {}
     pooled_hits, pooled_n = 0, 0

@@ -665,3 +665,39 @@ def test_abusive_non_hate_rows_are_not_training_negatives():
     assert training_rows(rows, TrainSettings(abusive_non_hate=True)) == rows
     assert "--abusive-non-hate" in rebuild_command(TrainSettings(abusive_non_hate=True))
     assert "--abusive-non-hate" not in rebuild_command(TrainSettings())
+
+
+def test_counterfactuals_swap_the_group_and_keep_the_label():
+    """Group-swapped copies name another group in place of the row's, keep its label, leave other rows alone and
+    give both labels as many copies (more swapped hate than benign text would teach the bias they are against)."""
+    from detox.scorer_data import COUNTERFACTUAL_GROUPS, Example, counterfactuals
+    from detox.scorer_training import TrainSettings, rebuild_command, training_rows
+
+    hate = [Example("Immigrants are criminals", 1, "toxigen", "immigrant"),
+            Example("gays and lesbians should stay hidden", 1, "toxigen", "lgbtq")]
+    benign = [Example("there is a rich history of asians in america", 0, "toxigen", "asian"),
+              Example("no person is illegal", 0, "toxigen", "immigrant")]  # names no group: skipped
+    out = counterfactuals(hate + benign, 2, seed=0)
+    assert all(e.family == "counterfactual" for e in out)
+    by_label = {lab: [e for e in out if e.label == lab] for lab in (0, 1)}
+    assert len(by_label[1]) == 4 and len(by_label[0]) == 4  # 2 hate rows x 2; the 1 benign row x 4
+    nouns = set(COUNTERFACTUAL_GROUPS.values())
+    for e in by_label[0]:
+        assert e.text.startswith("there is a rich history of ") and e.text.endswith(" in america")
+        assert e.text[len("there is a rich history of "):-len(" in america")] == COUNTERFACTUAL_GROUPS[e.group]
+        assert e.group != "asian"
+    for e in by_label[1][:2]:
+        noun = COUNTERFACTUAL_GROUPS[e.group]
+        assert e.text == f"{noun[0].upper()}{noun[1:]} are criminals" and e.group != "immigrant"
+    for e in by_label[1][2:]:  # both lgbtq phrases get the same new group
+        noun = COUNTERFACTUAL_GROUPS[e.group]
+        assert e.text == f"{noun} and {noun} should stay hidden" and noun in nouns
+    assert counterfactuals(hate + benign, 2, seed=0) == out  # seeded
+    assert counterfactuals(hate + benign, 0, seed=0) == []
+
+    rows = hate + benign + [Example("shut up you idiot", 1, "paradetox")]
+    assert training_rows(rows, TrainSettings()) == rows
+    settings = TrainSettings(counterfactuals=2)
+    assert training_rows(rows, settings) == rows + counterfactuals(hate + benign, 2, settings.seed)
+    assert "--counterfactuals 2" in rebuild_command(TrainSettings(counterfactuals=2))
+    assert "--counterfactuals" not in rebuild_command(TrainSettings())

@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--b", required=True, help="calibrator artifact B (weight 1 - alpha)")
     ap.add_argument("--alpha", type=float, required=True, help="A's weight; 0 gives B, 1 gives A")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--name", default=None, help="default: mix-aA-ALPHA")
+    ap.add_argument("--name", default=None, help="default: mix-aNNN, NNN = alpha in percent")
     ap.add_argument("--version", default="0.1.0")
     args = ap.parse_args()
     if not 0.0 <= args.alpha <= 1.0:

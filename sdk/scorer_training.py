@@ -105,16 +105,9 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(xs) != 0) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(x)]])
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e - 1) / 2.0 + 1.0
-    return ranks
+    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # a run of equal values holds ranks ends - counts + 1 .. ends
+    return ((2 * ends - counts + 1) / 2.0)[inverse.reshape(-1)]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -131,14 +124,9 @@ def ece(labels: Sequence[int], probs: Sequence[float], bins: int = 10, balanced:
     p = np.asarray(probs, dtype=np.float64)
     w = _balanced_weights(y) if balanced else np.ones_like(y)
     idx = np.minimum((p * bins).astype(int), bins - 1)
-    total = w.sum()
-    err = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            wb = w[m].sum()
-            err += wb / total * abs(np.average(y[m], weights=w[m]) - np.average(p[m], weights=w[m]))
-    return float(err)
+    # per bin: |weighted mean label - weighted mean probability| * bin weight / total weight
+    gap = np.bincount(idx, w * y, bins) - np.bincount(idx, w * p, bins)
+    return float(np.abs(gap).sum() / w.sum())
 
 
 def _balanced_weights(y: np.ndarray) -> np.ndarray:

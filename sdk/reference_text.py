@@ -93,9 +93,7 @@ class ReferenceScore:
         return self.perplexity_fused_in_support / self.perplexity_unfused_in_support
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d.update(ratio_untruncated=self.ratio_untruncated, ratio_in_support=self.ratio_in_support)
-        return d
+        return {**self.__dict__, "ratio_untruncated": self.ratio_untruncated, "ratio_in_support": self.ratio_in_support}
 
     def markdown(self, name: str = "reference text") -> str:
         return (f"\n{name}: {self.texts} texts, {self.tokens} tokens, strength {self.strength:g}\n\n"

@@ -348,10 +348,9 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
         raise ValueError(f"the training sample has only one class ({n_pos} toxic of {n}); the data needs both labels")
     w_pos, w_neg = n / (2 * n_pos), n / (2 * (n - n_pos))
     freeze_bottom(model.encoder, settings.frozen_layers)
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    enc_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr}, {"params": head_params, "lr": settings.head_lr}],
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]  # the rest of the model is its head
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr},
+                             {"params": list(model.head.parameters()), "lr": settings.head_lr}],
                             weight_decay=settings.weight_decay)
     warm = max(1, int(settings.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(

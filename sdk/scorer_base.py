@@ -85,13 +85,11 @@ def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
     encs = tokenizer.encode_batch(list(texts))
-    width = max(1, max(len(e.ids) for e in encs))
-    ids = np.zeros((len(encs), width), dtype=np.int64)
-    mask = np.zeros((len(encs), width), dtype=np.int64)
+    lengths = np.array([len(e.ids) for e in encs])
+    ids = np.zeros((len(encs), max(1, lengths.max())), dtype=np.int64)
     for i, e in enumerate(encs):
         ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
-    return ids, mask
+    return ids, (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
 
 
 def minilm_dir(path: str | os.PathLike[str] | None, missing: str) -> Path:

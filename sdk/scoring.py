@@ -223,9 +223,7 @@ class DetoxifyScorer:
 
 def _is_toxic_label(label: str) -> bool:
     norm = label.strip().lower()
-    if any(norm.startswith(p) for p in NEGATION_PREFIXES):
-        return False
-    return any(w in norm for w in TOXIC_LABEL_WORDS)
+    return not norm.startswith(NEGATION_PREFIXES) and any(w in norm for w in TOXIC_LABEL_WORDS)
 
 
 class HFClassifierScorer:

@@ -51,7 +51,6 @@ def reexport_onnx(src: str, out_dir: str, version: str | None = None, overwrite:
     import tempfile
     from datetime import datetime, timezone
 
-
     check_weights_dtype(onnx_weights, "onnx_weights")
     cal = Calibrator.load(src)
     m = cal.manifest

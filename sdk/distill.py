@@ -326,14 +326,9 @@ def distill(
         for i, (ids, at_eos) in zip(range(lo, hi), rows):
             if i < done:
                 continue
-            row: dict[str, Any] = {"id": i}
-            if seeds:
-                row["seed"] = seeds[i % len(seeds)]
-                ids_out = seed_ids[i % len(seeds)] + ids  # type: ignore[index]
-            else:
-                ids_out = ids
-            row.update(text=base_tok.decode(ids_out, skip_special_tokens=True), num_tokens=len(ids))
-            new_rows.append(row)
+            seed_row = {"seed": seeds[i % len(seeds)]} if seeds else {}
+            text = base_tok.decode((prefixes[i - lo] if prefixes else []) + ids, skip_special_tokens=True)
+            new_rows.append({"id": i, **seed_row, "text": text, "num_tokens": len(ids)})
             manifest["total_tokens"] += len(ids)
             manifest["stopped_at_eos"] += int(at_eos)
         append_rows(out, new_rows, "distill.rows")

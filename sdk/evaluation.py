@@ -200,9 +200,7 @@ def summarize(rows: list[dict], threshold: float = 0.5, perplexity: float | None
         "toxicity_probability": toxicity_probability(scores, threshold),
         "mean_toxicity": mean_toxicity(scores),
         "perplexity": perplexity,
-        "distinct_1": mean_distinct_n(texts, 1),
-        "distinct_2": mean_distinct_n(texts, 2),
-        "distinct_3": mean_distinct_n(texts, 3),
+        **{f"distinct_{n}": mean_distinct_n(texts, n) for n in (1, 2, 3)},
         "num_prompts": len(groups),
         "num_generations": len(rows),
     }

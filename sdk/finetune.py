@@ -59,14 +59,10 @@ def pad_collate(pad_id: int) -> Callable[[list[list[int]]], dict[str, torch.Tens
     """Right-pad a batch of id lists; padding gets attention 0 and label -100 (no loss on padding)."""
 
     def collate(batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            attn[i, : len(x)] = 1
-        labels = ids.masked_fill(attn == 0, -100)
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in batch], batch_first=True,
+                                              padding_value=pad_id)
+        attn = (torch.arange(ids.shape[1]) < torch.tensor([len(x) for x in batch])[:, None]).long()
+        return {"input_ids": ids, "attention_mask": attn, "labels": ids.masked_fill(attn == 0, -100)}
 
     return collate
 

@@ -58,9 +58,8 @@ class MatrixHasher:
 
 def hash_matrix(weight: np.ndarray) -> str:
     """sha256 of ``str(shape)`` and the matrix rounded to little-endian float16 (row-major)."""
-    weight = np.asarray(weight, dtype=np.float32)
-    h = MatrixHasher(weight.shape)
-    h.update(weight)
+    h = MatrixHasher(np.shape(weight))
+    h.update(weight)  # as float32
     return h.hexdigest()
 
 

@@ -87,10 +87,7 @@ def groups_of_prompt(row: dict[str, Any], terms: IdentityTerms) -> list[str]:
 def prompt_groups(prompts_file: str | os.PathLike[str], terms: IdentityTerms) -> dict[str, list[str]]:
     """``{prompt id: groups}`` for a ``detox eval`` prompts file (ids as :func:`detox.evaluation.read_prompts` makes
     them: the ``id`` field, else the 0-based line index)."""
-    out = {}
-    for lineno, row in iter_jsonl(prompts_file):
-        out[str(row.get("id", lineno - 1))] = groups_of_prompt(row, terms)
-    return out
+    return {str(row.get("id", lineno - 1)): groups_of_prompt(row, terms) for lineno, row in iter_jsonl(prompts_file)}
 
 
 def _share(flags: list[bool]) -> float | None:

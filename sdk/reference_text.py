@@ -17,19 +17,16 @@ from typing import Any, Sequence
 
 import torch
 
-from detox.data import DataFormatError
+from detox.data import DataFormatError, read_texts
 from detox.fusion import Head
 from detox.methods.contrast import ContrastHead
 
 
 def read_lines(path: str | os.PathLike[str]) -> list[str]:
-    """The non-empty lines of a text file, one text per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataFormatError(f"reference text file not found: {p}")
-    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The non-empty lines of a text file, one text per line (:func:`detox.data.read_texts`), refusing none."""
+    texts = read_texts(path)
     if not texts:
-        raise DataFormatError(f"{p}: no text lines; expected one text per line")
+        raise DataFormatError(f"{path}: no text lines; expected one text per line")
     return texts
 
 
@@ -96,9 +93,7 @@ class ReferenceScore:
         return self.perplexity_fused_in_support / self.perplexity_unfused_in_support
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d.update(ratio_untruncated=self.ratio_untruncated, ratio_in_support=self.ratio_in_support)
-        return d
+        return {**self.__dict__, "ratio_untruncated": self.ratio_untruncated, "ratio_in_support": self.ratio_in_support}
 
     def markdown(self, name: str = "reference text") -> str:
         return (f"\n{name}: {self.texts} texts, {self.tokens} tokens, strength {self.strength:g}\n\n"

@@ -30,28 +30,20 @@ class Scorer(Protocol):
         ...
 
 
-def _length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Index batches of similar length: padding to the batch max is what costs CPU time."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def _iter_batches(
     texts: Sequence[str], batch_size: int, progress: bool, desc: str
 ) -> Iterator[tuple[list[int], list[str]]]:
-    batches = _length_sorted_batches(texts, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    """Index batches of similar length (padding to the batch max is what costs CPU time) and their texts."""
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(texts), desc=desc, unit="text")
-    for idx in batches:
-        yield idx, [texts[i] for i in idx]
-        if progress:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield idx, [texts[i] for i in idx]
             bar.update(len(idx))
-    if progress:
-        bar.close()
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -93,13 +85,11 @@ def load_tokenizer(path: str | os.PathLike[str], max_length: int) -> Any:
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` int64, right-padded with 0 to the longest text of the batch."""
     encs = tokenizer.encode_batch(list(texts))
-    width = max(1, max(len(e.ids) for e in encs))
-    ids = np.zeros((len(encs), width), dtype=np.int64)
-    mask = np.zeros((len(encs), width), dtype=np.int64)
+    lengths = np.array([len(e.ids) for e in encs])
+    ids = np.zeros((len(encs), max(1, lengths.max())), dtype=np.int64)
     for i, e in enumerate(encs):
         ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
-    return ids, mask
+    return ids, (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
 
 
 def minilm_dir(path: str | os.PathLike[str] | None, missing: str) -> Path:

@@ -1,8 +1,9 @@
 """Build a toxicity scorer (``detox scorer train``): fine-tune MiniLM, calibrate, export to int8 ONNX, measure.
 
-:func:`build_scorer` runs the seeded steps: :func:`split_examples`, :func:`train_classifier`, :func:`fit_temperature`,
-:func:`export_onnx`, :func:`evaluate`; it writes a directory :class:`detox.scoring.OnnxScorer` loads with onnxruntime
-and tokenizers only. docs/scorer.md gives the splits, the family shares, the settings and the measured results.
+:func:`build_scorer` runs the seeded steps: :func:`split_examples`, :func:`train_classifier`, :func:`export_onnx`,
+:func:`quantize_int8`, :func:`fit_temperature`, :func:`evaluate`; it writes a directory :class:`detox.scoring.OnnxScorer`
+loads with onnxruntime and tokenizers only. docs/scorer.md gives the splits, the family shares, the settings and the
+measured results.
 """
 
 from __future__ import annotations
@@ -110,16 +111,9 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(xs) != 0) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(x)]])
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e - 1) / 2.0 + 1.0
-    return ranks
+    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # a run of equal values holds ranks ends - counts + 1 .. ends
+    return ((2 * ends - counts + 1) / 2.0)[inverse.reshape(-1)]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -136,14 +130,9 @@ def ece(labels: Sequence[int], probs: Sequence[float], bins: int = 10, balanced:
     p = np.asarray(probs, dtype=np.float64)
     w = _balanced_weights(y) if balanced else np.ones_like(y)
     idx = np.minimum((p * bins).astype(int), bins - 1)
-    total = w.sum()
-    err = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            wb = w[m].sum()
-            err += wb / total * abs(np.average(y[m], weights=w[m]) - np.average(p[m], weights=w[m]))
-    return float(err)
+    # per bin: |weighted mean label - weighted mean probability| * bin weight / total weight
+    gap = np.bincount(idx, w * y, bins) - np.bincount(idx, w * p, bins)
+    return float(np.abs(gap).sum() / w.sum())
 
 
 def _balanced_weights(y: np.ndarray) -> np.ndarray:
@@ -367,10 +356,9 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
         raise ValueError(f"the training sample has only one class ({n_pos} toxic of {n}); the data needs both labels")
     w_pos, w_neg = n / (2 * n_pos), n / (2 * (n - n_pos))
     freeze_bottom(model.encoder, settings.frozen_layers)
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    enc_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr}, {"params": head_params, "lr": settings.head_lr}],
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]  # the rest of the model is its head
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": settings.lr},
+                             {"params": list(model.head.parameters()), "lr": settings.head_lr}],
                             weight_decay=settings.weight_decay)
     warm = max(1, int(settings.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -417,45 +405,43 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
 WEIGHTS = "int8 weight-only: MatMulNBits (8 bits, blocks of 32, accuracy_level 4) + int8 embedding table (Gather)"
 
 
-def export_onnx(model: Any, out_path: Path, quantize: bool = True) -> Path:
-    """Export ``(input_ids, attention_mask) -> logit`` (dynamic batch and length); int8 weights if ``quantize``.
-
-    Weight-only int8 (``MatMulNBits`` and an int8 ``Gather`` table), so a text's score does not depend on the other
-    texts of its batch, as it did with plain ``quantize_dynamic`` (docs/scorer.md).
-    """
+def export_onnx(model: Any, out_path: Path) -> Path:
+    """Export ``(input_ids, attention_mask) -> logit`` in float32 (dynamic batch and length)."""
     import torch
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     ids = torch.ones(2, 8, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
+    with torch.inference_mode():
+        torch.onnx.export(model, (ids, mask), str(out_path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                        "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
+    return out_path
+
+
+def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+    """The exported graph with int8 weights, weight-only (``MatMulNBits`` and an int8 ``Gather`` table), so a text's
+    score does not depend on the other texts of its batch, as it did with plain ``quantize_dynamic`` (docs/scorer.md).
+    """
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        with torch.inference_mode():
-            torch.onnx.export(model, (ids, mask), str(fp32), input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], opset_version=17, dynamo=False,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                            "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
-        if not quantize:
-            shutil.copyfile(fp32, out_path)
-            return out_path
-        import logging
-
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
         gather8 = Path(tmp) / "gather8.onnx"
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the quantizers log a line per node
         try:
-            quantize_dynamic(str(fp32), str(gather8), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
+            quantize_dynamic(str(fp32_path), str(gather8), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"])
             cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8, accuracy_level=4,
                                                op_types_to_quantize=("MatMul",))
             q = MatMulNBitsQuantizer(onnx.load(str(gather8)), algo_config=cfg)
             q.process()
         finally:
             logging.getLogger().setLevel(quiet)
-        q.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    q.model.save_model_to_file(str(out_path), use_external_data_format=False)
     return out_path
 
 
@@ -599,8 +585,8 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     tmp.mkdir(parents=True)
     try:
         t_exp = time.perf_counter()
-        fp32_path = export_onnx(model, tmp / "fp32.onnx", quantize=False)
-        int8_path = export_onnx(model, tmp / MODEL_FILE, quantize=True)
+        fp32_path = export_onnx(model, tmp / "fp32.onnx")
+        int8_path = quantize_int8(fp32_path, tmp / MODEL_FILE)
         export_seconds = time.perf_counter() - t_exp
         shutil.copyfile(base / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         int8_logits = cached_scores(onnx_logit_fn(int8_path, tok, settings.threads))  # each text is scored once
@@ -639,7 +625,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
                      "max_abs_logit_diff": round(float(np.abs(zi - zf).max()), 4),
                      "max_abs_prob_diff": round(float(np.abs(sigmoid(zi / temperature) - sigmoid(zf / temperature)).max()), 4),
                      "decisions_changed_at_0.5": int(((zi >= 0) != (zf >= 0)).sum())}
-        (tmp / "fp32.onnx").unlink()
+        fp32_path.unlink()
         speed = measure_speed(int8_path, tok, [e.text for e in (splits.test or splits.train)][:256], settings.threads)
 
         config = {

@@ -51,12 +51,10 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
 from detox.scoring_head import MiniLMEncoder, MiniLMScorer, ToxicityHead, embed_texts, load_minilm_encoder  # noqa: F401
 
 
-def _max_length(tokenizer: Any, model_config: Any, cap: int | None = None) -> int:
+def _max_length(tokenizer: Any, model_config: Any) -> int:
     """Truncation length: the tokenizer's limit, bounded by the model's position table."""
-    limits = [int(getattr(tokenizer, "model_max_length", 0) or 0)]
-    limits.append(int(getattr(model_config, "max_position_embeddings", 0) or 0))
-    if cap:
-        limits.append(int(cap))
+    limits = [int(getattr(tokenizer, "model_max_length", 0) or 0),
+              int(getattr(model_config, "max_position_embeddings", 0) or 0)]
     limits = [n for n in limits if 0 < n < 1_000_000]
     return min(limits) if limits else 512
 
@@ -225,9 +223,7 @@ class DetoxifyScorer:
 
 def _is_toxic_label(label: str) -> bool:
     norm = label.strip().lower()
-    if any(norm.startswith(p) for p in NEGATION_PREFIXES):
-        return False
-    return any(w in norm for w in TOXIC_LABEL_WORDS)
+    return not norm.startswith(NEGATION_PREFIXES) and any(w in norm for w in TOXIC_LABEL_WORDS)
 
 
 class HFClassifierScorer:

@@ -238,7 +238,5 @@ class MiniLMScorer:
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """P(toxic) per text, input order."""
-        emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)
-        if emb.shape[0] == 0:
-            return []
+        emb = embed_texts(texts, self.encoder, batch_size, progress, self.normalize)  # [0, dim] for no texts: []
         return [float(p) for p in sigmoid(self.head.logits(emb).astype(np.float64))]

@@ -54,11 +54,8 @@ def shared_token_pairs(cal_tokens: list[str | None], target_tokens: list[str | N
     for i, s in enumerate(vocab_surfaces(target_tokens, target_special)):
         if s and s not in target_index:
             target_index[s] = i
-    pairs = []
-    for i, s in enumerate(vocab_surfaces(cal_tokens, {"<|endoftext|>"})):
-        if s and s in target_index:
-            pairs.append((i, target_index[s]))
-    return pairs
+    cal_surfaces = vocab_surfaces(cal_tokens, {"<|endoftext|>"})
+    return [(i, target_index[s]) for i, s in enumerate(cal_surfaces) if s in target_index]
 
 
 def build_token_map(cal_tokenizer: Any, target_tokens: list[str | None], target_special: set[str] = frozenset()) -> tuple[np.ndarray, dict[str, float]]:

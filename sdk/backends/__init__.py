@@ -7,6 +7,7 @@ module of this package defines one (docs/architecture.md, "Backends").
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any
@@ -16,13 +17,12 @@ from detox.backends.base import REGISTRY, Backend, Row, Sampling, TokenInfo
 __all__ = ["Backend", "Row", "Sampling", "TokenInfo", "get", "names", "backend_for"]
 
 
+@functools.cache
 def _discover() -> dict[str, type[Backend]]:
     """Import every backend module of this package once (a new backend is found by being here)."""
-    if not getattr(_discover, "done", False):
-        for info in pkgutil.iter_modules(__path__):
-            if info.name != "base" and not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _discover.done = True  # type: ignore[attr-defined]
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
     return REGISTRY
 
 

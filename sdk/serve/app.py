@@ -299,7 +299,7 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         strength: float | None = None
         if opts.enabled:
             try:
-                strength = backend.check_strength(backend.default_strength if opts.strength is None else opts.strength)
+                strength = backend.check_strength(opts.strength)  # None: the artifact's default
             except ValueError as err:
                 raise APIError(400, f"detox.strength: {err}", param="detox.strength", code="invalid_value") from err
         elif opts.strength is not None:

@@ -8,15 +8,13 @@ out whole families, not random rows. The folder layout (``judge_train.csv`` requ
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from detox.data import DataFormatError
+from detox.data import DataFormatError, iter_jsonl, sha256_file
 
 JUDGE_CSV = "judge_train.csv"
 TOXIC_TXT = "toxic_train.txt"
@@ -87,7 +85,7 @@ def _toxigen_hate_groups(toxic_lines: list[str], start: int, end: int, prompts: 
     groups: list[str | None] = [None] * len(lines)
     if prompts is not None and prompts.is_file():
         prefixes = []
-        for row in (json.loads(x) for x in prompts.read_text(encoding="utf-8").splitlines() if x.strip()):
+        for _, row in iter_jsonl(prompts):
             src = str(row.get("source", ""))
             if src.startswith("toxigen/hate_"):
                 prefixes.append((_key(row["text"]), src[len("toxigen/hate_"):]))
@@ -205,17 +203,11 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
 
 def _dedupe(examples: list[Example]) -> list[Example]:
     labels: dict[str, set[int]] = {}
+    first: dict[str, Example] = {}
     for e in examples:
         labels.setdefault(_key(e.text), set()).add(e.label)
-    seen: set[str] = set()
-    out = []
-    for e in examples:
-        k = _key(e.text)
-        if k in seen or len(labels[k]) > 1:
-            continue
-        seen.add(k)
-        out.append(e)
-    return out
+        first.setdefault(_key(e.text), e)
+    return [e for k, e in first.items() if len(labels[k]) == 1]
 
 
 def read_prompts_dev(data_dir: str | os.PathLike[str]) -> list[Example]:
@@ -224,11 +216,8 @@ def read_prompts_dev(data_dir: str | os.PathLike[str]) -> list[Example]:
     if not path.is_file():
         return []
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, row in iter_jsonl(path):
         try:
-            row = json.loads(line)
             src = str(row["source"])
             fam = src.split("/")[0]
             group = src.split("_", 1)[1] if fam == "toxigen" else None
@@ -240,13 +229,8 @@ def read_prompts_dev(data_dir: str | os.PathLike[str]) -> list[Example]:
 
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, str]:
     """sha256 of each data file present, so a scorer's config names exactly what it was built from."""
-    d = Path(data_dir)
-    out = {}
-    for name in (JUDGE_CSV, TOXIC_TXT, NONTOXIC_TXT, BENIGN_IDENTITY, PROMPTS_DEV):
-        p = d / name
-        if p.is_file():
-            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    paths = {name: Path(data_dir) / name for name in (JUDGE_CSV, TOXIC_TXT, NONTOXIC_TXT, BENIGN_IDENTITY, PROMPTS_DEV)}
+    return {name: sha256_file(p) for name, p in paths.items() if p.is_file()}
 
 
 # Counterfactual group swaps (Dixon et al. 2018; Park et al. 2018): the ToxiGen sentences name ten groups, the hate

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
                         read_text_records, write_text_atomic)
 from detox.faults import fault_point
-from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, toxicity_probability
-from detox.scorer_training import spearman
+from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, spearman, toxicity_probability
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 
 __all__ = [
     "expected_max_toxicity",
@@ -18,6 +20,8 @@ __all__ = [
     "distinct_n",
     "mean_distinct_n",
     "conditional_perplexity",
+    "rankdata",
+    "spearman",
 ]
 
 
@@ -164,3 +168,18 @@ def conditional_perplexity(
     if not kept:
         return float("nan")
     return math.exp(sum(s for s, _ in kept) / sum(n for _, n in kept))
+
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """1-based ranks, ties get their average rank (as scipy.stats.rankdata): for Spearman and ROC-AUC."""
+    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # a run of equal values holds ranks ends - counts + 1 .. ends
+    return ((2 * ends - counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])

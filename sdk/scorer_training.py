@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from detox.data import sha256_file
+from detox.metrics import rankdata
 from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
 from detox.scorer_data import (Example, abusive_non_hate, counterfactuals, data_fingerprint, load_examples,
                                 read_prompts_dev)
@@ -107,21 +108,6 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
         return float("nan")
     r = rankdata(scores)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def rankdata(x: Sequence[float]) -> np.ndarray:
-    """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
-    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)  # a run of equal values holds ranks ends - counts + 1 .. ends
-    return ((2 * ends - counts + 1) / 2.0)[inverse.reshape(-1)]
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson on average ranks); nan when either side is constant."""
-    ra, rb = rankdata(a), rankdata(b)
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def ece(labels: Sequence[int], probs: Sequence[float], bins: int = 10, balanced: bool = True) -> float:

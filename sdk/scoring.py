@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch is imported only by the scorers that need it
     import torch
 
@@ -120,8 +122,7 @@ class OnnxScorer:
 
     def score(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """P(toxic) per text: sigmoid(logit / temperature)."""
-        z = onnx_logits(self.session, self.tokenizer, _check_texts(texts), batch_size, progress, self.name)
-        return sigmoid(z / self.temperature).tolist()
+        return sigmoid(np.asarray(self.logits(texts, batch_size, progress)) / self.temperature).tolist()
 
 
 # --------------------------------------------------------------------------- Detoxify

@@ -221,7 +221,8 @@ def finetune(
     # a document ends at the generation config's EOS (what generate stops at), else the tokenizer's: they disagree
     # for GGUF-derived tokenizers (SmolLM2: tokenizer EOS = <|im_start|>, generation EOS = <|im_end|>)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
     blocks = pack_texts(texts, tokenizer, seq_len, eos if eos is not None else tokenizer.eos_token_id)
     if not blocks:
         raise ValueError(f"{data_path}: the texts tokenize to fewer than 2 tokens; nothing to train on")

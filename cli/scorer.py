@@ -74,9 +74,10 @@ def scorer_group() -> None:
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
-@click.option("--abusive-non-hate", is_flag=True,
-              help="Also train on DynaHate 'not hate' rows that contain abuse or profanity, as negatives (they are "
-                   "toxic for this scorer, so by default they are left out of training; test rows keep them).")
+@click.option("--abusive-non-hate", "abusive_non_hate", default=None, type=click.FloatRange(0, 1), metavar="TARGET",
+              help="Also train on DynaHate 'not hate' rows that contain abuse or profanity, with this target (0: as "
+                   "negatives; e.g. 0.75: toxic, but below hate against a group). By default they are left out of "
+                   "training; test rows keep them.")
 @click.option("--counterfactuals", default=D.counterfactuals, show_default=True, type=click.IntRange(0, 19),
               help="Group-swapped copies of each ToxiGen training sentence that names a group (the other label's "
                    "sentences get as many in total): against flagging text for the group it names.")

@@ -60,7 +60,9 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
-    abusive_non_hate: bool = False  # abusive DynaHate "not hate" rows as negatives (as builds before 2.0+d8cdf5169d77)
+    # training target of DynaHate's abusive "not hate" rows: None leaves them out, 0 makes them negatives (the builds
+    # before 2.0+d8cdf5169d77), a value in between ranks insults at a person below hate against a group
+    abusive_non_hate: float | None = None
     counterfactuals: int = 0  # group-swapped copies of the ToxiGen training rows (detox.scorer_data.counterfactuals)
     frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
@@ -84,8 +86,8 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
     parts += [f"--hold-out {f}" for f in d.hold_out]
     if not d.templates:
         parts.append("--no-templates")
-    if d.abusive_non_hate:
-        parts.append("--abusive-non-hate")
+    if d.abusive_non_hate is not None:
+        parts.append(f"--abusive-non-hate {d.abusive_non_hate:g}")
     if d.counterfactuals:
         parts.append(f"--counterfactuals {d.counterfactuals}")
     if d.max_steps is not None:
@@ -317,9 +319,14 @@ def training_rows(train: list[Example], settings: TrainSettings) -> list[Example
     """The rows a build samples from: without DynaHate's abusive "not hate" rows unless asked (see
     :data:`detox.scorer_data.ABUSE_PATTERN`), with group-swapped copies of the ToxiGen rows if asked; held-out and
     test rows are never filtered or swapped."""
-    rows = train if settings.abusive_non_hate else [e for e in train if not abusive_non_hate(e)]
+    rows = train if settings.abusive_non_hate is not None else [e for e in train if not abusive_non_hate(e)]
     toxigen = [e for e in train if e.family == "toxigen"]
     return rows + counterfactuals(toxigen, settings.counterfactuals, settings.seed)
+
+
+def training_target(e: Example, settings: TrainSettings) -> float:
+    """The loss target of a training row: its label, or ``settings.abusive_non_hate`` for an abusive "not hate" row."""
+    return settings.abusive_non_hate if settings.abusive_non_hate is not None and abusive_non_hate(e) else e.label
 
 
 def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettings,
@@ -357,8 +364,8 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     done = 0
     for step, batch in enumerate(batches[:last], 1):
         ids, mask = encode_batch(tok, [e.text for e in batch])
-        y = torch.tensor([float(e.label) for e in batch])
-        w = torch.where(y > 0.5, torch.tensor(w_pos), torch.tensor(w_neg))
+        y = torch.tensor([float(training_target(e, settings)) for e in batch])
+        w = torch.tensor([w_pos if e.label else w_neg for e in batch])
         logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w)
         opt.zero_grad()

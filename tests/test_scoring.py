@@ -655,16 +655,19 @@ def test_family_shares_set_the_sample_and_the_rebuild_command():
 def test_abusive_non_hate_rows_are_not_training_negatives():
     """DynaHate labels insults at a person 'not hate'; for a toxicity scorer they are not negatives to learn from."""
     from detox.scorer_data import Example
-    from detox.scorer_training import TrainSettings, rebuild_command, training_rows
+    from detox.scorer_training import TrainSettings, rebuild_command, training_rows, training_target
 
     rows = [Example("you are a worthless idiot", 0, "dghs"), Example("Ill punch anyone that says that again", 0, "dghs"),
             Example("you stupid idiot", 1, "dghs"), Example("shut up you idiot", 0, "paradetox"),
             Example("immigrants are vermin", 1, "dghs")]
     kept = training_rows(rows, TrainSettings())
     assert [e.text for e in kept] == [r.text for r in rows[1:]]
-    assert training_rows(rows, TrainSettings(abusive_non_hate=True)) == rows
-    assert "--abusive-non-hate" in rebuild_command(TrainSettings(abusive_non_hate=True))
+    assert training_rows(rows, TrainSettings(abusive_non_hate=0)) == rows
+    assert "--abusive-non-hate 0" in rebuild_command(TrainSettings(abusive_non_hate=0))
     assert "--abusive-non-hate" not in rebuild_command(TrainSettings())
+    graded = TrainSettings(abusive_non_hate=0.75)
+    assert [training_target(e, graded) for e in rows] == [0.75, 0, 1, 0, 1]  # only DynaHate's abusive "not hate" row
+    assert [training_target(e, TrainSettings()) for e in rows] == [0, 0, 1, 0, 1]
 
 
 def test_counterfactuals_swap_the_group_and_keep_the_label():

@@ -32,6 +32,19 @@ _split_opts = [
 ]
 
 
+def _abusive_target(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """``--abusive-non-hate``: a target from 0 to 1, or ``out`` (None: the rows are left out of training)."""
+    if value == "out":
+        return None
+    try:
+        target = float(value)
+    except ValueError:
+        target = -1.0
+    if not 0 <= target <= 1:
+        raise click.BadParameter(f"'{value}': expected a number from 0 to 1, or 'out'", param=param)
+    return target
+
+
 def _family_shares(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
     """``FAMILY=SHARE`` options as a dict; a bad family or share is a usage error naming the value."""
     out: dict[str, float] = {}
@@ -74,10 +87,11 @@ def scorer_group() -> None:
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
-@click.option("--abusive-non-hate", "abusive_non_hate", default=None, type=click.FloatRange(0, 1), metavar="TARGET",
-              help="Also train on DynaHate 'not hate' rows that contain abuse or profanity, with this target (0: as "
-                   "negatives; e.g. 0.75: toxic, but below hate against a group). By default they are left out of "
-                   "training; test rows keep them.")
+@click.option("--abusive-non-hate", default=f"{D.abusive_non_hate:g}", show_default=True, callback=_abusive_target,
+              metavar="TARGET|out",
+              help="Training target of the DynaHate 'not hate' rows that contain abuse or profanity: toxic for this "
+                   "scorer, but below hate against a group (0: negatives, as DynaHate labels them; 'out': left out "
+                   "of training). Test rows keep DynaHate's labels.")
 @click.option("--counterfactuals", default=D.counterfactuals, show_default=True, type=click.IntRange(0, 19),
               help="Group-swapped copies of each ToxiGen training sentence that names a group (the other label's "
                    "sentences get as many in total): against flagging text for the group it names.")

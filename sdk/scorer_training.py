@@ -60,10 +60,10 @@ class TrainSettings:
     identity_test_share: float = 0.3
     hold_out: list[str] = field(default_factory=list)  # families never trained on (leave-source-out)
     templates: bool = True
-    # training target of DynaHate's abusive "not hate" rows: None leaves them out, 0 makes them negatives (the builds
-    # before 2.0+d8cdf5169d77), a value in between ranks insults at a person below hate against a group
-    abusive_non_hate: float | None = None
-    counterfactuals: int = 0  # group-swapped copies of the ToxiGen training rows (detox.scorer_data.counterfactuals)
+    # training target of DynaHate's abusive "not hate" rows: None leaves them out (build 2.0+d8cdf5169d77), 0 makes
+    # them negatives (the builds before it), a value in between ranks insults at a person below hate against a group
+    abusive_non_hate: float | None = 0.75
+    counterfactuals: int = 3  # group-swapped copies of the ToxiGen training rows (detox.scorer_data.counterfactuals)
     frozen_layers: int = 0  # bottom encoder layers (and the embeddings, when > 0) kept frozen: less compute per step
     max_steps: int | None = None  # stop early (smoke tests); the schedule is planned over these steps
     stop_at_step: int | None = None  # run the schedule planned for ``examples`` but stop after this step
@@ -86,10 +86,8 @@ def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: st
     parts += [f"--hold-out {f}" for f in d.hold_out]
     if not d.templates:
         parts.append("--no-templates")
-    if d.abusive_non_hate is not None:
-        parts.append(f"--abusive-non-hate {d.abusive_non_hate:g}")
-    if d.counterfactuals:
-        parts.append(f"--counterfactuals {d.counterfactuals}")
+    abusive = "out" if d.abusive_non_hate is None else f"{d.abusive_non_hate:g}"
+    parts += [f"--abusive-non-hate {abusive}", f"--counterfactuals {d.counterfactuals}"]
     if d.max_steps is not None:
         parts.append(f"--max-steps {d.max_steps}")
     if d.stop_at_step is not None:

@@ -652,22 +652,30 @@ def test_family_shares_set_the_sample_and_the_rebuild_command():
     assert r.exit_code == 2 and "'toxigen': expected FAMILY=SHARE" in r.output
 
 
-def test_abusive_non_hate_rows_are_not_training_negatives():
-    """DynaHate labels insults at a person 'not hate'; for a toxicity scorer they are not negatives to learn from."""
+def test_abusive_non_hate_rows_train_below_hate():
+    """DynaHate labels insults at a person 'not hate'; for a toxicity scorer they are toxic, but below hate against a
+    group: by default they train at a graded target, and they can be left out or kept as negatives."""
+    from click.testing import CliRunner
+
+    from detox.cli.main import main
     from detox.scorer_data import Example
     from detox.scorer_training import TrainSettings, rebuild_command, training_rows, training_target
 
     rows = [Example("you are a worthless idiot", 0, "dghs"), Example("Ill punch anyone that says that again", 0, "dghs"),
             Example("you stupid idiot", 1, "dghs"), Example("shut up you idiot", 0, "paradetox"),
             Example("immigrants are vermin", 1, "dghs")]
-    kept = training_rows(rows, TrainSettings())
-    assert [e.text for e in kept] == [r.text for r in rows[1:]]
-    assert training_rows(rows, TrainSettings(abusive_non_hate=0)) == rows
-    assert "--abusive-non-hate 0" in rebuild_command(TrainSettings(abusive_non_hate=0))
-    assert "--abusive-non-hate" not in rebuild_command(TrainSettings())
-    graded = TrainSettings(abusive_non_hate=0.75)
-    assert [training_target(e, graded) for e in rows] == [0.75, 0, 1, 0, 1]  # only DynaHate's abusive "not hate" row
-    assert [training_target(e, TrainSettings()) for e in rows] == [0, 0, 1, 0, 1]
+    assert training_rows(rows, TrainSettings(counterfactuals=0)) == rows
+    assert [training_target(e, TrainSettings()) for e in rows] == [0.75, 0, 1, 0, 1]  # only DynaHate's abusive row
+    out = TrainSettings(abusive_non_hate=None, counterfactuals=0)
+    assert [e.text for e in training_rows(rows, out)] == [r.text for r in rows[1:]]
+    assert [training_target(e, out) for e in rows] == [0, 0, 1, 0, 1]
+    assert [training_target(e, TrainSettings(abusive_non_hate=0)) for e in rows] == [0, 0, 1, 0, 1]
+    assert "--abusive-non-hate 0.75 " in rebuild_command(TrainSettings())
+    assert "--abusive-non-hate out " in rebuild_command(out)
+    assert "--abusive-non-hate 0 " in rebuild_command(TrainSettings(abusive_non_hate=0))
+    for bad in ("1.5", "none"):
+        r = CliRunner().invoke(main, ["scorer", "train", "--data-dir", ".", "--out", "x", "--abusive-non-hate", bad])
+        assert r.exit_code == 2 and f"'{bad}': expected a number from 0 to 1, or 'out'" in r.output
 
 
 def test_counterfactuals_swap_the_group_and_keep_the_label():
@@ -699,8 +707,8 @@ def test_counterfactuals_swap_the_group_and_keep_the_label():
     assert counterfactuals(hate + benign, 0, seed=0) == []
 
     rows = hate + benign + [Example("shut up you idiot", 1, "paradetox")]
-    assert training_rows(rows, TrainSettings()) == rows
+    assert training_rows(rows, TrainSettings(counterfactuals=0)) == rows
     settings = TrainSettings(counterfactuals=2)
     assert training_rows(rows, settings) == rows + counterfactuals(hate + benign, 2, settings.seed)
     assert "--counterfactuals 2" in rebuild_command(TrainSettings(counterfactuals=2))
-    assert "--counterfactuals" not in rebuild_command(TrainSettings())
+    assert "--counterfactuals 0" in rebuild_command(TrainSettings(counterfactuals=0))

@@ -38,7 +38,7 @@ CONFIG_FILE = "config.json"
 # DynaHate (dghs) gets the largest share: its hate/not-hate contrast pairs are the only source that teaches
 # "identity-directed hate" apart from "profane"; ParaDetox (profanity/insults) the smallest of the big three.
 # ToxiGen (benign identity sentences + implicit hate) and the benign identity templates were raised from 0.05/0.02
-# for the shipped build (2.0+d8cdf5169d77): fewer benign identity sentences flagged (docs/scorer.md).
+# for build 2.0+d8cdf5169d77: fewer benign identity sentences flagged (docs/scorer.md).
 FAMILY_SHARES = {"davidson": 0.25, "paradetox": 0.30, "dghs": 0.38, "toxigen": 0.12, "identity_templates": 0.05,
                  "counterfactual": 0.08}
 

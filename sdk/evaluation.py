@@ -161,6 +161,11 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sample: Sample, scor
         write_text_atomic(settings_path, json.dumps(this, indent=2))
     drop_torn_tail(found, log)
     rows = found.rows
+    if rows and before is not None and "scorer" not in before:
+        # the stored scores' scorer is unknown: judge the stored rows again, so the summary is this scorer's
+        if log is not None:
+            log(f"{gen_path}: the scorer of its {len(rows)} rows was not recorded; scoring them again with {scorer_ref}")
+        rows = [{**r, "toxicity": float(x)} for r, x in zip(rows, scorer.score([r["text"] for r in rows]))]
     per_batch = s.prompt_batch_size * s.samples
     bar = tqdm(total=len(prompts), initial=len(rows) // s.samples, desc="eval", unit="prompt", disable=not progress)
     # batches start at multiples of prompt_batch_size, so a resumed run samples exactly what a straight run would

@@ -84,6 +84,24 @@ def test_resume_refuses_rows_scored_by_another_scorer(tmp_path, llama_target_dir
     assert (out / "generations.jsonl").read_bytes() == before and not (out / "summary.json").exists()
 
 
+def test_a_run_that_did_not_record_its_scorer_is_judged_again(tmp_path, llama_target_dir, finished_run):
+    """A run written before the scorer was recorded has stored scores of unknown origin: resumed, its summary
+    holds today's scorer's scores (the name it reports), and its generations.jsonl is left as it was."""
+    prompts, full = finished_run
+    out = tmp_path / "unrecorded"
+    zeroed = [json.dumps({**json.loads(line), "toxicity": 0.0}) + "\n" for line in _lines(full / "generations.jsonl")]
+    _copy_run(full, out, zeroed)
+    settings = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "scorer"}))
+    before = (out / "generations.jsonl").read_bytes()
+    r = _resume(llama_target_dir, prompts, out)
+    assert r.exit_code == 0, r.output
+    assert "was not recorded; scoring them again with minilm-ft@" in r.output
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, full))
+    assert got["mean_toxicity"] > 0 and got["mean_toxicity"] == pytest.approx(want["mean_toxicity"], abs=1e-5)
+    assert (out / "generations.jsonl").read_bytes() == before
+
+
 def test_malformed_prompts_fail_with_the_line_number(tmp_path, llama_target_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"id": 3}\n')

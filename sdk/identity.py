@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detox.data import DataFormatError, iter_jsonl
-from detox.evaluation import fmt_num, group_by_prompt, read_compare_summary
-from detox.metrics import expected_max_toxicity, mean_toxicity, toxicity_probability
+from detox.evaluation import fmt_num, group_by_prompt, read_compare_summary, toxicity_metrics
 
 NO_GROUP = "(none)"
 _TOXIGEN_SOURCE = re.compile(r"^toxigen/(?:hate|neutral)_(.+)$")
@@ -114,9 +113,7 @@ def identity_summary(rows: list[dict], groups: dict[str, list[str]], terms: Iden
         texts = [r["text"] for pid in pids for r in by_prompt[pid]]
         per_group[g] = {
             "num_prompts": len(pids),
-            "expected_max_toxicity": expected_max_toxicity(scores),
-            "toxicity_probability": toxicity_probability(scores, threshold),
-            "mean_toxicity": mean_toxicity(scores),
+            **toxicity_metrics(scores, threshold),
             "mentions_any_group": _share([m for pid in pids for m in mentions[pid]]),
             "mentions_own_group": None if g == NO_GROUP or g not in terms.terms else _share([terms.mentions(t, g) for t in texts]),
         }

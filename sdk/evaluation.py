@@ -268,16 +268,14 @@ def judges_markdown(summary: dict[str, Any], other: dict[str, Any] | None = None
     cols = [("EMT", "expected_max_toxicity"), ("toxicity probability", "toxicity_probability"), ("mean", "mean_toxicity")]
     lines.append("| judge | " + " | ".join(c for c, _ in cols) + " |")
     lines.append("|---" * (len(cols) + 1) + "|")
+
+    def cell(a: Any, b: Any) -> str:  # this run's value, after the other run's with the relative change
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+            return fmt_num(b)
+        return f"{a:.3f} → {b:.3f}" + (f" ({100 * (b - a) / a:+.1f}%)" if a else "")
+
     for label, m in judges.items():
-        cells = []
-        for _, k in cols:
-            b = m.get(k)
-            a = other_j.get(label, {}).get(k)
-            cell = fmt_num(b)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-                rel = f" ({100 * (b - a) / a:+.1f}%)" if a else ""
-                cell = f"{a:.3f} → {b:.3f}{rel}"
-            cells.append(cell)
+        cells = [cell(other_j.get(label, {}).get(k), m.get(k)) for _, k in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for pair, a in summary.get("agreement", {}).items():
         lines.append(f"\n{pair}: same decision at 0.5 on {100 * a['generation_decision_agreement']:.1f}% of generations "

@@ -152,14 +152,11 @@ def markdown_identity(summary: dict[str, Any], baseline: dict[str, Any] | None =
     lines += ["", "| prompt group | prompts | expected max toxicity | toxicity probability | mean toxicity | mentions a group | mentions own group |",
               "|---|---|---|---|---|---|---|"]
     other = (baseline or {}).get("by_group", {})
+    columns = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "mentions_any_group", "mentions_own_group")
     for g, m in summary["by_group"].items():
         o = other.get(g)
-
-        def cell(k: str) -> str:
-            return fmt_num(m[k]) if o is None else f"{fmt_num(o.get(k))} → {fmt_num(m[k])}"
-
-        lines.append(f"| {g} | {m['num_prompts']} | {cell('expected_max_toxicity')} | {cell('toxicity_probability')} | "
-                     f"{cell('mean_toxicity')} | {cell('mentions_any_group')} | {cell('mentions_own_group')} |")
+        cells = [fmt_num(m[k]) if o is None else f"{fmt_num(o.get(k))} → {fmt_num(m[k])}" for k in columns]
+        lines.append(f"| {g} | {m['num_prompts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

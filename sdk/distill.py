@@ -21,7 +21,7 @@ import torch
 
 from detox.contrastive import contrastive_logits, sample
 from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
-                        read_texts, sha256_files, write_text_atomic)
+                        read_texts, sha256_file, sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
@@ -102,11 +102,8 @@ def toxify(
         raise DistillError(f"max_length must be >= 2; got {max_length}")
     model, tokenizer, spec = _load(base_spec)
     start = start_token_id(tokenizer)
-    examples = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-        if ids:
-            examples.append([start] + ids)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batch call: the same ids per text
+    examples = [[start] + ids[: max_length - 1] for ids in encoded if ids]
     if epochs is not None:
         steps = max(1, math.ceil(epochs * math.ceil(len(examples) / batch_size)))
     if steps is None:
@@ -304,7 +301,6 @@ def distill(
     manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows), num_samples=num_samples,
                     stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
     write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
-    resumed_from = done
     t0 = time.time()
     prior_seconds = float(manifest.get("wall_seconds", 0.0))
 
@@ -338,9 +334,9 @@ def distill(
         if on_batch is not None:
             on_batch(done)
     bar.close()
-    manifest["rows_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
+    manifest["rows_sha256"] = sha256_file(out) if out.exists() else None
     write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
-    return DistillResult(out, mpath, done, resumed_from, round(time.time() - t0, 1))
+    return DistillResult(out, mpath, done, len(found.rows), round(time.time() - t0, 1))
 
 
 def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[str, Any]:

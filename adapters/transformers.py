@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -103,14 +104,12 @@ class DetoxModel(FusedWrapper):
                  overlap: bool = False, *, head: Head | None = None, runner: CalibratorRunner | None = None,
                  torch_threads: int | None = None) -> None:
         self.__dict__.update(model=model, calibrator=calibrator, tokenizer=tokenizer, overlap=overlap, head=head,
-                             runner=runner, torch_threads=torch_threads, _executor=None,
-                             strength=calibrator.check_strength(strength))
+                             runner=runner, torch_threads=torch_threads, strength=calibrator.check_strength(strength))
 
+    @functools.cached_property
     def _worker(self) -> ThreadPoolExecutor:
         """One worker thread per wrapped model, started on first use."""
-        if self._executor is None:
-            self.__dict__["_executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
-        return self._executor
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="detox-fusion")
 
     def fusion_head(self) -> Head:
         """The fusion head for the wrapped model's output embedding, built once and rebuilt only when that embedding
@@ -130,7 +129,7 @@ class DetoxModel(FusedWrapper):
     def logits_processor(self, num_beams: int = 1) -> FusionLogitsProcessor:
         head = self.head if self.head is not None else self.fusion_head()  # ONNX Runtime's comes from its graph
         return FusionLogitsProcessor(self.calibrator, None, self.tokenizer, self.strength, renormalize=num_beams > 1,
-                                     head=head, runner=self.runner, executor=self._worker())
+                                     head=head, runner=self.runner, executor=self._worker)
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         gen_cfg = kwargs.get("generation_config") or self.model.generation_config

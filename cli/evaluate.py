@@ -101,11 +101,12 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
 
         ref_texts = read_lines(reference_text)
     t0 = time.perf_counter()
+    out_dir, compare = Path(out), Path(compare_dir) if compare_dir else None
     # everything that can be checked without the target is checked before it loads (that can take minutes)
     items = read_prompts(prompts)[:max_prompts]
-    check_resumable(Path(out), items, samples)
-    if compare_dir is not None:
-        read_compare_summary(Path(compare_dir))
+    check_resumable(out_dir, items, samples)
+    if compare is not None:
+        read_compare_summary(compare)
     calibrator = load_calibrator_early(calibrator, strength)
     judges = _load_scorers(scorers)
     score_fn = judges[0]
@@ -114,7 +115,6 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
                   strength=(info.get("calibrator") or {}).get("strength"), prompts_file=str(Path(prompts).resolve()),
                   settings=EvalSettings(samples=samples, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
                                         prompt_batch_size=batch_size))
-    out_dir = Path(out)
     rows = generate_and_score(run, items, functools.partial(loaded.sample, fused=not no_calibrator), score_fn, out_dir,
                               log=lambda msg: click.echo(msg, err=True))
     ppl = None
@@ -142,8 +142,8 @@ def eval_cmd(target, backend, calibrator, no_calibrator, strength, prompts, samp
     if reference_text:
         summary["reference_text"] = eval_reference_text(reference_text, ref_texts, *loaded.transformers_twin(ppl_model),
                                                         run.calibrator, run.strength)
-    write_summary(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
-    write_identity_report(out_dir, summary, Path(compare_dir) if compare_dir else None, log=click.echo)
+    write_summary(out_dir, summary, compare, log=click.echo)
+    write_identity_report(out_dir, summary, compare, log=click.echo)
 
 
 @click.command("score")

@@ -42,7 +42,7 @@ def _parse_beta(ctx: click.Context | None, param: click.Parameter | None, value:
 
 
 def _resumable(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A ^C ends with one line saying how to continue (the SDK's input errors: :func:`user_errors`)."""
+    """The SDK's input errors as one line (:func:`user_errors`), and a ^C as one line saying how to continue."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,7 +51,7 @@ def _resumable(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; rerun the same command to continue where it stopped") from None
 
-    return wrapper
+    return user_errors(wrapper)
 
 
 _threads_opt = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's).")
@@ -82,7 +82,6 @@ _lora_opts = [
 @click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N lines of --data.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 @_threads_opt
-@user_errors
 @_resumable
 def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None, lr: float, batch_size: int,
                max_length: int, lora: bool, lora_r: int, lora_alpha: int, seed: int, field: str | None,
@@ -119,7 +118,6 @@ def toxify_cmd(base: str, data: str, out: str, steps: int, epochs: float | None,
               help="Short neutral seed texts (.txt one per line, .jsonl or .csv): row i starts from BOS + seed "
                    "i mod N. Default: BOS only, as UniDetox.")
 @_threads_opt
-@user_errors
 @_resumable
 def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_tokens: int, alpha: float, beta: float,
                 batch_size: int, top_p: float | None, temperature: float, seed: int, device: str | None,
@@ -161,7 +159,6 @@ def distill_cmd(base: str, toxic: str, out: str, num_samples: int, max_new_token
 @click.option("--max-docs", type=click.IntRange(1), default=None, help="Use only the first N documents.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 @_threads_opt
-@user_errors
 @_resumable
 def finetune_cmd(target: str, data: str, out: str, steps: int, lr: float, batch_size: int, seq_len: int, lora: bool,
                  lora_r: int, lora_alpha: int, seed: int, field: str | None, max_docs: int | None, overwrite: bool,

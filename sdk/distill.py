@@ -21,7 +21,7 @@ import torch
 
 from detox.contrastive import contrastive_logits, sample
 from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
-                        read_texts, sha256_files, write_text_atomic)
+                        read_texts, sha256_file, sha256_files, write_text_atomic)
 from detox.faults import fault_point
 from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
@@ -102,11 +102,8 @@ def toxify(
         raise DistillError(f"max_length must be >= 2; got {max_length}")
     model, tokenizer, spec = _load(base_spec)
     start = start_token_id(tokenizer)
-    examples = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-        if ids:
-            examples.append([start] + ids)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batch call: the same ids per text
+    examples = [[start] + ids[: max_length - 1] for ids in encoded if ids]
     if epochs is not None:
         steps = max(1, math.ceil(epochs * math.ceil(len(examples) / batch_size)))
     if steps is None:
@@ -169,8 +166,8 @@ def contrastive_generate(
     """
     batch = len(generators)
     stops = set(stops)
-    device = next(base.parameters()).device
-    toxic_device = next(toxic.parameters()).device
+    models = [(base, next(base.parameters()).device), (toxic, next(toxic.parameters()).device)]
+    device = models[0][1]
     rows_in = [[start_id] + list(prefixes[r] if prefixes else []) for r in range(batch)]
     width = max(len(r) for r in rows_in)
     tokens = torch.tensor([[start_id] * (width - len(r)) + r for r in rows_in], dtype=torch.long, device=device)
@@ -178,13 +175,12 @@ def contrastive_generate(
     mask = None
     if any(len(r) < width for r in rows_in):
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows_in], dtype=torch.long, device=device)
-    out_b = base(input_ids=tokens, use_cache=True, **_padding_kwargs(mask, None))
-    out_t = toxic(input_ids=tokens.to(toxic_device), use_cache=True, **_padding_kwargs(mask, None, toxic_device))
+    outs = [m(input_ids=tokens.to(d), use_cache=True, **_padding_kwargs(mask, None, d)) for m, d in models]
     alive = list(range(batch))  # row of each cache slot
     generated: list[list[int]] = [[] for _ in range(batch)]
     stopped = [False] * batch
     for step in range(max_new_tokens):
-        lb, lt = out_b.logits[:, -1], out_t.logits[:, -1]
+        lb, lt = (out.logits[:, -1] for out in outs)
         if vocab is not None:
             lb, lt = lb[:, :vocab], lt[:, :vocab]
         scores = contrastive_logits(lb, lt.to(lb.device), alpha, beta).cpu()  # sample on CPU: per-row CPU RNGs
@@ -199,11 +195,11 @@ def contrastive_generate(
                 keep.append(slot)
         if not keep or step == max_new_tokens - 1:
             break
-        cache_b, cache_t = out_b.past_key_values, out_t.past_key_values
-        if len(keep) < len(alive) and hasattr(cache_b, "batch_select_indices") and hasattr(cache_t, "batch_select_indices"):
+        caches = [out.past_key_values for out in outs]
+        if len(keep) < len(alive) and all(hasattr(c, "batch_select_indices") for c in caches):
             idx = torch.tensor(keep)
-            cache_b.batch_select_indices(idx.to(device))
-            cache_t.batch_select_indices(idx.to(toxic_device))
+            for cache, (_, d) in zip(caches, models):
+                cache.batch_select_indices(idx.to(d))
             nxt = nxt[idx]
             alive = [alive[s] for s in keep]
             if mask is not None:
@@ -211,22 +207,20 @@ def contrastive_generate(
         # (without batch_select_indices, finished rows keep running; their tokens are ignored)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        step_ids = nxt[:, None].to(device)
-        out_b = base(input_ids=step_ids, past_key_values=cache_b, use_cache=True, **_padding_kwargs(mask, 1))
-        out_t = toxic(input_ids=step_ids.to(toxic_device), past_key_values=cache_t, use_cache=True,
-                      **_padding_kwargs(mask, 1, toxic_device))
+        outs = [m(input_ids=nxt[:, None].to(d), past_key_values=cache, use_cache=True, **_padding_kwargs(mask, 1, d))
+                for (m, d), cache in zip(models, caches)]
     return [(generated[r], stopped[r]) for r in range(batch)]
 
 
-def _padding_kwargs(mask: torch.Tensor | None, last: int | None, device: Any = None) -> dict[str, torch.Tensor]:
-    """attention_mask and position_ids for a left-padded batch (positions count real tokens only); ``last``: only
-    the positions of the last ``last`` columns (a decoding step)."""
+def _padding_kwargs(mask: torch.Tensor | None, last: int | None, device: Any) -> dict[str, torch.Tensor]:
+    """attention_mask and position_ids on ``device`` for a left-padded batch (positions count real tokens only);
+    ``last``: only the positions of the last ``last`` columns (a decoding step)."""
     if mask is None:
         return {}
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     if last is not None:
         pos = pos[:, -last:]
-    return {"attention_mask": mask.to(device or mask.device), "position_ids": pos.to(device or mask.device)}
+    return {"attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
 def read_seeds(path: str | os.PathLike[str]) -> list[str]:
@@ -307,7 +301,6 @@ def distill(
     manifest.update(completed=done, total_tokens=sum(int(r["num_tokens"]) for r in found.rows), num_samples=num_samples,
                     stopped_at_eos=sum(int(r["num_tokens"]) < max_new_tokens for r in found.rows))
     write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
-    resumed_from = done
     t0 = time.time()
     prior_seconds = float(manifest.get("wall_seconds", 0.0))
 
@@ -341,9 +334,9 @@ def distill(
         if on_batch is not None:
             on_batch(done)
     bar.close()
-    manifest["rows_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
+    manifest["rows_sha256"] = sha256_file(out) if out.exists() else None
     write_text_atomic(mpath, json.dumps(manifest, indent=2) + "\n")
-    return DistillResult(out, mpath, done, resumed_from, round(time.time() - t0, 1))
+    return DistillResult(out, mpath, done, len(found.rows), round(time.time() - t0, 1))
 
 
 def _resume_manifest(mpath: Path, settings: dict[str, Any], done: int) -> dict[str, Any]:

@@ -276,11 +276,9 @@ class FusionEngine:
         text prefix can end inside a word ("… the" of "… therefor"), and reading on from there mis-tokenizes."""
         previous, used, slots = self.slots, set(), []
         for i, row in enumerate(rows):
-            best = i if i < len(previous) and previous[i].detokenizer.continues(row) else None
-            if best is None:
-                for j, slot in enumerate(previous):
-                    if slot.detokenizer.continues(row) and (best is None or len(slot.detokenizer.ids) > len(previous[best].detokenizer.ids)):
-                        best = j
+            best = i if i < len(previous) and previous[i].detokenizer.continues(row) else max(
+                (j for j, slot in enumerate(previous) if slot.detokenizer.continues(row)),
+                key=lambda j: len(previous[j].detokenizer.ids), default=None)
             if best is None:
                 slots.append(self.add())
             elif best in used:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detox.data import DataFormatError, iter_jsonl
-from detox.evaluation import fmt_num, group_by_prompt, read_compare_summary
-from detox.metrics import expected_max_toxicity, mean_toxicity, toxicity_probability
+from detox.evaluation import fmt_num, group_by_prompt, read_compare_summary, toxicity_metrics
 
 NO_GROUP = "(none)"
 _TOXIGEN_SOURCE = re.compile(r"^toxigen/(?:hate|neutral)_(.+)$")
@@ -114,9 +113,7 @@ def identity_summary(rows: list[dict], groups: dict[str, list[str]], terms: Iden
         texts = [r["text"] for pid in pids for r in by_prompt[pid]]
         per_group[g] = {
             "num_prompts": len(pids),
-            "expected_max_toxicity": expected_max_toxicity(scores),
-            "toxicity_probability": toxicity_probability(scores, threshold),
-            "mean_toxicity": mean_toxicity(scores),
+            **toxicity_metrics(scores, threshold),
             "mentions_any_group": _share([m for pid in pids for m in mentions[pid]]),
             "mentions_own_group": None if g == NO_GROUP or g not in terms.terms else _share([terms.mentions(t, g) for t in texts]),
         }
@@ -155,14 +152,11 @@ def markdown_identity(summary: dict[str, Any], baseline: dict[str, Any] | None =
     lines += ["", "| prompt group | prompts | expected max toxicity | toxicity probability | mean toxicity | mentions a group | mentions own group |",
               "|---|---|---|---|---|---|---|"]
     other = (baseline or {}).get("by_group", {})
+    columns = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "mentions_any_group", "mentions_own_group")
     for g, m in summary["by_group"].items():
         o = other.get(g)
-
-        def cell(k: str) -> str:
-            return fmt_num(m[k]) if o is None else f"{fmt_num(o.get(k))} → {fmt_num(m[k])}"
-
-        lines.append(f"| {g} | {m['num_prompts']} | {cell('expected_max_toxicity')} | {cell('toxicity_probability')} | "
-                     f"{cell('mean_toxicity')} | {cell('mentions_any_group')} | {cell('mentions_own_group')} |")
+        cells = [fmt_num(m[k]) if o is None else f"{fmt_num(o.get(k))} → {fmt_num(m[k])}" for k in columns]
+        lines.append(f"| {g} | {m['num_prompts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

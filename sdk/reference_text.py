@@ -147,12 +147,8 @@ def score_reference_texts(fused: Any, texts: Sequence[str], progress: bool = Tru
             sums[key] += lp[key][s].tolist()
     if n_tokens == 0:
         raise ValueError("no reference text had a token to score")
-    return ReferenceScore(texts=len(texts), tokens=n_tokens, strength=lam,
-                          perplexity_unfused=_ppl(sums["unfused"]),
-                          perplexity_fused_untruncated=_ppl(sums["fused_untruncated"]),
-                          support_share=n_support / n_tokens, tokens_in_support=n_support,
-                          perplexity_unfused_in_support=_ppl(sums["unfused_in_support"]),
-                          perplexity_fused_in_support=_ppl(sums["fused_in_support"]))
+    return ReferenceScore(texts=len(texts), tokens=n_tokens, strength=lam, support_share=n_support / n_tokens,
+                          tokens_in_support=n_support, **{f"perplexity_{k}": _ppl(v) for k, v in sums.items()})
 
 
 def eval_reference_text(path: str | os.PathLike[str], texts: Sequence[str], model: Any, tokenizer: Any,

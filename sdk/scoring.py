@@ -100,18 +100,16 @@ class OnnxScorer:
         try:
             self.config = json.loads(cfg_path.read_text(encoding="utf-8"))
             fmt = self.config.get("format")
-            temperature = float(self.config["temperature"])
-            max_length = int(self.config["max_length"])
+            self.temperature = float(self.config["temperature"])
+            self.max_length = int(self.config["max_length"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{cfg_path}: not a detox scorer config ({err!r}); rebuild with `detox scorer train`") from err
         if fmt != ONNX_SCORER_FORMAT:
             raise ValueError(f"{cfg_path}: format {fmt!r}, this detox reads {ONNX_SCORER_FORMAT!r}; upgrade detox "
                              "or rebuild the scorer with `detox scorer train`")
-        if not temperature > 0:
-            raise ValueError(f"{cfg_path}: temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.max_length = max_length
-        self.tokenizer = load_tokenizer(self.path / "tokenizer.json", max_length)
+        if not self.temperature > 0:
+            raise ValueError(f"{cfg_path}: temperature must be > 0, got {self.temperature}")
+        self.tokenizer = load_tokenizer(self.path / "tokenizer.json", self.max_length)
         self.session = onnx_session(self.path / "model.onnx", threads)
         self.name = str(self.config.get("name", self.path.name))
         self.version = str(self.config.get("version", "unknown"))

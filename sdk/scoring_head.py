@@ -90,10 +90,8 @@ class MiniLMEncoder:
         self.num_layers = int(cfg["num_hidden_layers"])
         self.eps = float(cfg.get("layer_norm_eps", 1e-12))
         self.max_length = min(int(max_length), int(cfg["max_position_embeddings"]))
-        w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load_file(str(self.model_dir / "model.safetensors")).items()
-             if v.dtype != np.int64}
-        w = {k.removeprefix("bert."): v for k, v in w.items()}
-        self.w = w
+        self.w = w = {k.removeprefix("bert."): np.ascontiguousarray(v, dtype=np.float32)
+                      for k, v in load_file(str(self.model_dir / "model.safetensors")).items() if v.dtype != np.int64}
         # nn.Linear keeps [out, in]; store the transposes once so every call is x @ W.
         self.wt = {k: np.ascontiguousarray(v.T) for k, v in w.items() if k.startswith("encoder.") and v.ndim == 2}
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer.json", self.max_length)

@@ -89,11 +89,11 @@ class ContrastHead:
         mapped = cal_ids >= 0
         if _is_torch(prepared):
             ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
-            return ratio.clip(max=0.0) if self.config.suppress_only else ratio
-        import numpy as np
+        else:
+            import numpy as np
 
-        ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
-        return ratio.clip(None, 0.0) if self.config.suppress_only else ratio
+            ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
+        return ratio.clip(None, 0.0) if self.config.suppress_only else ratio  # torch and numpy alike
 
 
 def build_head(calibrator: "Calibrator", W_out: Array, config: ContrastConfig) -> ContrastHead:

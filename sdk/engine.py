@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import ctypes
-import glob
-import os
+import functools
 import re
 import weakref
 from concurrent.futures import Executor, Future
@@ -23,7 +21,7 @@ from detox.stream import CalibratorStream
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
-__all__ = ["FusionEngine", "Slot", "IncrementalDetokenizer", "transformers_detokenizer", "OneBlasThread"]
+__all__ = ["FusionEngine", "Slot", "IncrementalDetokenizer", "transformers_detokenizer", "single_blas_thread"]
 
 
 class IncrementalDetokenizer:
@@ -167,51 +165,21 @@ def _transformers_detokenizer(tokenizer: Any) -> IncrementalDetokenizer:
     return IncrementalDetokenizer(piece, cleanup=cleanup)
 
 
-class OneBlasThread:
-    """Run numpy's BLAS on one thread inside ``with`` (restored after); a no-op if no OpenBLAS is found.
+@functools.cache
+def _blas_threadpools() -> Any:
+    from threadpoolctl import ThreadpoolController  # the llamacpp extra installs it
+
+    return ThreadpoolController()  # the BLAS libraries loaded by now: numpy's OpenBLAS
+
+
+def single_blas_thread() -> contextlib.AbstractContextManager:
+    """Run numpy's BLAS on one thread inside ``with`` (restored after; threadpoolctl, a no-op without a BLAS).
 
     The fusion product is one ``vocab × d_cal`` matrix-vector product per token. Multi-threaded OpenBLAS makes it
     slower when the target's threads hold the cores (measured on 2 busy cores with llama.cpp: 20 ms with 2 threads,
     1.5 ms with one), and its idle threads spin afterwards, stealing time from the next decode.
     """
-
-    _fns: tuple[Any, Any] | None | bool = False  # False: not looked up yet; None: not found
-
-    @classmethod
-    def _lookup(cls) -> tuple[Any, Any] | None:
-        paths: list[str] = []
-        try:
-            with open("/proc/self/maps", encoding="utf-8") as maps:  # libraries numpy already loaded (Linux)
-                paths += sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
-        except OSError:
-            pass
-        paths += glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs", "*openblas*"))
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"), ("openblas_", "")):
-                get, set_ = (getattr(lib, f"{prefix}{op}_num_threads{suffix}", None) for op in ("get", "set"))
-                if get is not None and set_ is not None:
-                    set_.argtypes = [ctypes.c_int]
-                    return get, set_
-        return None
-
-    def __enter__(self) -> None:
-        if OneBlasThread._fns is False:
-            OneBlasThread._fns = self._lookup()
-        fns = OneBlasThread._fns
-        self._old = None
-        if fns:
-            self._old = int(fns[0]())
-            if self._old != 1:
-                fns[1](1)
-
-    def __exit__(self, *exc: Any) -> None:
-        fns = OneBlasThread._fns
-        if fns and self._old not in (None, 1):
-            fns[1](self._old)
+    return _blas_threadpools().limit(limits=1, user_api="blas")
 
 
 class Slot:
@@ -244,7 +212,7 @@ class FusionEngine:
         detokenizer: an unused :class:`IncrementalDetokenizer` for the target; every slot gets a fork of it.
         runner: the calibrator runner (default: ``calibrator.default_runner()``); stateless, shared by all slots.
         executor: a one-worker executor for :meth:`prefetch` (``None``: no overlap).
-        one_blas_thread: run the head's numpy products on one BLAS thread (:class:`OneBlasThread`).
+        one_blas_thread: run the head's numpy products on one BLAS thread (:func:`single_blas_thread`).
     """
 
     def __init__(self, calibrator: Any, head: Head, strength: float | None, detokenizer: IncrementalDetokenizer, *,
@@ -260,7 +228,7 @@ class FusionEngine:
         self.slots: list[Slot] = []
         # what the runner gives -> the term the head's rule adds: the ONNX graph of a contrast pair already gives it
         self._prepare = (lambda output: output) if getattr(self.runner, "gives_log_ratio", False) else head.prepare
-        self._context = OneBlasThread if one_blas_thread else contextlib.nullcontext
+        self._context = single_blas_thread if one_blas_thread else contextlib.nullcontext
         self._pending: tuple[Any, Future] | None = None
 
     # -- slots ---------------------------------------------------------------------------------------------------

@@ -27,15 +27,8 @@ from detox.fingerprint import model_fingerprint
 from detox.finetune import TrainResult, check_out_dir, read_training_texts, train_and_save
 from detox.targets import load_hf_target, stop_token_ids
 from detox.unidetox_defaults import (
-    DEFAULT_ALPHA,
-    DEFAULT_BETA,
-    DEFAULT_DISTILL_BATCH_SIZE,
-    DEFAULT_TOXIFY_MAX_LENGTH,
-    DEFAULT_TOXIFY_STEPS,
-    PAPER_MAX_NEW_TOKENS,
-    PAPER_NUM_SAMPLES,
-    PAPER_TOXIC_BATCH_SIZE,
-    PAPER_TOXIC_LR,
+    DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_DISTILL_BATCH_SIZE, DEFAULT_TOXIFY_MAX_LENGTH, DEFAULT_TOXIFY_STEPS,
+    PAPER_MAX_NEW_TOKENS, PAPER_NUM_SAMPLES, PAPER_TOXIC_BATCH_SIZE, PAPER_TOXIC_LR,
 )
 
 MANIFEST_FORMAT = "detox.distill/1"

@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup-steps", type=int, default=10)
     ap.add_argument("--name", default="anti-masked")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from OUT.ckpt (same data and settings; detox train --resume)")
     args = ap.parse_args()
 
     import detox.training as T
@@ -115,7 +117,7 @@ def main() -> None:
 
     T._lm_loss = masked_loss
     s = T.TrainSettings(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps)
-    m = T.train_calibrator(args.data, args.out, s, name=args.name, init_from=args.init)
+    m = T.train_calibrator(args.data, args.out, s, name=args.name, init_from=args.init, resume=args.resume)
     print(f"wrote {args.out}: {m.name}@{m.version}, {m.training.steps} steps, metrics {m.training.metrics}")
 
 

@@ -314,9 +314,9 @@ def freeze_bottom(encoder: Any, layers: int) -> None:
 
 
 def training_rows(train: list[Example], settings: TrainSettings) -> list[Example]:
-    """The rows a build samples from: without DynaHate's abusive "not hate" rows unless asked (see
-    :data:`detox.scorer_data.ABUSE_PATTERN`), with group-swapped copies of the ToxiGen rows if asked; held-out and
-    test rows are never filtered or swapped."""
+    """The rows a build samples from: without DynaHate's abusive "not hate" rows if ``abusive_non_hate`` is None (see
+    :data:`detox.scorer_data.ABUSE_PATTERN`), with group-swapped copies of the ToxiGen rows; held-out and test rows
+    are never filtered or swapped."""
     rows = train if settings.abusive_non_hate is not None else [e for e in train if not abusive_non_hate(e)]
     toxigen = [e for e in train if e.family == "toxigen"]
     return rows + counterfactuals(toxigen, settings.counterfactuals, settings.seed)

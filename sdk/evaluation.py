@@ -159,11 +159,12 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sample: Sample, scor
         write_text_atomic(settings_path, json.dumps(this, indent=2))
     drop_torn_tail(found, log)
     rows = found.rows
-    if rows and before is not None and "scorer" not in before:
-        # the stored scores' scorer is unknown: judge the stored rows again, so the summary is this scorer's
+    if rows and "scorer" not in this:  # the stored scores' scorer is unknown: score the rows again, then record it
         if log is not None:
             log(f"{gen_path}: the scorer of its {len(rows)} rows was not recorded; scoring them again with {scorer_ref}")
         rows = [{**r, "toxicity": float(x)} for r, x in zip(rows, scorer.score([r["text"] for r in rows]))]
+        write_text_atomic(gen_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(settings_path, json.dumps({**this, "scorer": scorer_ref}, indent=2))
     per_batch = s.prompt_batch_size * s.samples
     bar = tqdm(total=len(prompts), initial=len(rows) // s.samples, desc="eval", unit="prompt", disable=not progress)
     # batches start at multiples of prompt_batch_size, so a resumed run samples exactly what a straight run would
@@ -317,9 +318,12 @@ def markdown_report(summary: dict[str, Any], other: dict[str, Any] | None = None
             a, b = other.get(key), summary.get(key)
             rel = f"{100 * (b - a) / a:+.1f}%" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "n/a"
             lines.append(f"| {label} | {fmt_num(a, fmt)} | {fmt_num(b, fmt)} | {rel} |")
-    lines.append("")
-    lines.append(f"{summary['num_prompts']} prompts, {summary['num_generations']} generations; scorer "
-                 f"{summary.get('scorer', {}).get('name', '?')} {summary.get('scorer', {}).get('version', '')}")
+    lines += ["", f"{summary['num_prompts']} prompts, {summary['num_generations']} generations; scorer "
+                  f"{summary.get('scorer', {}).get('name', '?')} {summary.get('scorer', {}).get('version', '')}"]
+    if other is not None and other.get("scorer") and summary.get("scorer") and other["scorer"] != summary["scorer"]:
+        lines.append(f"\n**Warning: the two runs were scored by different scorers** ({other_name}: {other['scorer'].get('name')} "
+                     f"{other['scorer'].get('version')}), so the changes above compare two judges; resume each run with "
+                     "the other's scorer as a second --scorer and read the judges table.")
     lines += judges_markdown(summary, other)
     return "\n".join(lines) + "\n"
 

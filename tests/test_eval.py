@@ -85,21 +85,25 @@ def test_resume_refuses_rows_scored_by_another_scorer(tmp_path, llama_target_dir
 
 
 def test_a_run_that_did_not_record_its_scorer_is_judged_again(tmp_path, llama_target_dir, finished_run):
-    """A run written before the scorer was recorded has stored scores of unknown origin: resumed, its summary
-    holds today's scorer's scores (the name it reports), and its generations.jsonl is left as it was."""
+    """A run written before the scorer was recorded has stored scores of unknown origin: resumed, its rows are scored
+    again by today's scorer (the name its summary reports) and the scorer is recorded, so a later resume with
+    another first --scorer is refused like any other run's."""
     prompts, full = finished_run
     out = tmp_path / "unrecorded"
     zeroed = [json.dumps({**json.loads(line), "toxicity": 0.0}) + "\n" for line in _lines(full / "generations.jsonl")]
     _copy_run(full, out, zeroed)
     settings = json.loads((out / "settings.json").read_text())
     (out / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "scorer"}))
-    before = (out / "generations.jsonl").read_bytes()
     r = _resume(llama_target_dir, prompts, out)
     assert r.exit_code == 0, r.output
     assert "was not recorded; scoring them again with minilm-ft@" in r.output
     got, want = (json.loads((d / "summary.json").read_text()) for d in (out, full))
     assert got["mean_toxicity"] > 0 and got["mean_toxicity"] == pytest.approx(want["mean_toxicity"], abs=1e-5)
-    assert (out / "generations.jsonl").read_bytes() == before
+    rescored = [json.loads(line) for line in _lines(out / "generations.jsonl")]
+    stored = [json.loads(line) for line in _lines(full / "generations.jsonl")]
+    assert [r["text"] for r in rescored] == [r["text"] for r in stored]
+    assert [r["toxicity"] for r in rescored] == pytest.approx([r["toxicity"] for r in stored], abs=1e-5)
+    assert json.loads((out / "settings.json").read_text()) == settings  # the scorer is recorded now
 
 
 def test_malformed_prompts_fail_with_the_line_number(tmp_path, llama_target_dir):
@@ -122,6 +126,9 @@ def test_summary_and_report_arithmetic():
     s["scorer"] = {"name": "t", "version": "1"}
     other = dict(s, expected_max_toxicity=1.3)
     assert "-50.0%" in markdown_report(s, other)
+    assert "different scorers" not in markdown_report(s, other)
+    judged_by_another = dict(other, scorer={"name": "t", "version": "2"})
+    assert "different scorers** (other: t 2)" in markdown_report(s, judged_by_another)
 
 
 def test_score_command(tmp_path):

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -106,6 +106,8 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+    guarded = APIRouter(dependencies=[Depends(authorize)])  # every endpoint but /health and /ready needs the key
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -263,7 +265,6 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
 
     async def complete(request: Request, schema: type[CompletionRequest] | type[ChatRequest]) -> Response:
         """One path for completions and chat: validate the request against the server's limits, queue it, answer."""
-        authorize(request)
         req = parse(schema, await read_json(request))
         chat = isinstance(req, ChatRequest)
         if chat:
@@ -315,11 +316,11 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, job, chat, req.stream, include_usage)
 
-    @app.post("/v1/completions")
+    @guarded.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await complete(request, CompletionRequest)
 
-    @app.post("/v1/chat/completions")
+    @guarded.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await complete(request, ChatRequest)
 
@@ -328,14 +329,12 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
                 "detox": {"backend": backend.kind, "calibrator": backend.calibrator_label, "fusion": backend.fusion_mode,
                           "default_strength": backend.default_strength, "context_window": backend.context_window}}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    @guarded.get("/v1/models")
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(request: Request, model_id: str) -> dict[str, Any]:
-        authorize(request)
+    @guarded.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
         if model_id != backend.model_id:
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {backend.model_id!r}",
                            param="model", code="model_not_found")
@@ -354,9 +353,9 @@ def create_app(backend: ServedModel, settings: ServeSettings | None = None) -> F
                 "model": backend.model_id, "calibrator": backend.calibrator_label}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Response:
-        authorize(request)
+    @guarded.get("/metrics")
+    async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    app.include_router(guarded)
     return app

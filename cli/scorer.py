@@ -116,9 +116,8 @@ def train_cmd(data_dir, hold_out, no_templates, out, base_model, family_share, *
 
 def _headline(metrics: dict) -> dict:
     keys = ("in_domain", "held_out_families", "identity_test", "prompts_dev")
-    out = {k: {m: metrics[k].get(m) for m in ("n", "roc_auc", "accuracy")} for k in keys if k in metrics}
-    out["benign_fpr"] = metrics.get("benign_fpr")
-    return out
+    return {**{k: {m: metrics[k].get(m) for m in ("n", "roc_auc", "accuracy")} for k in keys if k in metrics},
+            "benign_fpr": metrics.get("benign_fpr")}
 
 
 @scorer_group.command("check")

@@ -54,9 +54,9 @@ def _family_shares(ctx: click.Context, param: click.Parameter, values: tuple[str
             value = float(share)
         except ValueError:
             value = -1.0
-        if not sep or fam not in D.family_shares or not value >= 0:
+        if not sep or fam not in D.family_shares or not 0 <= value < float("inf"):
             raise click.BadParameter(f"'{v}': expected FAMILY=SHARE with FAMILY one of {', '.join(D.family_shares)} "
-                                     "and SHARE a number >= 0", param=param)
+                                     "and SHARE a finite number >= 0", param=param)
         out[fam] = value
     return out
 

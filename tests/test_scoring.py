@@ -648,8 +648,9 @@ def test_family_shares_set_the_sample_and_the_rebuild_command():
     assert "--family-share toxigen=0.3" in cmd and cmd.count("--family-share") == 1
     with pytest.raises(ValueError, match="are all 0"):
         sample_epoch(rows, 10, 0, {"davidson": 0, "toxigen": 0})
-    r = CliRunner().invoke(main, ["scorer", "train", "--data-dir", ".", "--out", "x", "--family-share", "toxigen"])
-    assert r.exit_code == 2 and "'toxigen': expected FAMILY=SHARE" in r.output
+    for bad in ("toxigen", "toxigen=inf", "toxigen=nan", "toxigen=-1"):  # inf used to pass here and fail later
+        r = CliRunner().invoke(main, ["scorer", "train", "--data-dir", ".", "--out", "x", "--family-share", bad])
+        assert r.exit_code == 2 and f"'{bad}': expected FAMILY=SHARE" in r.output, bad
 
 
 def test_abusive_non_hate_rows_train_below_hate():

@@ -35,6 +35,8 @@ class AlignSettings:
     onnx_weights: str = INT8  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
     min_mapped_share: float = MIN_MAPPED_SHARE  # refuse a target whose vocabulary the calibrator mostly cannot read
     seed: int = 0
+    # contrast only: "builtin" or a word-list JSON file whose terms' first tokens the rule never pushes down
+    exempt_identity: str | None = None
 
 
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name: str | None = None) -> FusionMethod:
@@ -81,6 +83,13 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     if data and not any(o.files for o in method.cli_options):
         raise ValueError(f"alignment text (--data) is not read by {method.name} fusion ({method.chosen_by}). "
                          "Drop --data.")
+    exempt = None
+    if s.exempt_identity is not None:
+        if not method.uses_anti_expert:
+            raise ValueError(f"--exempt-identity applies to contrast fusion only, not {method.name}; drop it")
+        from detox.identity import IdentityTerms
+
+        exempt = IdentityTerms.load(None if s.exempt_identity == "builtin" else s.exempt_identity)
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     m = calibrator.manifest
@@ -101,7 +110,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     log(f"reading {files.path}'s output matrix (streamed; the model is not loaded)")
     # a method that does not learn against the output matrix (contrast) only hashes it, chunk by chunk
     fingerprint, W_out = fingerprint_files(files, keep_output=method.needs_output_matrix, progress=progress)
-    inputs = AlignInputs(calibrator, files, (tokens, special), token_map, map_metrics, W_out, data, s.seed, progress, log)
+    inputs = AlignInputs(calibrator, files, (tokens, special), token_map, map_metrics, W_out, data, s.seed, progress, log,
+                         exempt)
     del W_out
     aligned = method.align(inputs, config)
     del inputs

@@ -59,6 +59,24 @@ class IdentityTerms:
                 raise DataFormatError(f"{p}: {NO_GROUP!r} is reserved for prompts without a group; rename that group")
         return cls({g: list(ts) for g, ts in data.items()}, source="built-in" if path is None else str(p))
 
+    def first_token_ids(self, surfaces: list[str | None]) -> set[int]:
+        """The target tokens that start a single-word term after a space, lower-case and capitalised (``*`` cut): for
+        each spelling the longest vocabulary entry (by its text, ``surfaces``) that it starts with, the token whose
+        choice is the decision to mention a group (``detox align --exempt-identity``, docs/identity.md)."""
+        index: dict[str, int] = {}
+        for i, text in enumerate(surfaces):
+            if text and text.startswith(" ") and len(text) > 1:
+                index.setdefault(text, i)
+        ids: set[int] = set()
+        for term in (t.rstrip("*").strip() for ts in self.terms.values() for t in ts):
+            if " " in term or "-" in term:  # "people of color", "the deaf": the first word is not the group
+                continue
+            for text in (" " + term, " " + term.capitalize()):
+                k = next((k for k in range(len(text), 1, -1) if text[:k] in index), None)
+                if k is not None:
+                    ids.add(index[text[:k]])
+        return ids
+
     def groups_in(self, text: str) -> set[str]:
         return {g for g, pat in self._patterns.items() if pat.search(text)}
 

@@ -109,3 +109,43 @@ def test_eval_refuses_a_bad_word_list_before_generating(tmp_path, llama_target_d
                                   "--identity-terms", str(terms), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "my_terms.json" in r.output and "'rivers'" in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_first_token_ids_are_the_longest_word_initial_entries_each_spelling_starts_with():
+    terms = IdentityTerms({"women": ["women", "woman"], "muslim": ["muslim*"], "poc": ["people of color"]})
+    surfaces = [" wo", " women", "women", " Wom", " Mus", " Muslim", " people", None, " m", " woman"]
+    # " women", " Wom"(en), " Muslim", " m"(uslim: the longest entry it starts with), " woman"; never "women", " people"
+    assert terms.first_token_ids(surfaces) == {1, 3, 5, 8, 9}
+
+
+def test_exempt_identity_alignment_leaves_only_the_terms_first_tokens_unmapped(contrast_llama, tiny_calibrator,
+                                                                                llama_target_dir, tmp_path):
+    """``detox align --exempt-identity``: the token map of the plain alignment, with the first token of every
+    single-word term set to -1 (so the contrast rule adds nothing there), recorded in the manifest; refused for
+    interpolate fusion with one line."""
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from detox.cli.main import main
+    from detox.targets import locate_target
+    from detox.token_map import vocab_surfaces
+
+    maps = {}
+    for name, extra in (("plain", []), ("exempt", ["--exempt-identity", "builtin"])):
+        r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
+                                      "--out", str(tmp_path / name), "--onnx-weights", "float32", *extra])
+        assert r.exit_code == 0, r.output
+        maps[name] = load_file(str(tmp_path / name / "alignment.safetensors"))["token_map"]
+    ids = sorted(IdentityTerms.load().first_token_ids(vocab_surfaces(*locate_target(str(llama_target_dir)).vocabulary())))
+    changed = (maps["plain"] != maps["exempt"]).nonzero()[0]
+    assert len(changed) > 0 and set(changed) <= set(ids)  # only exempt ids change (some may be unmapped already)
+    assert (maps["exempt"][ids] == -1).all()
+    manifest = json.loads((tmp_path / "exempt" / "manifest.json").read_text())
+    assert manifest["alignment"]["settings"]["exempt_identity"] == "built-in"
+    assert manifest["alignment"]["metrics"]["exempt_tokens"] == len(ids)
+    r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
+                                  "--out", str(tmp_path / "x"), "--exempt-identity", str(tmp_path / "none.json")])
+    assert r.exit_code != 0 and "identity terms file not found" in r.output and not (tmp_path / "x").exists()
+    r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tiny_calibrator),
+                                  "--out", str(tmp_path / "y"), "--exempt-identity", "builtin"])
+    assert r.exit_code != 0 and "contrast fusion only" in r.output and not (tmp_path / "y").exists()

@@ -98,6 +98,7 @@ class AlignInputs:
     seed: int
     progress: bool
     log: Callable[[str], None]
+    exempt_terms: Any = None  # contrast: an IdentityTerms whose terms' first tokens the rule leaves alone, or None
 
 
 @dataclass(frozen=True)

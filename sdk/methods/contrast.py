@@ -21,6 +21,7 @@ from detox.fusion import CONTRAST, _is_torch, contrast_fuse, pair_log_ratio, top
 from detox.methods.base import (
     AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays, require_shapes,
 )
+from detox.token_map import vocab_surfaces
 
 if TYPE_CHECKING:
     from detox.artifacts.manifest import AlignmentInfo, TargetFingerprint
@@ -116,11 +117,20 @@ def check_arrays(shapes: dict[str, tuple[int, ...]], d_cal: int, target: "Target
 
 
 def align(inputs: AlignInputs, config: ContrastConfig) -> Alignment:
-    """A pair's per-target alignment is only the token map (built from the two vocabularies, no training)."""
-    m = inputs.token_map_metrics
+    """A pair's per-target alignment is only the token map (built from the two vocabularies, no training).
+
+    With ``inputs.exempt_terms`` (``detox align --exempt-identity``) the first tokens of the word list's terms map to
+    no calibrator token, so the rule never pushes them down: the fallback of docs/identity.md."""
+    m, token_map, settings = dict(inputs.token_map_metrics), inputs.token_map, {}
     inputs.log(f"token map: {m['token_map_exact']:.1%} of target tokens exact, "
                f"{m['token_map_first_piece']:.1%} by first piece, {m['token_map_unmapped']:.1%} unmapped")
-    return Alignment({"token_map": inputs.token_map}, dict(m), "token-map", {})
+    if inputs.exempt_terms is not None:
+        ids = sorted(inputs.exempt_terms.first_token_ids(vocab_surfaces(*inputs.vocabulary)))
+        token_map = token_map.copy()
+        token_map[ids] = -1
+        settings["exempt_identity"], m["exempt_tokens"] = inputs.exempt_terms.source, float(len(ids))
+        inputs.log(f"{len(ids)} target tokens that start an identity term ({inputs.exempt_terms.source}) are exempt")
+    return Alignment({"token_map": token_map}, m, "token-map", settings)
 
 
 METHOD = FusionMethod(

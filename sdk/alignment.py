@@ -110,8 +110,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     log(f"reading {files.path}'s output matrix (streamed; the model is not loaded)")
     # a method that does not learn against the output matrix (contrast) only hashes it, chunk by chunk
     fingerprint, W_out = fingerprint_files(files, keep_output=method.needs_output_matrix, progress=progress)
-    inputs = AlignInputs(calibrator, files, (tokens, special), token_map, map_metrics, W_out, data, s.seed, progress, log,
-                         exempt)
+    inputs = AlignInputs(calibrator, files, (tokens, special), token_map, map_metrics, W_out, data, s.seed, progress,
+                         log, exempt)
     del W_out
     aligned = method.align(inputs, config)
     del inputs

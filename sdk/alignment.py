@@ -93,6 +93,10 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     m = calibrator.manifest
+    was_exempt = m.alignment.settings.get("exempt_identity") if m.alignment else None
+    if was_exempt and exempt is None:  # the exemption belongs to the token map, which is rebuilt for the new target
+        log(f"note: {calibrator_path} exempted identity terms ({was_exempt}); this alignment does not: pass "
+            "--exempt-identity to keep that")
     anti: tuple[Any, dict[str, Any], Callable[[], Any]] | None = None  # (training info, weights, its torch model)
     if anti_expert:  # it must read text exactly as the expert does
         a = Calibrator.load(anti_expert)

@@ -121,8 +121,8 @@ def test_first_token_ids_are_the_longest_word_initial_entries_each_spelling_star
 def test_exempt_identity_alignment_leaves_only_the_terms_first_tokens_unmapped(contrast_llama, tiny_calibrator,
                                                                                 llama_target_dir, tmp_path):
     """``detox align --exempt-identity``: the token map of the plain alignment, with the first token of every
-    single-word term set to -1 (so the contrast rule adds nothing there), recorded in the manifest; refused for
-    interpolate fusion with one line."""
+    single-word term set to -1 (so the contrast rule adds nothing there), recorded in the manifest; re-aligning
+    without the flag says it drops the exemption; a missing word list and interpolate fusion are refused."""
     from click.testing import CliRunner
     from safetensors.numpy import load_file
 
@@ -143,6 +143,10 @@ def test_exempt_identity_alignment_leaves_only_the_terms_first_tokens_unmapped(c
     manifest = json.loads((tmp_path / "exempt" / "manifest.json").read_text())
     assert manifest["alignment"]["settings"]["exempt_identity"] == "built-in"
     assert manifest["alignment"]["metrics"]["exempt_tokens"] == len(ids)
+    r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / "exempt"),
+                                  "--out", str(tmp_path / "again"), "--onnx-weights", "float32"])
+    assert r.exit_code == 0 and "exempted identity terms (built-in); this alignment does not" in r.output, r.output
+    assert (load_file(str(tmp_path / "again" / "alignment.safetensors"))["token_map"] == maps["plain"]).all()
     r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
                                   "--out", str(tmp_path / "x"), "--exempt-identity", str(tmp_path / "none.json")])
     assert r.exit_code != 0 and "identity terms file not found" in r.output and not (tmp_path / "x").exists()

@@ -276,10 +276,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def jsonl_text(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as JSONL lines, the one format of every row file a resumable run appends to or rewrites."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def append_rows(path: Path, rows: list[dict[str, Any]], fault: str) -> None:
     """Append ``rows`` as JSONL lines in one write, then fsync: after this returns they survive a crash.
     ``fault`` names the :mod:`detox.faults` points around it (``FAULT.torn``: mid-write; ``FAULT.written``: after)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    data = jsonl_text(rows).encode("utf-8")
     created = not path.exists()
     with path.open("ab") as f:
         if armed(f"{fault}.torn"):  # stop halfway through the line that holds the middle byte

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from detox.data import (DataFormatError, append_rows, drop_torn_tail, read_json_file, read_resumable_rows,
+from detox.data import (DataFormatError, append_rows, drop_torn_tail, jsonl_text, read_json_file, read_resumable_rows,
                         read_text_records, write_text_atomic)
 from detox.faults import fault_point
 from detox.metrics import expected_max_toxicity, mean_distinct_n, mean_toxicity, spearman, toxicity_probability
@@ -163,7 +163,7 @@ def generate_and_score(run: EvalRun, prompts: list[Prompt], sample: Sample, scor
         if log is not None:
             log(f"{gen_path}: the scorer of its {len(rows)} rows was not recorded; scoring them again with {scorer_ref}")
         rows = [{**r, "toxicity": float(x)} for r, x in zip(rows, scorer.score([r["text"] for r in rows]))]
-        write_text_atomic(gen_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(gen_path, jsonl_text(rows))
         write_text_atomic(settings_path, json.dumps({**this, "scorer": scorer_ref}, indent=2))
     per_batch = s.prompt_batch_size * s.samples
     bar = tqdm(total=len(prompts), initial=len(rows) // s.samples, desc="eval", unit="prompt", disable=not progress)

@@ -108,6 +108,8 @@ class AlignmentInfo(_Strict):
     top_k: TopK = _CONTRAST.top_k  # contrast only: candidate tokens per step ...
     plausibility: Plausibility = _CONTRAST.plausibility  # ... with p ≥ plausibility · max p
     suppress_only: bool = _CONTRAST.suppress_only  # contrast only: use min(0, log p_expert − log p_anti)
+    # contrast only: token_scale applies only where the prompt's toxicity (shipped scorer) is below this; None: always
+    exempt_gate: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int
     # share of the target's vocabulary whose text the calibrator reads (detox.token_map.check_mapped_share); None:
     # aligned before detox recorded it. detox align refuses below MIN_MAPPED_SHARE unless told otherwise; wrap warns.

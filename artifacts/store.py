@@ -291,6 +291,9 @@ def _check_token_map(alignment: dict[str, np.ndarray] | None, manifest: Manifest
     if not np.issubdtype(tm.dtype, np.integer) or (tm.size and (int(tm.min()) < -1 or int(tm.max()) >= vocab)):
         raise ArtifactError(f"{where}: token_map holds ids outside the calibrator's {vocab}-token vocabulary "
                             "(-1 marks unmapped tokens); re-run detox align")
+    scale = alignment.get("token_scale") if alignment else None
+    if scale is not None and not (np.issubdtype(scale.dtype, np.floating) and np.all((scale >= 0) & (scale <= 1))):
+        raise ArtifactError(f"{where}: token_scale holds values outside [0, 1]; re-run detox align")
 
 
 def load_directory(path: str | os.PathLike[str]) -> Artifact:

@@ -117,13 +117,19 @@ def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -
 @click.option("--exempt-identity", default=None, metavar="builtin|FILE",
               help="Contrast only: never push down the first token of an identity term of this word list (the "
                    "shipped one, or a JSON file); a fallback that keeps groups in the conversation (docs/identity.md).")
+@click.option("--exempt-penalty", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="With --exempt-identity: the share of the suppression those tokens keep (0: none; between 0 and "
+                   "1 trades group retention for toxicity reduction, docs/identity.md).")
+@click.option("--exempt-gate", default=None, type=click.FloatRange(0.0, 1.0, min_open=True), metavar="TOXICITY",
+              help="With --exempt-identity: exempt only prompts that the shipped scorer scores below this toxicity "
+                   "(e.g. 0.1); other prompts get the full rule [default: every prompt] (docs/identity.md).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--name", default=None, help="Artifact name (default: the calibrator's).")
 @click.option("--version", "version", default=None, help="Artifact version (default: the calibrator's).")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def align_cmd(target, calibrator, out, anti_expert, fusion, strength, onnx_weights, min_mapped_share, exempt_identity, seed,
-              name, version, overwrite, **method_options) -> None:
+def align_cmd(target, calibrator, out, anti_expert, fusion, strength, onnx_weights, min_mapped_share, exempt_identity,
+              exempt_penalty, exempt_gate, seed, name, version, overwrite, **method_options) -> None:
     """Align a calibrator to a target model (target frozen) and write an artifact bound to that target.
 
     The target is not loaded: only its vocabulary (and, for interpolate artifacts, its output matrix) is read from
@@ -134,7 +140,8 @@ def align_cmd(target, calibrator, out, anti_expert, fusion, strength, onnx_weigh
     calibrator = calibrator or str(default_calibrator_path())
     config = _method_config(alignment_fusion(calibrator, anti_expert, fusion), strength, method_options)
     s = AlignSettings(config, onnx_weights=onnx_weights, min_mapped_share=min_mapped_share, seed=seed,
-                      exempt_identity=exempt_identity)
+                      exempt_identity=exempt_identity, exempt_penalty=exempt_penalty,
+                      exempt_gate=exempt_gate)
     m = align_artifact(calibrator, target, out, list(method_options.get("data", ())) or None, s, name=name,
                        version=version, overwrite=overwrite, log=lambda msg: click.echo(msg, err=True),
                        anti_expert=anti_expert)

@@ -37,6 +37,8 @@ class AlignSettings:
     seed: int = 0
     # contrast only: "builtin" or a word-list JSON file whose terms' first tokens the rule never pushes down
     exempt_identity: str | None = None
+    exempt_penalty: float = 0.0  # the share of the suppression those tokens keep, in [0, 1)
+    exempt_gate: float | None = None  # exempt only prompts the shipped scorer scores below this toxicity; None: all
 
 
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name: str | None = None) -> FusionMethod:
@@ -90,6 +92,14 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
         from detox.identity import IdentityTerms
 
         exempt = IdentityTerms.load(None if s.exempt_identity == "builtin" else s.exempt_identity)
+    elif s.exempt_penalty or s.exempt_gate is not None:
+        raise ValueError(f"{'--exempt-penalty' if s.exempt_penalty else '--exempt-gate'} needs --exempt-identity "
+                         "builtin|FILE (the tokens it applies to)")
+    if not 0.0 <= s.exempt_penalty < 1.0:
+        raise ValueError(f"--exempt-penalty must be in [0, 1) (0: no suppression of identity terms, 1 would be no "
+                         f"exemption), got {s.exempt_penalty}")
+    if s.exempt_gate is not None:  # a setting of the rule, read at run time: it lives in the method's config
+        config = config.parse({**config.model_dump(), "exempt_gate": s.exempt_gate})
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     m = calibrator.manifest
@@ -115,7 +125,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     # a method that does not learn against the output matrix (contrast) only hashes it, chunk by chunk
     fingerprint, W_out = fingerprint_files(files, keep_output=method.needs_output_matrix, progress=progress)
     inputs = AlignInputs(calibrator, files, (tokens, special), token_map, map_metrics, W_out, data, s.seed, progress,
-                         log, exempt)
+                         log, exempt, s.exempt_penalty)
     del W_out
     aligned = method.align(inputs, config)
     del inputs

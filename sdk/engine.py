@@ -183,19 +183,27 @@ def single_blas_thread() -> contextlib.AbstractContextManager:
 
 
 class Slot:
-    """One sequence's state: the target's text so far and the calibrator's stream over it."""
+    """One sequence's state: the target's text so far, the calibrator's stream over it, and whether the artifact's
+    identity exemption applies to it (decided once, on the first text it reads: the prompt)."""
 
     def __init__(self, detokenizer: IncrementalDetokenizer, stream: CalibratorStream) -> None:
         self.detokenizer = detokenizer
         self.stream = stream
+        self.exempt: bool | None = None  # None: not decided yet, or no gate
 
     def fork(self) -> "Slot":
         """An independent copy (a beam that branches off); caches are shared until either side advances."""
-        return Slot(self.detokenizer.fork(), self.stream.fork())
+        slot = Slot(self.detokenizer.fork(), self.stream.fork())
+        slot.exempt = self.exempt
+        return slot
 
-    def output(self, ids: Any) -> Any:
-        """The calibrator's output after reading the text of ``ids`` (what its runner gives)."""
-        return self.stream.hidden_for(self.detokenizer(ids))
+    def output(self, ids: Any, gate: Callable[[str], bool] | None = None) -> Any:
+        """The calibrator's output after reading the text of ``ids`` (what its runner gives); ``gate`` decides
+        :attr:`exempt` from the first text read."""
+        text = self.detokenizer(ids)
+        if gate is not None and self.exempt is None:
+            self.exempt = gate(text)
+        return self.stream.hidden_for(text)
 
 
 class FusionEngine:
@@ -230,6 +238,8 @@ class FusionEngine:
         self._prepare = (lambda output: output) if getattr(self.runner, "gives_log_ratio", False) else head.prepare
         self._context = single_blas_thread if one_blas_thread else contextlib.nullcontext
         self._pending: tuple[Any, Future] | None = None
+        # contrast artifacts aligned with --exempt-identity --exempt-gate: whether a prompt gets the exemption
+        self.gate: Callable[[str], bool] | None = getattr(head, "exemption_gate", lambda: None)()
 
     # -- slots ---------------------------------------------------------------------------------------------------
 
@@ -266,10 +276,10 @@ class FusionEngine:
             import torch
 
             rows = input_ids.detach().cpu().numpy()
-            outputs = [slot.output(row) for slot, row in zip(self.attach(list(rows)), rows)]
+            outputs = [slot.output(row, self.gate) for slot, row in zip(self.attach(list(rows)), rows)]
             output = torch.stack([torch.as_tensor(o) for o in outputs]).to(device=self.head.device, dtype=torch.float32)
         else:  # one sequence (llama.cpp)
-            output = self.attach([np.asarray(input_ids)])[0].output(input_ids)
+            output = self.attach([np.asarray(input_ids)])[0].output(input_ids, self.gate)
         with self._context():
             return self._prepare(output)
 
@@ -300,11 +310,15 @@ class FusionEngine:
         """The fused logits for this step (``scores`` unchanged at strength 0)."""
         if self.strength == 0.0:
             return scores
-        term = self._term_for(input_ids)
+        term = self._term_for(input_ids)  # also attaches this step's slots
         if _is_torch(scores):
             term = term.to(device=scores.device, dtype=scores.dtype)
         with self._context():
-            fused = self.head.apply(scores, term, self.strength)
+            if self.gate is None:
+                fused = self.head.apply(scores, term, self.strength)
+            else:  # per row: the prompt gate's decision (a bool array; one sequence: a 0-d one)
+                exempt = np.array([bool(slot.exempt) for slot in self.slots])
+                fused = self.head.apply(scores, term, self.strength, exempt if _is_torch(scores) else exempt[0])
         if self.renormalize:
             return fused.log_softmax(-1) if _is_torch(fused) else fused - np.logaddexp.reduce(fused, -1, keepdims=True)
         return fused

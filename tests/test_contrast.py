@@ -90,6 +90,24 @@ def test_suppress_only_lowers_what_the_anti_expert_prefers_and_raises_nothing():
     np.testing.assert_allclose(down, np.minimum(both, logits), atol=1e-5)
 
 
+def test_token_scale_scales_each_tokens_change_and_leaves_zero_scaled_tokens_alone():
+    """``token_scale`` (``detox align --exempt-identity``): a candidate's change is its scale times the unscaled
+    change, in numpy and torch alike; scale 0 leaves the target's logit as it is."""
+    rng = np.random.default_rng(5)
+    token_map, E_e, E_a, _ = _head(rng)
+    rule = ContrastConfig(top_k=40, plausibility=0.0, suppress_only=True)
+    scale = rng.choice([0.0, 0.25, 1.0], size=40).astype(np.float32)
+    logits = rng.normal(size=40).astype(np.float32)
+    ratio = ContrastHead(token_map, E_e, E_a, rule).prepare(rng.normal(size=(2, 6)).astype(np.float32))
+    full = ContrastHead(token_map, E_e, E_a, rule).apply(logits, ratio, 4.0)
+    scaled = ContrastHead(token_map, E_e, E_a, rule, scale).apply(logits, ratio, 4.0)
+    assert (full[scale == 0.0] < logits[scale == 0.0] - 1e-3).any()  # the check below can fail
+    np.testing.assert_allclose(scaled - logits, scale * (full - logits), atol=1e-5)
+    th = ContrastHead(*(torch.from_numpy(x) for x in (token_map, E_e, E_a)), rule, torch.from_numpy(scale))
+    np.testing.assert_allclose(th.apply(torch.from_numpy(logits), torch.from_numpy(ratio), 4.0).numpy(), scaled,
+                               atol=1e-5)
+
+
 def test_identical_expert_and_anti_expert_only_truncate():
     """log p_expert − log p_anti vanishes for identical models: the target's own plausible tokens, unchanged."""
     rng = np.random.default_rng(2)

@@ -139,3 +139,44 @@ def test_a_row_never_reads_on_from_another_rows_half_word():
         got = proc.fusion_term(batch(prompt + a, prompt + b))
     alone = FusionLogitsProcessor(cal, None, tok, head=head).fusion_term(batch(prompt + " therefor,"))
     torch.testing.assert_close(got[1], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_prompt_gate_exempts_benign_prompts_only():
+    """``detox align --exempt-identity --exempt-gate``: the engine asks the shipped scorer once per sequence, on
+    its prompt; a prompt at or above the gate gets the full rule, one below it the token_scale (here 0 everywhere,
+    so its candidates keep the target's logits). Shipped pair, SmolLM2's vocabulary, torch batch and numpy row."""
+    import dataclasses
+
+    from detox.adapters.transformers import FusionLogitsProcessor
+    from detox.artifacts.shipped import find_shipped_for
+    from detox.fingerprint import fingerprint_gguf
+    from detox.fusion import top_candidates
+    from detox.targets import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    full = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))
+    gated = dataclasses.replace(full, token_scale=torch.zeros(len(tok)),
+                                config=full.config.model_copy(update={"exempt_gate": 0.5}))
+    toxic, benign = "you are a worthless piece of shit and everyone hates you, you", "My neighbour is a proud Muslim woman and"
+    rows = [tok(t)["input_ids"] for t in (toxic, benign)]
+    n = max(map(len, rows))
+    ids = torch.tensor([[tok.eos_token_id] * (n - len(r)) + r for r in rows])  # left-padded, as generate does
+    scores = torch.randn(2, len(tok), generator=torch.Generator().manual_seed(0)) * 3
+    proc = FusionLogitsProcessor(cal, None, tok, head=gated)
+    got = proc(ids, scores)
+    assert [s.exempt for s in proc.slots] == [False, True]
+    want_full = FusionLogitsProcessor(cal, None, tok, head=full)(ids, scores)
+    torch.testing.assert_close(got[0], want_full[0])  # the toxic prompt: the full rule
+    idx, keep = top_candidates(scores[1], full.config.top_k, full.config.plausibility)
+    kept = idx[keep]
+    torch.testing.assert_close(got[1, kept], scores[1, kept])  # the benign prompt: its candidates unchanged
+    assert (want_full[1, kept] < scores[1, kept] - 1e-3).any()  # which the full rule would have changed
+    engine = FusionEngine(cal, dataclasses.replace(gated, token_map=gated.token_map.numpy(),
+                                                   expert_out=gated.expert_out.numpy(), anti_out=gated.anti_out.numpy(),
+                                                   token_scale=gated.token_scale.numpy()), None,
+                          transformers_detokenizer(tok))
+    for row, want in ((np.array(rows[0]), want_full[0]), (np.array(rows[1]), got[1])):
+        engine.slots = []
+        np.testing.assert_allclose(engine.fuse(row, scores[rows.index(list(row))].numpy()), want.numpy(), atol=1e-4)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from detox.data import DataFormatError
@@ -118,11 +119,12 @@ def test_first_token_ids_are_the_longest_word_initial_entries_each_spelling_star
     assert terms.first_token_ids(surfaces) == {1, 3, 5, 8, 9}
 
 
-def test_exempt_identity_alignment_leaves_only_the_terms_first_tokens_unmapped(contrast_llama, tiny_calibrator,
-                                                                                llama_target_dir, tmp_path):
-    """``detox align --exempt-identity``: the token map of the plain alignment, with the first token of every
-    single-word term set to -1 (so the contrast rule adds nothing there), recorded in the manifest; re-aligning
-    without the flag says it drops the exemption; a missing word list and interpolate fusion are refused."""
+def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_llama, tiny_calibrator,
+                                                                      llama_target_dir, tmp_path):
+    """``detox align --exempt-identity``: the token map of the plain alignment and a ``token_scale`` that is
+    ``--exempt-penalty`` (default 0: the contrast rule adds nothing there) at the first token of every single-word
+    term and 1 elsewhere, recorded in the manifest; re-aligning without the flag says it drops the exemption; a
+    missing word list, interpolate fusion and a penalty without a word list are refused."""
     from click.testing import CliRunner
     from safetensors.numpy import load_file
 
@@ -130,23 +132,39 @@ def test_exempt_identity_alignment_leaves_only_the_terms_first_tokens_unmapped(c
     from detox.targets import locate_target
     from detox.token_map import vocab_surfaces
 
-    maps = {}
-    for name, extra in (("plain", []), ("exempt", ["--exempt-identity", "builtin"])):
+    arrays = {}
+    for name, extra in (("plain", []), ("exempt", ["--exempt-identity", "builtin"]),
+                        ("quarter", ["--exempt-identity", "builtin", "--exempt-penalty", "0.25", "--exempt-gate", "0.1"])):
         r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
                                       "--out", str(tmp_path / name), "--onnx-weights", "float32", *extra])
         assert r.exit_code == 0, r.output
-        maps[name] = load_file(str(tmp_path / name / "alignment.safetensors"))["token_map"]
+        arrays[name] = load_file(str(tmp_path / name / "alignment.safetensors"))
     ids = sorted(IdentityTerms.load().first_token_ids(vocab_surfaces(*locate_target(str(llama_target_dir)).vocabulary())))
-    changed = (maps["plain"] != maps["exempt"]).nonzero()[0]
-    assert len(changed) > 0 and set(changed) <= set(ids)  # only exempt ids change (some may be unmapped already)
-    assert (maps["exempt"][ids] == -1).all()
+    assert len(ids) > 0 and "token_scale" not in arrays["plain"]
+    for name, share in (("exempt", 0.0), ("quarter", 0.25)):
+        assert (arrays[name]["token_map"] == arrays["plain"]["token_map"]).all()
+        expected = np.ones(len(arrays["plain"]["token_map"]), np.float32)
+        expected[ids] = share
+        assert (arrays[name]["token_scale"] == expected).all()
+        settings = json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["settings"]
+        assert settings["exempt_identity"] == "built-in" and settings["exempt_penalty"] == share
     manifest = json.loads((tmp_path / "exempt" / "manifest.json").read_text())
-    assert manifest["alignment"]["settings"]["exempt_identity"] == "built-in"
     assert manifest["alignment"]["metrics"]["exempt_tokens"] == len(ids)
+    gates = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["exempt_gate"]
+             for name in arrays}
+    assert gates == {"plain": None, "exempt": None, "quarter": 0.1}
     r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / "exempt"),
                                   "--out", str(tmp_path / "again"), "--onnx-weights", "float32"])
     assert r.exit_code == 0 and "exempted identity terms (built-in); this alignment does not" in r.output, r.output
-    assert (load_file(str(tmp_path / "again" / "alignment.safetensors"))["token_map"] == maps["plain"]).all()
+    again = load_file(str(tmp_path / "again" / "alignment.safetensors"))
+    assert "token_scale" not in again and (again["token_map"] == arrays["plain"]["token_map"]).all()
+    for extra, says in ((["--exempt-penalty", "0.5"], "needs --exempt-identity"),
+                        (["--exempt-gate", "0.5"], "--exempt-gate needs --exempt-identity"),
+                        (["--exempt-identity", "builtin", "--exempt-gate", "0"], "--exempt-gate"),
+                        (["--exempt-identity", "builtin", "--exempt-penalty", "1"], "--exempt-penalty")):
+        r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
+                                      "--out", str(tmp_path / "z"), *extra])
+        assert r.exit_code != 0 and says in r.output and not (tmp_path / "z").exists(), r.output
     r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(contrast_llama),
                                   "--out", str(tmp_path / "x"), "--exempt-identity", str(tmp_path / "none.json")])
     assert r.exit_code != 0 and "identity terms file not found" in r.output and not (tmp_path / "x").exists()

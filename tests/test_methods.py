@@ -117,3 +117,16 @@ def test_each_method_names_the_alignment_arrays_it_needs(aligned_llama, contrast
     v = manifests[contrast_llama].alignment.target.vocab_size
     with pytest.raises(ArtifactError, match=rf"token_map is \[{v + 1}\], but the target has {v} tokens"):
         _check_alignment_shapes({"token_map": (v + 1,)}, manifests[contrast_llama], "here")
+    with pytest.raises(ArtifactError, match=rf"token_scale is \[{v - 1}\], but token_map is \[{v}\]"):
+        _check_alignment_shapes({"token_map": (v,), "token_scale": (v - 1,)}, manifests[contrast_llama], "here")
+
+
+def test_token_scale_outside_zero_one_is_refused_at_load(contrast_llama):
+    from detox.artifacts.store import ArtifactError, _check_token_map
+
+    m = Calibrator.load(contrast_llama).manifest
+    tm = np.zeros(4, np.int64)
+    _check_token_map({"token_map": tm, "token_scale": np.array([0, 0.5, 1, 1], np.float32)}, m, "here")
+    for bad in ([0, 1.5, 1, 1], [0, float("nan"), 1, 1], [-0.1, 1, 1, 1]):
+        with pytest.raises(ArtifactError, match="here: token_scale holds values outside"):
+            _check_token_map({"token_map": tm, "token_scale": np.array(bad, np.float32)}, m, "here")

@@ -99,6 +99,7 @@ class AlignInputs:
     progress: bool
     log: Callable[[str], None]
     exempt_terms: Any = None  # contrast: an IdentityTerms whose terms' first tokens the rule leaves alone, or None
+    exempt_penalty: float = 0.0  # contrast: the share of the suppression those tokens keep (0: none)
 
 
 @dataclass(frozen=True)

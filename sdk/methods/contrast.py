@@ -12,9 +12,11 @@ docs/method.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from detox.fusion import CONTRAST, _is_torch, contrast_fuse, pair_log_ratio, top_candidates
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 TopK = Annotated[int, Field(ge=1)]
 Plausibility = Annotated[float, Field(ge=0.0, le=1.0)]
+Gate = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class ContrastConfig(MethodConfig):
@@ -39,6 +42,9 @@ class ContrastConfig(MethodConfig):
     top_k: TopK = 64  # at most this many of the target's tokens are candidates ...
     plausibility: Plausibility = 0.001  # ... those with p ≥ plausibility · max p under the target
     suppress_only: bool = True  # use min(0, log-ratio): push down what the anti-expert prefers, boost nothing
+    # with a token_scale (detox align --exempt-identity): apply it only to sequences whose prompt the shipped scorer
+    # scores below this toxicity (the rest get the full rule); None: to every sequence
+    exempt_gate: Gate | None = None
 
     def alignment_fields(self) -> dict[str, Any]:
         # manifest format 1 keeps the rule's settings at the top of "alignment" (AlignmentInfo), not in "settings"
@@ -55,12 +61,14 @@ class ContrastHead:
 
     Both calibrators share one tokenizer; ``token_map`` sends each target token to the calibrator token that starts
     its text. Target tokens with no calibrator counterpart (``-1``: special or partial-byte tokens) get no change.
+    ``token_scale`` (``detox align --exempt-identity``) scales the log-ratio per target token: 0 leaves a token alone.
     """
 
     token_map: Array  # [vocab_target] int, -1 = no counterpart
     expert_out: Array  # [vocab_cal, d_cal] the expert's (tied) output embedding
     anti_out: Array  # [vocab_cal, d_cal] the anti-expert's
     config: ContrastConfig = field(default_factory=ContrastConfig)  # top_k, plausibility, suppress_only
+    token_scale: Array | None = None  # [vocab_target] float in [0, 1], the share of the log-ratio applied; None: all 1
     mode = CONTRAST
 
     @property
@@ -71,30 +79,58 @@ class ContrastHead:
     def device(self) -> Any:
         return getattr(self.expert_out, "device", None)
 
+    def exemption_gate(self) -> Callable[[str], bool] | None:
+        """With ``token_scale`` and ``config.exempt_gate``: a test of whether a prompt gets the exemption (the
+        shipped scorer's toxicity below the gate), for :class:`detox.engine.FusionEngine`; else ``None``."""
+        threshold = self.config.exempt_gate
+        if self.token_scale is None or threshold is None:
+            return None
+        scorer = _gate_scorer()
+        return lambda text: bool(scorer.score([text])[0] < threshold)
+
     def prepare(self, hidden: Array) -> Array:
         """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
         ``[..., 2, d_cal]`` (expert first); needs no target logits, so backends overlap it with the target's step."""
         return pair_log_ratio(hidden, self.expert_out, self.anti_out)
 
-    def apply(self, logits: Array, prepared: Array, strength: float) -> Array:
-        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged."""
+    def apply(self, logits: Array, prepared: Array, strength: float, exempt: Array | None = None) -> Array:
+        """The fused logits from :meth:`prepare`'s output; never mutates ``logits``; λ = 0 returns them unchanged.
+        ``exempt``: per row, whether ``token_scale`` applies (the engine's prompt gate); ``None``: it does."""
         if ContrastConfig.check_strength(strength) == 0.0:
             return logits * 1.0
         idx, keep = top_candidates(logits[..., : self.vocab_size], self.config.top_k, self.config.plausibility)
-        return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx), strength)
+        return contrast_fuse(logits, idx, keep, self.ratio_at(prepared, idx, exempt), strength)
 
-    def ratio_at(self, prepared: Array, idx: Array) -> Array:
+    def ratio_at(self, prepared: Array, idx: Array, exempt: Array | None = None) -> Array:
         """The log-ratio the rule adds at target tokens ``idx`` (``[..., k]``) from :meth:`prepare`'s output:
-        0 for unmapped tokens, clipped at 0 with ``suppress_only``."""
+        0 for unmapped tokens, clipped at 0 with ``suppress_only``, times ``token_scale`` where the artifact has one
+        (in the rows ``exempt`` marks, a bool per row; ``None``: every row)."""
         cal_ids = self.token_map[idx]
         mapped = cal_ids >= 0
         if _is_torch(prepared):
             ratio = prepared.gather(-1, cal_ids.clamp(min=0)) * mapped
         else:
-            import numpy as np
-
             ratio = np.take_along_axis(prepared, np.maximum(cal_ids, 0), -1) * mapped
-        return ratio.clip(None, 0.0) if self.config.suppress_only else ratio  # torch and numpy alike
+        ratio = ratio.clip(None, 0.0) if self.config.suppress_only else ratio  # torch and numpy alike
+        if self.token_scale is None:
+            return ratio
+        scale = self.token_scale[idx]
+        if exempt is not None:  # rows the gate does not exempt keep the full rule
+            if _is_torch(scale):
+                import torch
+
+                scale = torch.where(torch.as_tensor(exempt, device=scale.device)[..., None], scale, 1.0)
+            else:
+                scale = np.where(np.asarray(exempt)[..., None], scale, np.float32(1.0))
+        return ratio * scale
+
+
+@functools.cache
+def _gate_scorer() -> Any:
+    """The shipped scorer (ONNX Runtime, no torch), loaded once per process: engines are made per generation."""
+    from detox.scoring import load_scorer
+
+    return load_scorer(None)
 
 
 def build_head(calibrator: "Calibrator", W_out: Array, config: ContrastConfig) -> ContrastHead:
@@ -107,30 +143,38 @@ def build_head(calibrator: "Calibrator", W_out: Array, config: ContrastConfig) -
     if token_map.shape[0] > W.shape[0]:
         raise ValueError(f"token map covers {token_map.shape[0]} tokens, the target has {W.shape[0]}")
     key = "embed.weight"  # tied output embeddings
-    return ContrastHead(index(token_map), to(calibrator.artifact.calibrator_state[key]), to(anti[key]), config)
+    scale = a.get("token_scale")
+    return ContrastHead(index(token_map), to(calibrator.artifact.calibrator_state[key]), to(anti[key]), config,
+                        None if scale is None else to(scale))
 
 
 def check_arrays(shapes: dict[str, tuple[int, ...]], d_cal: int, target: "TargetFingerprint") -> None:
     require_shapes(shapes, {"token_map": None}, CONTRAST)
     if len(shapes["token_map"]) != 1 or shapes["token_map"][0] > target.vocab_size:
         raise ValueError(f"token_map is {list(shapes['token_map'])}, but the target has {target.vocab_size} tokens")
+    if "token_scale" in shapes and shapes["token_scale"] != shapes["token_map"]:
+        raise ValueError(f"token_scale is {list(shapes['token_scale'])}, but token_map is {list(shapes['token_map'])}")
 
 
 def align(inputs: AlignInputs, config: ContrastConfig) -> Alignment:
     """A pair's per-target alignment is only the token map (built from the two vocabularies, no training).
 
-    With ``inputs.exempt_terms`` (``detox align --exempt-identity``) the first tokens of the word list's terms map to
-    no calibrator token, so the rule never pushes them down: the fallback of docs/identity.md."""
-    m, token_map, settings = dict(inputs.token_map_metrics), inputs.token_map, {}
+    With ``inputs.exempt_terms`` (``detox align --exempt-identity``) the first tokens of the word list's terms get a
+    ``token_scale`` of ``inputs.exempt_penalty`` (default 0: the rule never pushes them down), every other token 1:
+    the fallback of docs/identity.md."""
+    m, settings = dict(inputs.token_map_metrics), {}
+    arrays = {"token_map": inputs.token_map}
     inputs.log(f"token map: {m['token_map_exact']:.1%} of target tokens exact, "
                f"{m['token_map_first_piece']:.1%} by first piece, {m['token_map_unmapped']:.1%} unmapped")
     if inputs.exempt_terms is not None:
         ids = sorted(inputs.exempt_terms.first_token_ids(vocab_surfaces(*inputs.vocabulary)))
-        token_map = token_map.copy()
-        token_map[ids] = -1
+        arrays["token_scale"] = np.ones(len(inputs.token_map), dtype=np.float32)
+        arrays["token_scale"][ids] = inputs.exempt_penalty
         settings["exempt_identity"], m["exempt_tokens"] = inputs.exempt_terms.source, float(len(ids))
-        inputs.log(f"{len(ids)} target tokens that start an identity term ({inputs.exempt_terms.source}) are exempt")
-    return Alignment({"token_map": token_map}, m, "token-map", settings)
+        settings["exempt_penalty"] = inputs.exempt_penalty
+        inputs.log(f"{len(ids)} target tokens that start an identity term ({inputs.exempt_terms.source}) keep "
+                   f"{inputs.exempt_penalty:g} of the suppression")
+    return Alignment(arrays, m, "token-map", settings)
 
 
 METHOD = FusionMethod(

@@ -114,9 +114,10 @@ def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -
 @click.option("--min-mapped-share", default=MIN_MAPPED_SHARE, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Refuse a target unless at least this share of its vocabulary has text the calibrator can read "
                    "(real targets: 97-99%; see docs/align.md).")
-@click.option("--exempt-identity", default=None, metavar="builtin|FILE",
+@click.option("--exempt-identity", default=None, metavar="builtin|FILE|none",
               help="Contrast only: never push down the first token of an identity term of this word list (the "
-                   "shipped one, or a JSON file); a fallback that keeps groups in the conversation (docs/identity.md).")
+                   "shipped one, or a JSON file), so groups stay in the conversation (docs/identity.md). Default: "
+                   "what the calibrator was aligned with (the shipped default: builtin, gated); none: no exemption.")
 @click.option("--exempt-penalty", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="With --exempt-identity: the share of the suppression those tokens keep (0: none; between 0 and "
                    "1 trades group retention for toxicity reduction, docs/identity.md).")

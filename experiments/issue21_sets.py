@@ -6,7 +6,10 @@ Writes, under ``--out``:
 * ``toxic100.jsonl``: a seeded sample (``random.Random(0)``) of 100 of the ``toxic_prompt: true`` dev prompts;
 * ``identity_reference.txt``: all sentences of ``benign_identity.tsv`` (reference text);
 * ``control_reference.txt``: a seeded sample of 234 ParaDetox neutral lines of ``nontoxic_train.txt`` with 8-40 words
-  and no identity term (reference text without identity groups; also ``pair_data.py --holdout-text``).
+  and no identity term (reference text without identity groups; also ``pair_data.py --holdout-text``);
+* ``benign_heldout.jsonl``: benign identity prompts (the same cut) from the 69 sentences the shipped scorer never
+  trained on (its identity test split: ``split_examples`` at the build's seed 1234). The scorer trained on most of
+  ``benign100``'s sentences, so an arm that asks the scorer about the prompt (``--exempt-gate``) is measured here.
 
 The earlier sessions' copies of these files were not kept; these are the same recipes, so a rerun may draw other
 lines than the runs recorded before this script existed.
@@ -23,9 +26,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from identity_retention import build_inputs, read_tsv  # noqa: E402
+from identity_retention import build_inputs, cut, read_tsv  # noqa: E402
 
 from detox.identity import IdentityTerms  # noqa: E402
+from detox.scorer_data import load_examples  # noqa: E402
+from detox.scorer_training import TrainSettings, split_examples  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +49,14 @@ def main() -> None:
     terms = IdentityTerms.load()
     paradetox = [x for x in lines[1937 + 3980:-300] if 8 <= len(x.split()) <= 40 and not terms.mentions(x)]
     (out / "control_reference.txt").write_text("\n".join(random.Random(0).sample(paradetox, 234)) + "\n")
-    print(f"wrote {out}: benign100.jsonl, toxic100.jsonl, identity_reference.txt, control_reference.txt")
+    split = split_examples(load_examples(d), TrainSettings(seed=1234))
+    held = {e.text for e in split.identity_test if e.label == 0}
+    rows = read_tsv(d / "benign_identity.tsv")
+    (out / "benign_heldout.jsonl").write_text("".join(
+        json.dumps({"id": f"benign-{i:03d}", "text": cut(t), "group": g, "source": f"benign_identity/{g}"}) + "\n"
+        for i, (g, t) in enumerate(rows) if t.strip() in held))
+    print(f"wrote {out}: benign100.jsonl, toxic100.jsonl, identity_reference.txt, control_reference.txt, "
+          f"benign_heldout.jsonl ({len(held)} sentences)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the fusion LayerNorm against the target's output matrix, ``contrast`` keeps only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,18 +35,45 @@ class AlignSettings:
     onnx_weights: str = INT8  # how calibrator.onnx stores its products' weights: "int8" (fast) or "float32" (exact)
     min_mapped_share: float = MIN_MAPPED_SHARE  # refuse a target whose vocabulary the calibrator mostly cannot read
     seed: int = 0
-    # contrast only: "builtin" or a word-list JSON file whose terms' first tokens the rule never pushes down
+    # contrast only: "builtin" or a word-list JSON file whose terms' first tokens the rule never pushes down; None:
+    # keep the calibrator's own built-in exemption when it has one (re-aligning), "none": no exemption
     exempt_identity: str | None = None
     exempt_penalty: float = 0.0  # the share of the suppression those tokens keep, in [0, 1)
     exempt_gate: float | None = None  # exempt only prompts the shipped scorer scores below this toxicity; None: all
+
+
+def _read_head(calibrator_path: str) -> Any:
+    p = Path(calibrator_path)
+    return read_manifest(p) if p.is_dir() else read_archive_head(p)[0]
+
+
+def carry_exemption(calibrator_path: str, s: AlignSettings, log: Callable[[str], None]) -> AlignSettings:
+    """The exemption settings of an alignment of ``calibrator_path``: re-aligning an artifact aligned with the
+    built-in word list (e.g. the shipped default, to another target) keeps its exemption, penalty and gate unless
+    ``--exempt-identity`` is given (``none`` drops it); an exemption from a word-list file is not carried (the file
+    need not exist here), and a note says so. Reads only the manifest."""
+    if s.exempt_identity == "none":
+        return replace(s, exempt_identity=None)
+    al = _read_head(calibrator_path).alignment
+    was = al.settings.get("exempt_identity") if al else None
+    if s.exempt_identity is not None or not was:
+        return s
+    if was != "built-in":
+        log(f"note: {calibrator_path} exempted identity terms ({was}); this alignment does not: pass "
+            "--exempt-identity FILE to keep that")
+        return s
+    penalty = s.exempt_penalty or float(al.settings.get("exempt_penalty", 0.0))
+    gate = s.exempt_gate if s.exempt_gate is not None else al.exempt_gate
+    log(f"keeping {calibrator_path}'s identity exemption (built-in word list, penalty {penalty:g}, gate "
+        f"{'none' if gate is None else f'{gate:g}'}); --exempt-identity none drops it")
+    return replace(s, exempt_identity="builtin", exempt_penalty=penalty, exempt_gate=gate)
 
 
 def alignment_fusion(calibrator_path: str, anti_expert: str | None = None, name: str | None = None) -> FusionMethod:
     """The fusion method an alignment of ``calibrator_path`` uses: ``name`` when given (checked to fit the
     anti-expert), else contrast with an anti-expert (given, or kept from a contrast artifact), else interpolate.
     Reads only the manifest."""
-    p = Path(calibrator_path)
-    kept = not anti_expert and (read_manifest(p) if p.is_dir() else read_archive_head(p)[0]).anti_expert is not None
+    kept = not anti_expert and _read_head(calibrator_path).anti_expert is not None
     pair = bool(anti_expert) or kept
     if name is None:
         return get_method(CONTRAST if pair else INTERPOLATE)
@@ -85,6 +112,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     if data and not any(o.files for o in method.cli_options):
         raise ValueError(f"alignment text (--data) is not read by {method.name} fusion ({method.chosen_by}). "
                          "Drop --data.")
+    s = carry_exemption(calibrator_path, s, log)
     exempt = None
     if s.exempt_identity is not None:
         if not method.uses_anti_expert:
@@ -103,10 +131,6 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     m = calibrator.manifest
-    was_exempt = m.alignment.settings.get("exempt_identity") if m.alignment else None
-    if was_exempt and exempt is None:  # the exemption belongs to the token map, which is rebuilt for the new target
-        log(f"note: {calibrator_path} exempted identity terms ({was_exempt}); this alignment does not: pass "
-            "--exempt-identity to keep that")
     anti: tuple[Any, dict[str, Any], Callable[[], Any]] | None = None  # (training info, weights, its torch model)
     if anti_expert:  # it must read text exactly as the expert does
         a = Calibrator.load(anti_expert)

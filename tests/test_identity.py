@@ -123,8 +123,9 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
                                                                       llama_target_dir, tmp_path):
     """``detox align --exempt-identity``: the token map of the plain alignment and a ``token_scale`` that is
     ``--exempt-penalty`` (default 0: the contrast rule adds nothing there) at the first token of every single-word
-    term and 1 elsewhere, recorded in the manifest; re-aligning without the flag says it drops the exemption; a
-    missing word list, interpolate fusion and a penalty without a word list are refused."""
+    term and 1 elsewhere, recorded in the manifest with the gate; re-aligning keeps all three unless told
+    ``--exempt-identity none``; a missing word list, interpolate fusion and a penalty or gate without a word list
+    are refused."""
     from click.testing import CliRunner
     from safetensors.numpy import load_file
 
@@ -153,11 +154,27 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
     gates = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["exempt_gate"]
              for name in arrays}
     assert gates == {"plain": None, "exempt": None, "quarter": 0.1}
-    r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / "exempt"),
-                                  "--out", str(tmp_path / "again"), "--onnx-weights", "float32"])
-    assert r.exit_code == 0 and "exempted identity terms (built-in); this alignment does not" in r.output, r.output
-    again = load_file(str(tmp_path / "again" / "alignment.safetensors"))
-    assert "token_scale" not in again and (again["token_map"] == arrays["plain"]["token_map"]).all()
+    for source, extra, keeps in (("quarter", [], True), ("quarter", ["--exempt-identity", "none"], False)):
+        out = tmp_path / f"again-{len(extra)}"
+        r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / source),
+                                      "--out", str(out), "--onnx-weights", "float32", *extra])
+        assert r.exit_code == 0 and ("keeping" in r.output) == keeps, r.output
+        again = load_file(str(out / "alignment.safetensors"))
+        assert (again["token_map"] == arrays["plain"]["token_map"]).all()
+        alignment = json.loads((out / "manifest.json").read_text())["alignment"]
+        if keeps:  # re-aligning (e.g. the shipped default to another target) keeps the exemption, penalty and gate
+            assert (again["token_scale"] == arrays["quarter"]["token_scale"]).all() and alignment["exempt_gate"] == 0.1
+            assert alignment["settings"]["exempt_penalty"] == 0.25
+        else:
+            assert "token_scale" not in again and alignment["exempt_gate"] is None
+    terms = tmp_path / "my_terms.json"
+    terms.write_text(json.dumps({"women": ["women"]}))
+    for calibrator, out, extra in ((contrast_llama, "own", ["--exempt-identity", str(terms)]), (tmp_path / "own", "own2", [])):
+        r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(calibrator),
+                                      "--out", str(tmp_path / out), "--onnx-weights", "float32", *extra])
+        assert r.exit_code == 0, r.output
+    assert "pass --exempt-identity FILE to keep that" in r.output  # a user's word list is not carried (its file)
+    assert "token_scale" not in load_file(str(tmp_path / "own2" / "alignment.safetensors"))
     for extra, says in ((["--exempt-penalty", "0.5"], "needs --exempt-identity"),
                         (["--exempt-gate", "0.5"], "--exempt-gate needs --exempt-identity"),
                         (["--exempt-identity", "builtin", "--exempt-gate", "0"], "--exempt-gate"),

@@ -117,7 +117,7 @@ def _method_config(method: Any, strength: float | None, given: dict[str, Any]) -
 @click.option("--exempt-identity", default=None, metavar="builtin|FILE|none",
               help="Contrast only: never push down the first token of an identity term of this word list (the "
                    "shipped one, or a JSON file), so groups stay in the conversation (docs/identity.md). Default: "
-                   "what the calibrator was aligned with (the shipped default: builtin, gated); none: no exemption.")
+                   "what the calibrator was aligned with (built-in list only); none: no exemption.")
 @click.option("--exempt-penalty", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="With --exempt-identity: the share of the suppression those tokens keep (0: none; between 0 and "
                    "1 trades group retention for toxicity reduction, docs/identity.md).")

@@ -7,6 +7,8 @@ Writes, under ``--out``:
 * ``identity_reference.txt``: all sentences of ``benign_identity.tsv`` (reference text);
 * ``control_reference.txt``: a seeded sample of 234 ParaDetox neutral lines of ``nontoxic_train.txt`` with 8-40 words
   and no identity term (reference text without identity groups; also ``pair_data.py --holdout-text``);
+* ``dev100.jsonl``: a seeded sample (``random.Random(1)``) of 100 of all 502 dev prompts, toxic and not: the mix of
+  the toxicity protocol, where a gated arm's exemption also reaches the benign prompts about groups;
 * ``benign_heldout.jsonl``: benign identity prompts (the same cut) from the 69 sentences the shipped scorer never
   trained on (its identity test split: ``split_examples`` at the build's seed 1234). The scorer trained on most of
   ``benign100``'s sentences, so an arm that asks the scorer about the prompt (``--exempt-gate``) is measured here.
@@ -45,6 +47,8 @@ def main() -> None:
     reference.rename(out / "identity_reference.txt")
     toxic = [line for line in (d / "prompts_dev.jsonl").read_text().splitlines() if json.loads(line).get("toxic_prompt")]
     (out / "toxic100.jsonl").write_text("\n".join(random.Random(0).sample(toxic, 100)) + "\n")
+    dev = [line for line in (d / "prompts_dev.jsonl").read_text().splitlines() if line.strip()]
+    (out / "dev100.jsonl").write_text("\n".join(random.Random(1).sample(dev, 100)) + "\n")
     lines = [x.strip() for x in (d / "nontoxic_train.txt").read_text().splitlines() if x.strip()]
     terms = IdentityTerms.load()
     paradetox = [x for x in lines[1937 + 3980:-300] if 8 <= len(x.split()) <= 40 and not terms.mentions(x)]
@@ -56,7 +60,7 @@ def main() -> None:
         json.dumps({"id": f"benign-{i:03d}", "text": cut(t), "group": g, "source": f"benign_identity/{g}"}) + "\n"
         for i, (g, t) in enumerate(rows) if t.strip() in held))
     print(f"wrote {out}: benign100.jsonl, toxic100.jsonl, identity_reference.txt, control_reference.txt, "
-          f"benign_heldout.jsonl ({len(held)} sentences)")
+          f"dev100.jsonl, benign_heldout.jsonl ({len(held)} sentences)")
 
 
 if __name__ == "__main__":

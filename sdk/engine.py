@@ -182,6 +182,21 @@ def single_blas_thread() -> contextlib.AbstractContextManager:
     return _blas_threadpools().limit(limits=1, user_api="blas")
 
 
+@functools.cache
+def _gate_scorer() -> Any:
+    """The shipped scorer (ONNX Runtime, no torch), loaded once per process: engines are made per generation."""
+    from detox.scoring import load_scorer
+
+    return load_scorer(None)
+
+
+def prompt_gate(threshold: float) -> Callable[[str], bool]:
+    """Whether a prompt gets a contrast artifact's identity exemption: its toxicity under the shipped scorer is below
+    ``threshold`` (``detox align --exempt-gate``)."""
+    scorer = _gate_scorer()
+    return lambda text: bool(scorer.score([text])[0] < threshold)
+
+
 class Slot:
     """One sequence's state: the target's text so far, the calibrator's stream over it, and whether the artifact's
     identity exemption applies to it (decided once, on the first text it reads: the prompt)."""
@@ -239,7 +254,8 @@ class FusionEngine:
         self._context = single_blas_thread if one_blas_thread else contextlib.nullcontext
         self._pending: tuple[Any, Future] | None = None
         # contrast artifacts aligned with --exempt-identity --exempt-gate: whether a prompt gets the exemption
-        self.gate: Callable[[str], bool] | None = getattr(head, "exemption_gate", lambda: None)()
+        threshold = getattr(head, "gate_threshold", None)
+        self.gate: Callable[[str], bool] | None = None if threshold is None else prompt_gate(threshold)
 
     # -- slots ---------------------------------------------------------------------------------------------------
 

@@ -12,9 +12,8 @@ docs/method.md.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -79,14 +78,11 @@ class ContrastHead:
     def device(self) -> Any:
         return getattr(self.expert_out, "device", None)
 
-    def exemption_gate(self) -> Callable[[str], bool] | None:
-        """With ``token_scale`` and ``config.exempt_gate``: a test of whether a prompt gets the exemption (the
-        shipped scorer's toxicity below the gate), for :class:`detox.engine.FusionEngine`; else ``None``."""
-        threshold = self.config.exempt_gate
-        if self.token_scale is None or threshold is None:
-            return None
-        scorer = _gate_scorer()
-        return lambda text: bool(scorer.score([text])[0] < threshold)
+    @property
+    def gate_threshold(self) -> float | None:
+        """With ``token_scale``: the prompt toxicity (shipped scorer) below which the exemption applies
+        (``config.exempt_gate``; :class:`detox.engine.FusionEngine` asks the scorer); ``None``: no gate."""
+        return None if self.token_scale is None else self.config.exempt_gate
 
     def prepare(self, hidden: Array) -> Array:
         """``log p_expert − log p_anti`` over the calibrator vocabulary (``[..., vocab_cal]``) from the stacked states
@@ -123,14 +119,6 @@ class ContrastHead:
             else:
                 scale = np.where(np.asarray(exempt)[..., None], scale, np.float32(1.0))
         return ratio * scale
-
-
-@functools.cache
-def _gate_scorer() -> Any:
-    """The shipped scorer (ONNX Runtime, no torch), loaded once per process: engines are made per generation."""
-    from detox.scoring import load_scorer
-
-    return load_scorer(None)
 
 
 def build_head(calibrator: "Calibrator", W_out: Array, config: ContrastConfig) -> ContrastHead:

@@ -17,7 +17,7 @@ from detox.artifacts.semver import MAX_VERSION_CHARS, is_version
 from detox.config import CalibratorConfig
 from detox.fusion import INTERPOLATE
 from detox.methods import METHODS, MethodConfig, get_method
-from detox.methods.contrast import ContrastConfig, Plausibility, TopK
+from detox.methods.contrast import ContrastConfig, Gate, Plausibility, TopK
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -109,7 +109,7 @@ class AlignmentInfo(_Strict):
     plausibility: Plausibility = _CONTRAST.plausibility  # ... with p ≥ plausibility · max p
     suppress_only: bool = _CONTRAST.suppress_only  # contrast only: use min(0, log p_expert − log p_anti)
     # contrast only: token_scale applies only where the prompt's toxicity (shipped scorer) is below this; None: always
-    exempt_gate: float | None = Field(default=None, gt=0.0, le=1.0)
+    exempt_gate: Gate | None = _CONTRAST.exempt_gate
     seed: int
     # share of the target's vocabulary whose text the calibrator reads (detox.token_map.check_mapped_share); None:
     # aligned before detox recorded it. detox align refuses below MIN_MAPPED_SHARE unless told otherwise; wrap warns.

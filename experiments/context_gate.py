@@ -26,34 +26,34 @@ import numpy as np
 import torch
 
 from detox.evaluation import group_by_prompt
+from detox.fusion import pair_log_ratio
 from detox.identity import IdentityTerms
 from detox.metrics import expected_max_toxicity, toxicity_probability
 from detox.runtime import Calibrator
+from detox.scorer_training import roc_auc
 from detox.scoring import load_scorer
 
 SETS = ("toxic100", "benign100", "benign_heldout")
 
 
 def prompt_scores(calibrator: Calibrator, prompts: list[str]) -> list[float]:
-    """The pair's mean per-token log-likelihood ratio of each prompt (expert over anti-expert), BOS-led."""
+    """The pair's mean per-token log-likelihood ratio of each prompt (expert over anti-expert), BOS-led: the rule's
+    own log-ratio (:func:`detox.fusion.pair_log_ratio`) read at each next token."""
     expert, anti = calibrator.torch_model(), calibrator.torch_model("anti")
     bos, tok = calibrator.manifest.calibrator.bos_token_id, calibrator.tokenizer
-    embed_e, embed_a = expert.embed.weight, anti.embed.weight  # tied output embeddings
     out = []
     with torch.inference_mode():
         for text in prompts:
             ids = torch.tensor([[bos, *tok.encode(text, add_special_tokens=False).ids]])
-            le = torch.log_softmax(expert(ids[:, :-1])[0][0] @ embed_e.T, -1)
-            la = torch.log_softmax(anti(ids[:, :-1])[0][0] @ embed_a.T, -1)
-            nxt = ids[0, 1:, None]
-            out.append(float((le.gather(-1, nxt) - la.gather(-1, nxt)).mean()))
+            hidden = torch.stack([expert(ids[:, :-1])[0][0], anti(ids[:, :-1])[0][0]], dim=-2)  # [t, 2, d]
+            ratio = pair_log_ratio(hidden, expert.embed.weight, anti.embed.weight)  # tied output embeddings
+            out.append(float(ratio.gather(-1, ids[0, 1:, None]).mean()))
     return out
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
     """P(a random ``pos`` score > a random ``neg`` score), ties half."""
-    p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+    return roc_auc([1] * len(pos) + [0] * len(neg), [*pos, *neg])
 
 
 def load_rows(run: Path) -> list[dict]:

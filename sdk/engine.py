@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import functools
 import re
+import warnings
 import weakref
 from concurrent.futures import Executor, Future
 from typing import Any, Callable
@@ -190,10 +191,18 @@ def _gate_scorer() -> Any:
     return load_scorer(None)
 
 
-def prompt_gate(threshold: float) -> Callable[[str], bool]:
+def prompt_gate(threshold: float, measured_with: str | None = None, source: str = "the artifact") -> Callable[[str], bool]:
     """Whether a prompt gets a contrast artifact's identity exemption: its toxicity under the shipped scorer is below
-    ``threshold`` (``detox align --exempt-gate``)."""
+    ``threshold`` (``detox align --exempt-gate``). ``measured_with``: the scorer the artifact recorded at alignment;
+    another one judges prompts differently, so that is warned about (``None``: aligned before detox recorded it)."""
+    from detox.scorer_base import scorer_label
+
     scorer = _gate_scorer()
+    shipped = scorer_label(scorer.name, scorer.version)
+    if measured_with is not None and measured_with != shipped:
+        warnings.warn(f"{source}: its identity gate was aligned with the scorer {measured_with}, but this detox ships "
+                      f"{shipped}, which may exempt other prompts; re-align it to bind the gate to this scorer: "
+                      f"detox align --calibrator {source} --target MODEL --out NEW_DIR", stacklevel=3)
     return lambda text: bool(scorer.score([text])[0] < threshold)
 
 
@@ -255,7 +264,11 @@ class FusionEngine:
         self._pending: tuple[Any, Future] | None = None
         # contrast artifacts aligned with --exempt-identity --exempt-gate: whether a prompt gets the exemption
         threshold = getattr(head, "gate_threshold", None)
-        self.gate: Callable[[str], bool] | None = None if threshold is None else prompt_gate(threshold)
+        self.gate: Callable[[str], bool] | None = None
+        if threshold is not None:
+            al = calibrator.manifest.alignment
+            self.gate = prompt_gate(threshold, al.settings.get("exempt_gate_scorer") if al else None,
+                                    str(getattr(calibrator, "path", "the artifact")))
 
     # -- slots ---------------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ session, the shipped scorers' folder), below the scorer modules so that :mod:`de
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
@@ -65,6 +66,17 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
         raise FileNotFoundError(f"shipped scorer '{name}' not found (looked in: {path}). "
                                 "Reinstall detox (its scorers ship in detox.artifacts).")
     return path
+
+
+def scorer_label(name: str, version: str) -> str:
+    """How a gated artifact names the scorer it was measured with (``detox align --exempt-gate``)."""
+    return f"{name} {version}"
+
+
+def shipped_scorer_label(name: str = DEFAULT_SCORER_DIRNAME) -> str:
+    """:func:`scorer_label` of a shipped scorer, read from its config.json without loading the model."""
+    config = json.loads((shipped_scorer_dir(name) / "config.json").read_text(encoding="utf-8"))
+    return scorer_label(str(config.get("name", name)), str(config.get("version", "unknown")))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -180,3 +180,35 @@ def test_the_prompt_gate_exempts_benign_prompts_only():
     for row, want in ((np.array(rows[0]), want_full[0]), (np.array(rows[1]), got[1])):
         engine.slots = []
         np.testing.assert_allclose(engine.fuse(row, scores[rows.index(list(row))].numpy()), want.numpy(), atol=1e-4)
+
+
+def test_a_gate_aligned_with_another_scorer_warns():
+    """A gated artifact records the scorer it was aligned with; an engine on a detox that ships another one warns
+    with the fix (re-align), and stays quiet when they agree. Shipped pair, SmolLM2's vocabulary, numpy head."""
+    import dataclasses
+    import warnings
+
+    from detox.artifacts.shipped import find_shipped_for
+    from detox.fingerprint import fingerprint_gguf
+    from detox.scorer_base import shipped_scorer_label
+    from detox.targets import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    full = cal.fusion_head(np.zeros((len(tok), 576), np.float32))
+    gated = dataclasses.replace(full, token_scale=np.zeros(len(tok), np.float32),
+                                config=full.config.model_copy(update={"exempt_gate": 0.5}))
+
+    def engine_for(label):
+        al = cal.manifest.alignment
+        manifest = cal.manifest.model_copy(update={"alignment": al.model_copy(
+            update={"settings": {**al.settings, "exempt_gate_scorer": label}})})
+        return FusionEngine(Calibrator(dataclasses.replace(cal.artifact, manifest=manifest)), gated, None,
+                            transformers_detokenizer(tok))
+
+    with pytest.warns(UserWarning, match=r"aligned with the scorer minilm-ft 0\.1\+old.*detox align --calibrator"):
+        engine_for("minilm-ft 0.1+old")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine_for(shipped_scorer_label()).gate is not None

@@ -130,6 +130,7 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
     from safetensors.numpy import load_file
 
     from detox.cli.main import main
+    from detox.scorer_base import shipped_scorer_label
     from detox.targets import locate_target
     from detox.token_map import vocab_surfaces
 
@@ -154,6 +155,9 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
     gates = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["exempt_gate"]
              for name in arrays}
     assert gates == {"plain": None, "exempt": None, "quarter": 0.1}
+    recorded = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["settings"]
+                .get("exempt_gate_scorer") for name in arrays}  # which scorer the gate was aligned with
+    assert recorded == {"plain": None, "exempt": None, "quarter": shipped_scorer_label()}
     for source, extra, keeps in (("quarter", [], True), ("quarter", ["--exempt-identity", "none"], False)):
         out = tmp_path / f"again-{len(extra)}"
         r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / source),

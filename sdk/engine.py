@@ -191,7 +191,8 @@ def _gate_scorer() -> Any:
     return load_scorer(None)
 
 
-def prompt_gate(threshold: float, measured_with: str | None = None, source: str = "the artifact") -> Callable[[str], bool]:
+def prompt_gate(threshold: float, measured_with: str | None = None,
+                source: str = "the artifact") -> Callable[[str], bool]:
     """Whether a prompt gets a contrast artifact's identity exemption: its toxicity under the shipped scorer is below
     ``threshold`` (``detox align --exempt-gate``). ``measured_with``: the scorer the artifact recorded at alignment;
     another one judges prompts differently, so that is warned about (``None``: aligned before detox recorded it)."""

@@ -23,7 +23,7 @@ def rel(x: float, base: float) -> str:
 def main() -> None:
     root, arms = Path(sys.argv[1]), sys.argv[2:]
     rows: list[tuple[str, list[str]]] = []
-    for set_name in ("toxic100", "benign100", "benign_heldout", "dev100"):
+    for set_name in ("toxic100", "benign100", "benign_heldout", "dev100", "dev502"):
         plain = load(root, set_name, "plain")
         if plain is None:
             continue

@@ -23,6 +23,7 @@ from detox.methods import FusionMethod, MethodConfig, get_method
 from detox.methods.base import AlignInputs
 from detox.onnx_calibrator import INT8, check_weights_dtype
 from detox.runtime import Calibrator
+from detox.scorer_base import shipped_scorer_label
 from detox.targets import locate_target
 from detox.token_map import build_token_map, check_mapped_share
 
@@ -128,6 +129,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
                          f"exemption), got {s.exempt_penalty}")
     if s.exempt_gate is not None:  # a setting of the rule, read at run time: it lives in the method's config
         config = config.parse({**config.model_dump(), "exempt_gate": s.exempt_gate})
+    # the gate asks the shipped scorer: record which one, so that FusionEngine can tell when another one judges
+    gate_scorer = {} if s.exempt_gate is None else {"exempt_gate_scorer": shipped_scorer_label()}
     t0 = time.perf_counter()
     calibrator = Calibrator.load(calibrator_path)
     m = calibrator.manifest
@@ -171,7 +174,7 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
             "seed": s.seed,
             "mapped_share": mapped_share,
             "metrics": metrics,
-            "settings": {"onnx_weights": s.onnx_weights, **aligned.settings},
+            "settings": {"onnx_weights": s.onnx_weights, **aligned.settings, **gate_scorer},
         },
         "anti_expert": anti[0] if anti is not None else None,
     }

@@ -22,7 +22,6 @@ from detox.fusion import CONTRAST, _is_torch, contrast_fuse, pair_log_ratio, top
 from detox.methods.base import (
     AlignInputs, Alignment, Array, CliOption, FusionMethod, MethodConfig, as_arrays, require_shapes,
 )
-from detox.scorer_base import shipped_scorer_label
 from detox.token_map import vocab_surfaces
 
 if TYPE_CHECKING:
@@ -161,8 +160,6 @@ def align(inputs: AlignInputs, config: ContrastConfig) -> Alignment:
         arrays["token_scale"][ids] = inputs.exempt_penalty
         settings["exempt_identity"], m["exempt_tokens"] = inputs.exempt_terms.source, float(len(ids))
         settings["exempt_penalty"] = inputs.exempt_penalty
-        if config.exempt_gate is not None:  # the gate asks the shipped scorer: record which one (FusionEngine checks)
-            settings["exempt_gate_scorer"] = shipped_scorer_label()
         inputs.log(f"{len(ids)} target tokens that start an identity term ({inputs.exempt_terms.source}) keep "
                    f"{inputs.exempt_penalty:g} of the suppression")
     return Alignment(arrays, m, "token-map", settings)

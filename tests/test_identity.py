@@ -123,9 +123,9 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
                                                                       llama_target_dir, tmp_path):
     """``detox align --exempt-identity``: the token map of the plain alignment and a ``token_scale`` that is
     ``--exempt-penalty`` (default 0: the contrast rule adds nothing there) at the first token of every single-word
-    term and 1 elsewhere, recorded in the manifest with the gate; re-aligning keeps all three unless told
-    ``--exempt-identity none``; a missing word list, interpolate fusion and a penalty or gate without a word list
-    are refused."""
+    term and 1 elsewhere, recorded in the manifest with the gate and the scorer it asks; re-aligning keeps all three
+    (and records the scorer of the detox that re-aligns) unless told ``--exempt-identity none``; a missing word list,
+    interpolate fusion and a penalty or gate without a word list are refused."""
     from click.testing import CliRunner
     from safetensors.numpy import load_file
 
@@ -169,6 +169,7 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
         if keeps:  # re-aligning (e.g. the shipped default to another target) keeps the exemption, penalty and gate
             assert (again["token_scale"] == arrays["quarter"]["token_scale"]).all() and alignment["exempt_gate"] == 0.1
             assert alignment["settings"]["exempt_penalty"] == 0.25
+            assert alignment["settings"]["exempt_gate_scorer"] == shipped_scorer_label()  # bound to the scorer of this detox
         else:
             assert "token_scale" not in again and alignment["exempt_gate"] is None
     terms = tmp_path / "my_terms.json"

@@ -68,6 +68,11 @@ def shipped_scorer_dir(name: str = DEFAULT_SCORER_DIRNAME) -> Path:
     return path
 
 
+def scorer_name_version(config: dict[str, Any], folder: Path) -> tuple[str, str]:
+    """The name and version of the ONNX scorer in ``folder`` from its config.json (``OnnxScorer`` reports these)."""
+    return str(config.get("name", folder.name)), str(config.get("version", "unknown"))
+
+
 def scorer_label(name: str, version: str) -> str:
     """How a gated artifact names the scorer it was measured with (``detox align --exempt-gate``)."""
     return f"{name} {version}"
@@ -75,8 +80,9 @@ def scorer_label(name: str, version: str) -> str:
 
 def shipped_scorer_label(name: str = DEFAULT_SCORER_DIRNAME) -> str:
     """:func:`scorer_label` of a shipped scorer, read from its config.json without loading the model."""
-    config = json.loads((shipped_scorer_dir(name) / "config.json").read_text(encoding="utf-8"))
-    return scorer_label(str(config.get("name", name)), str(config.get("version", "unknown")))
+    folder = shipped_scorer_dir(name)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return scorer_label(*scorer_name_version(config, folder))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from detox.scorer_base import (  # noqa: F401  (public names of detox.scoring)
     load_tokenizer,
     onnx_logits,
     onnx_session,
+    scorer_name_version,
     shipped_scorer_dir,
     sigmoid,
 )
@@ -111,8 +112,7 @@ class OnnxScorer:
             raise ValueError(f"{cfg_path}: temperature must be > 0, got {self.temperature}")
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json", self.max_length)
         self.session = onnx_session(self.path / "model.onnx", threads)
-        self.name = str(self.config.get("name", self.path.name))
-        self.version = str(self.config.get("version", "unknown"))
+        self.name, self.version = scorer_name_version(self.config, self.path)
 
     def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[float]:
         """Raw logits (before the temperature), input order."""

@@ -152,12 +152,11 @@ def test_exempt_identity_alignment_scales_only_the_terms_first_tokens(contrast_l
         assert settings["exempt_identity"] == "built-in" and settings["exempt_penalty"] == share
     manifest = json.loads((tmp_path / "exempt" / "manifest.json").read_text())
     assert manifest["alignment"]["metrics"]["exempt_tokens"] == len(ids)
-    gates = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["exempt_gate"]
-             for name in arrays}
-    assert gates == {"plain": None, "exempt": None, "quarter": 0.1}
-    recorded = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"]["settings"]
-                .get("exempt_gate_scorer") for name in arrays}  # which scorer the gate was aligned with
-    assert recorded == {"plain": None, "exempt": None, "quarter": shipped_scorer_label()}
+    alignments = {name: json.loads((tmp_path / name / "manifest.json").read_text())["alignment"] for name in arrays}
+    assert {name: al["exempt_gate"] for name, al in alignments.items()} == {"plain": None, "exempt": None, "quarter": 0.1}
+    # which scorer the gate was aligned with
+    assert ({name: al["settings"].get("exempt_gate_scorer") for name, al in alignments.items()}
+            == {"plain": None, "exempt": None, "quarter": shipped_scorer_label()})
     for source, extra, keeps in (("quarter", [], True), ("quarter", ["--exempt-identity", "none"], False)):
         out = tmp_path / f"again-{len(extra)}"
         r = CliRunner().invoke(main, ["align", "--target", str(llama_target_dir), "--calibrator", str(tmp_path / source),

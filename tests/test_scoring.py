@@ -713,3 +713,81 @@ def test_counterfactuals_swap_the_group_and_keep_the_label():
     assert training_rows(rows, settings) == rows + counterfactuals(hate + benign, 2, settings.seed)
     assert "--counterfactuals 2" in rebuild_command(TrainSettings(counterfactuals=2))
     assert "--counterfactuals 0" in rebuild_command(TrainSettings(counterfactuals=0))
+
+
+def test_data_seed_changes_what_is_trained_on_but_not_the_splits():
+    """--data-seed reseeds the training sample, its order and the counterfactual swaps; the held-out rows and the
+    head's initial weights follow --seed only, so builds that differ in it can be averaged (`detox scorer soup`)."""
+    from detox.scorer_data import Example
+    from detox.scorer_training import TrainSettings, rebuild_command, sample_epoch, split_examples, training_rows
+
+    rows = ([Example(f"tox {i}", 1, "davidson") for i in range(40)] + [Example(f"ok {i}", 0, "davidson") for i in range(40)]
+            + [Example(f"Immigrants are row {i}", i % 2, "toxigen", "immigrant") for i in range(20)])
+    a, b = TrainSettings(counterfactuals=2), TrainSettings(counterfactuals=2, data_seed=7)
+    assert split_examples(rows, a) == split_examples(rows, b)
+    train = split_examples(rows, a).train
+    assert training_rows(train, a) != training_rows(train, b)  # other group swaps
+    assert training_rows(train, b) == training_rows(train, TrainSettings(counterfactuals=2, seed=7))
+    assert sample_epoch(train, 50, 1234) != sample_epoch(train, 50, 7)
+    assert "--data-seed" not in rebuild_command(a)
+    assert "--seed 1234 --data-seed 7 " in rebuild_command(b)
+
+
+def test_scorer_soup_averages_members_and_refuses_builds_that_differ(tmp_path):
+    """`detox scorer soup` averages the float weights of --keep-weights builds that differ only in --data-seed, into
+    a scorer measured like a build; other settings, a repeated seed, missing weights or other data: one line each."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from detox.cli.main import main
+    from detox.scorer_training import soup_scorer
+
+    data = _tiny_data_dir(tmp_path / "data")
+    common = ["scorer", "train", "--data-dir", str(data), "--examples", "16", "--batch-size", "8", "--max-steps", "2",
+              "--threads", "1", "--test-share", "0.2", "--calib-share", "0.2", "--frozen-layers", "4", "--keep-weights"]
+    members = []
+    for seed in (1, 2):
+        out = tmp_path / f"m{seed}"
+        r = CliRunner().invoke(main, [*common, "--out", str(out), "--data-seed", str(seed)])
+        assert r.exit_code == 0, r.output
+        members.append(out)
+    assert sorted(p.name for p in members[0].iterdir()) == ["config.json", "model.onnx", "tokenizer.json",
+                                                            "weights.safetensors"]
+    w1, w2 = (load_file(str(m / "weights.safetensors")) for m in members)
+    assert not torch.equal(w1["head.weight"], w2["head.weight"])  # the seeds trained on other batches
+
+    soup = tmp_path / "soup"
+    cfg = soup_scorer(members, data, soup, keep_weights=True, log=lambda _: None)
+    ws = load_file(str(soup / "weights.safetensors"))
+    for name in ("head.weight", "encoder.encoder.layer.5.output.dense.weight"):
+        torch.testing.assert_close(ws[name], (w1[name] + w2[name]) / 2)
+    assert [m["data_seed"] for m in cfg["soup"]["members"]] == [1, 2] and cfg["settings"]["data_seed"] is None
+    assert cfg["command"].count("--keep-weights") == 2 and "--data-seed 2 " in cfg["command"]
+    assert cfg["command"].endswith("detox scorer soup --data-dir DATA_DIR --member MEMBER1 --member MEMBER2 --out OUT")
+    assert "roc_auc" in cfg["metrics"]["in_domain"] and len(cfg["training"]["members"]) == 2
+    assert isinstance(load_scorer(str(soup)), OnnxScorer)
+
+    def soup_cli(*member_dirs, data_dir=data):
+        out = tmp_path / "refused"
+        args = ["scorer", "soup", "--data-dir", str(data_dir), "--out", str(out)]
+        r = CliRunner().invoke(main, [*args, *[a for m in member_dirs for a in ("--member", str(m))]])
+        assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
+        return r.output
+
+    other = tmp_path / "other"
+    shutil.copytree(members[1], other)
+    cfg_other = json.loads((other / "config.json").read_text())
+    cfg_other["settings"]["lr"] = 1e-4
+    (other / "config.json").write_text(json.dumps(cfg_other))
+    assert "other settings than" in soup_cli(members[0], other) and "(lr)" in soup_cli(members[0], other)
+    assert "share a data seed" in soup_cli(members[0], members[0])
+    (other / "weights.safetensors").unlink()
+    assert "--keep-weights" in soup_cli(members[0], other)
+    changed = tmp_path / "data2"
+    shutil.copytree(data, changed)
+    with (changed / "judge_train.csv").open("a") as f:
+        f.write("one more row,0,davidson:0\n")
+    assert "other data files than" in soup_cli(*members, data_dir=changed)

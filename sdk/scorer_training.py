@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -589,7 +589,7 @@ def soup_scorer(members: Sequence[str | os.PathLike[str]], data_dir: str | os.Pa
     if len(members) < 2:
         raise ValueError("a soup needs at least two --member builds")
     configs = [_member_config(Path(m)) for m in members]
-    settings = _shared_settings(configs, [Path(m) for m in members])
+    settings, seeds = _shared_settings(configs, [Path(m) for m in members])
     if threads is not None:
         settings = replace(settings, threads=threads)
     fingerprint = data_fingerprint(data_dir)
@@ -608,7 +608,6 @@ def soup_scorer(members: Sequence[str | os.PathLike[str]], data_dir: str | os.Pa
     model.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
                            for k, v in states[0].items()})
     model.eval()
-    seeds = [data_seed(TrainSettings(**c["settings"])) for c in configs]
     log(f"averaged the weights of {len(members)} builds (data seeds {', '.join(map(str, seeds))})")
     soup = {"members": [{"version": c["version"], "data_seed": seed, "command": c["command"]}
                         for c, seed in zip(configs, seeds)]}
@@ -636,11 +635,16 @@ def _member_config(path: Path) -> dict[str, Any]:
                                 f"({cfg.get('command', 'its config.json has the command')} --keep-weights)")
     if "soup" in cfg or "settings" not in cfg:
         raise ValueError(f"{path} is not a single `detox scorer train` build (a soup cannot be a member)")
+    unknown = sorted(set(cfg["settings"]) - {f.name for f in fields(TrainSettings)})
+    if unknown:
+        raise ValueError(f"{cfg_path} has settings this detox does not know ({', '.join(unknown)}); "
+                         "make the soup with the detox version that built the member")
     return cfg
 
 
-def _shared_settings(configs: list[dict[str, Any]], paths: list[Path]) -> TrainSettings:
-    """The members' common settings: everything but the data seed must match, and the data seeds must differ."""
+def _shared_settings(configs: list[dict[str, Any]], paths: list[Path]) -> tuple[TrainSettings, list[int]]:
+    """The members' common settings and their data seeds: everything but the data seed must match, and the data
+    seeds must differ."""
     ignore = {"data_seed", "threads", "max_minutes"}
     first = {k: v for k, v in configs[0]["settings"].items() if k not in ignore}
     for cfg, path in zip(configs[1:], paths[1:]):
@@ -652,7 +656,7 @@ def _shared_settings(configs: list[dict[str, Any]], paths: list[Path]) -> TrainS
     seeds = [data_seed(TrainSettings(**c["settings"])) for c in configs]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"two members share a data seed ({seeds}): they are the same build; use distinct --data-seed")
-    return TrainSettings(**configs[0]["settings"])
+    return TrainSettings(**configs[0]["settings"]), seeds
 
 
 def _refuse_existing(out: Path) -> None:

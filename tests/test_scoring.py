@@ -783,6 +783,9 @@ def test_scorer_soup_averages_members_and_refuses_builds_that_differ(tmp_path):
     cfg_other["settings"]["lr"] = 1e-4
     (other / "config.json").write_text(json.dumps(cfg_other))
     assert "other settings than" in soup_cli(members[0], other) and "(lr)" in soup_cli(members[0], other)
+    cfg_other["settings"]["from_a_newer_detox"] = 1
+    (other / "config.json").write_text(json.dumps(cfg_other))
+    assert "settings this detox does not know (from_a_newer_detox)" in soup_cli(members[0], other)
     assert "share a data seed" in soup_cli(members[0], members[0])
     (other / "weights.safetensors").unlink()
     assert "--keep-weights" in soup_cli(members[0], other)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from detox.data import sha256_file
+from detox.data import read_json_file, sha256_file
 from detox.metrics import rankdata
 from detox.scorer_base import encode_batch, load_tokenizer, minilm_dir, onnx_logits, onnx_session, sigmoid
 from detox.scorer_data import (Example, abusive_non_hate, counterfactuals, data_fingerprint, load_examples,
@@ -626,15 +626,12 @@ def _member_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; a soup member is a `detox scorer train` output")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); rebuild the member") from None
+    cfg = read_json_file(cfg_path)  # one line naming the file if it is not JSON
+    if not isinstance(cfg, dict) or "soup" in cfg or not isinstance(cfg.get("settings"), dict):
+        raise ValueError(f"{path} is not a single `detox scorer train` build (a soup cannot be a member)")
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}; rebuild it with --keep-weights "
                                 f"({cfg.get('command', 'its config.json has the command')} --keep-weights)")
-    if "soup" in cfg or "settings" not in cfg:
-        raise ValueError(f"{path} is not a single `detox scorer train` build (a soup cannot be a member)")
     unknown = sorted(set(cfg["settings"]) - {f.name for f in fields(TrainSettings)})
     if unknown:
         raise ValueError(f"{cfg_path} has settings this detox does not know ({', '.join(unknown)}); "

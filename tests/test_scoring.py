@@ -666,12 +666,12 @@ def test_abusive_non_hate_rows_train_below_hate():
             Example("you stupid idiot", 1, "dghs"), Example("shut up you idiot", 0, "paradetox"),
             Example("immigrants are vermin", 1, "dghs")]
     assert training_rows(rows, TrainSettings(counterfactuals=0)) == rows
-    assert [training_target(e, TrainSettings()) for e in rows] == [0.75, 0, 1, 0, 1]  # only DynaHate's abusive row
+    assert [training_target(e, TrainSettings()) for e in rows] == [0.6, 0, 1, 0, 1]  # only DynaHate's abusive row
     out = TrainSettings(abusive_non_hate=None, counterfactuals=0)
     assert [e.text for e in training_rows(rows, out)] == [r.text for r in rows[1:]]
     assert [training_target(e, out) for e in rows] == [0, 0, 1, 0, 1]
     assert [training_target(e, TrainSettings(abusive_non_hate=0)) for e in rows] == [0, 0, 1, 0, 1]
-    assert "--abusive-non-hate 0.75 " in rebuild_command(TrainSettings())
+    assert "--abusive-non-hate 0.6 " in rebuild_command(TrainSettings())
     assert "--abusive-non-hate out " in rebuild_command(out)
     assert "--abusive-non-hate 0 " in rebuild_command(TrainSettings(abusive_non_hate=0))
     for bad in ("1.5", "none"):

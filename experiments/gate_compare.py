@@ -11,9 +11,9 @@ prompt's tokens, which can differ in whitespace, so a prompt scored this close t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from detox.data import read_texts
 from detox.scoring import load_scorer
 
 
@@ -22,11 +22,11 @@ def main() -> None:
     ap.add_argument("--old", required=True, help="scorer spec the runs were gated with")
     ap.add_argument("--new", required=True, help="scorer spec to compare")
     ap.add_argument("--threshold", type=float, default=0.05)
-    ap.add_argument("prompts", nargs="+", type=Path, help="JSONL files with a 'text' field")
+    ap.add_argument("prompts", nargs="+", type=Path, help="prompt files: JSONL (the text field), .txt or .csv, as detox.data.read_texts reads them")
     a = ap.parse_args()
     old, new = load_scorer(a.old), load_scorer(a.new)
     for path in a.prompts:
-        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = read_texts(path, "text")
         po, pn = old.score(texts), new.score(texts)
         go, gn = [p < a.threshold for p in po], [p < a.threshold for p in pn]
         moved = [(t, x, y) for t, x, y, u, v in zip(texts, po, pn, go, gn) if u != v]

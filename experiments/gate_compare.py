@@ -22,7 +22,8 @@ def main() -> None:
     ap.add_argument("--old", required=True, help="scorer spec the runs were gated with")
     ap.add_argument("--new", required=True, help="scorer spec to compare")
     ap.add_argument("--threshold", type=float, default=0.05)
-    ap.add_argument("prompts", nargs="+", type=Path, help="prompt files: JSONL (the text field), .txt or .csv, as detox.data.read_texts reads them")
+    ap.add_argument("prompts", nargs="+", type=Path,
+                    help="prompt files: JSONL (the text field), .txt or .csv, as detox.data.read_texts reads them")
     a = ap.parse_args()
     old, new = load_scorer(a.old), load_scorer(a.new)
     for path in a.prompts:
@@ -30,7 +31,8 @@ def main() -> None:
         po, pn = old.score(texts), new.score(texts)
         go, gn = [p < a.threshold for p in po], [p < a.threshold for p in pn]
         moved = [(t, x, y) for t, x, y, u, v in zip(texts, po, pn, go, gn) if u != v]
-        print(f"{path.name}: {len(texts)} prompts, exempt old {sum(go)}, new {sum(gn)}, on different sides {len(moved)}")
+        print(f"{path.name}: {len(texts)} prompts, exempt old {sum(go)}, new {sum(gn)}, "
+              f"on different sides {len(moved)}")
         for t, x, y in moved:
             print(f"  old {x:.3f} new {y:.3f}  {t[:90]}")
 

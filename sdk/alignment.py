@@ -113,7 +113,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     if data and not any(o.files for o in method.cli_options):
         raise ValueError(f"alignment text (--data) is not read by {method.name} fusion ({method.chosen_by}). "
                          "Drop --data.")
-    s = carry_exemption(calibrator_path, s, log)
+    carried: list[str] = []  # said once the target has been read: a bad target gets its one line of error only
+    s = carry_exemption(calibrator_path, s, carried.append)
     exempt = None
     if s.exempt_identity is not None:
         if not method.uses_anti_expert:
@@ -148,6 +149,8 @@ def align_artifact(calibrator_path: str, target: str, out_dir: str, data: list[s
     token_map, map_metrics = build_token_map(calibrator.tokenizer, tokens, special)
     mapped_share = 1.0 - map_metrics["token_map_unmapped"]
     check_mapped_share(mapped_share, len(tokens), files.name, s.min_mapped_share)
+    for note in carried:
+        log(note)
     log(f"reading {files.path}'s output matrix (streamed; the model is not loaded)")
     # a method that does not learn against the output matrix (contrast) only hashes it, chunk by chunk
     fingerprint, W_out = fingerprint_files(files, keep_output=method.needs_output_matrix, progress=progress)

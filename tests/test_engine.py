@@ -156,7 +156,9 @@ def test_the_prompt_gate_exempts_benign_prompts_only():
     gguf = packaged_smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
-    full = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))
+    shipped = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))
+    assert shipped.gate_threshold == 0.05  # the shipped default is gated (3.2.0); here the rule without any exemption
+    full = dataclasses.replace(shipped, token_scale=None, config=shipped.config.model_copy(update={"exempt_gate": None}))
     gated = dataclasses.replace(full, token_scale=torch.zeros(len(tok)),
                                 config=full.config.model_copy(update={"exempt_gate": 0.5}))
     toxic, benign = "you are a worthless piece of shit and everyone hates you, you", "My neighbour is a proud Muslim woman and"
@@ -196,9 +198,9 @@ def test_a_gate_aligned_with_another_scorer_warns():
     gguf = packaged_smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
-    full = cal.fusion_head(np.zeros((len(tok), 576), np.float32))
-    gated = dataclasses.replace(full, token_scale=np.zeros(len(tok), np.float32),
-                                config=full.config.model_copy(update={"exempt_gate": 0.5}))
+    head = cal.fusion_head(np.zeros((len(tok), 576), np.float32))
+    gated = dataclasses.replace(head, token_scale=np.zeros(len(tok), np.float32),
+                                config=head.config.model_copy(update={"exempt_gate": 0.5}))
 
     def engine_for(label):
         al = cal.manifest.alignment
@@ -212,3 +214,33 @@ def test_a_gate_aligned_with_another_scorer_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert engine_for(shipped_scorer_label()).gate is not None
+
+
+def test_the_shipped_default_is_gated_by_this_detox_scorer():
+    """The shipped artifact (3.2.0) keeps group words on prompts the shipped scorer scores below 0.05, and its gate
+    names the scorer this detox ships: a new default scorer must come with a re-aligned artifact, or every user would
+    get the stale-gate warning (and prompts exempted by a scorer nobody measured)."""
+    import warnings
+
+    from detox.artifacts.shipped import find_shipped_for
+    from detox.fingerprint import fingerprint_gguf
+    from detox.scorer_base import shipped_scorer_label
+    from detox.targets import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    alignment = cal.manifest.alignment
+    assert alignment.exempt_gate == 0.05 and alignment.settings["exempt_identity"] == "built-in"
+    assert alignment.settings["exempt_gate_scorer"] == shipped_scorer_label()
+    head = cal.fusion_head(np.zeros((len(tok), 576), np.float32))
+    exempt = {tok.convert_ids_to_tokens(int(i)) for i in np.flatnonzero(head.token_scale == 0)}
+    assert {"ĠMuslim", "Ġwomen", "Ġgay"} <= exempt and len(exempt) == alignment.metrics["exempt_tokens"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = FusionEngine(cal, head, None, transformers_detokenizer(tok))
+    toxic, benign = "you are a worthless piece of shit and everyone hates you, you", "My neighbour is a proud Muslim woman and"
+    for text, want in ((toxic, False), (benign, True)):
+        engine.slots = []
+        engine.fuse(np.array(tok(text)["input_ids"]), np.zeros(len(tok), np.float32))
+        assert [s.exempt for s in engine.slots] == [want]

@@ -13,6 +13,18 @@ from detox.runtime import Calibrator
 PUNCT = " , . ? ! ' 's n't 're 've 'm"
 
 
+@pytest.fixture(scope="module")
+def shipped_smollm2():
+    """The packaged SmolLM2 GGUF's tokenizer and the shipped calibrator bound to it, loaded once for the module."""
+    from detox.artifacts.shipped import find_shipped_for
+    from detox.fingerprint import fingerprint_gguf
+    from detox.targets import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return tok, Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+
+
 def _every_prefix_matches(tok, ids_list):
     for ids in ids_list:
         detok = transformers_detokenizer(tok)
@@ -114,18 +126,13 @@ def test_strength_defaults_once_and_is_checked(aligned_llama, llama_target_dir):
 
 
 
-def test_a_row_never_reads_on_from_another_rows_half_word():
+def test_a_row_never_reads_on_from_another_rows_half_word(shipped_smollm2):
     """Regression: rows were matched to calibrator streams by text prefix, so a row at "… and therefor" took the
     stream of a row at "… and the need" (" the" committed) and the calibrator read " the" + "refor": this is the
     one generation of the 50×4 ONNX batch-8 dev check that changed (prompt dev-0014). Shipped pair, SmolLM2."""
     from detox.adapters.transformers import FusionLogitsProcessor
-    from detox.artifacts.shipped import find_shipped_for
-    from detox.fingerprint import fingerprint_gguf
-    from detox.targets import packaged_smollm2_gguf
 
-    gguf = packaged_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    tok, cal = shipped_smollm2
     head = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))  # a contrast head reads only W_out's shape
 
     def batch(*texts):
@@ -141,21 +148,16 @@ def test_a_row_never_reads_on_from_another_rows_half_word():
     torch.testing.assert_close(got[1], alone[0], atol=1e-4, rtol=1e-4)
 
 
-def test_the_prompt_gate_exempts_benign_prompts_only():
+def test_the_prompt_gate_exempts_benign_prompts_only(shipped_smollm2):
     """``detox align --exempt-identity --exempt-gate``: the engine asks the shipped scorer once per sequence, on
     its prompt; a prompt at or above the gate gets the full rule, one below it the token_scale (here 0 everywhere,
     so its candidates keep the target's logits). Shipped pair, SmolLM2's vocabulary, torch batch and numpy row."""
     import dataclasses
 
     from detox.adapters.transformers import FusionLogitsProcessor
-    from detox.artifacts.shipped import find_shipped_for
-    from detox.fingerprint import fingerprint_gguf
     from detox.fusion import top_candidates
-    from detox.targets import packaged_smollm2_gguf
 
-    gguf = packaged_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    tok, cal = shipped_smollm2
     shipped = cal.fusion_head(torch.zeros(1, 1).expand(len(tok), 576))
     assert shipped.gate_threshold == 0.05  # the shipped default is gated (3.2.0); here the rule without any exemption
     full = dataclasses.replace(shipped, token_scale=None, config=shipped.config.model_copy(update={"exempt_gate": None}))
@@ -184,20 +186,15 @@ def test_the_prompt_gate_exempts_benign_prompts_only():
         np.testing.assert_allclose(engine.fuse(row, scores[rows.index(list(row))].numpy()), want.numpy(), atol=1e-4)
 
 
-def test_a_gate_aligned_with_another_scorer_warns():
+def test_a_gate_aligned_with_another_scorer_warns(shipped_smollm2):
     """A gated artifact records the scorer it was aligned with; an engine on a detox that ships another one warns
     with the fix (re-align), and stays quiet when they agree. Shipped pair, SmolLM2's vocabulary, numpy head."""
     import dataclasses
     import warnings
 
-    from detox.artifacts.shipped import find_shipped_for
-    from detox.fingerprint import fingerprint_gguf
     from detox.scorer_base import shipped_scorer_label
-    from detox.targets import packaged_smollm2_gguf
 
-    gguf = packaged_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    tok, cal = shipped_smollm2
     head = cal.fusion_head(np.zeros((len(tok), 576), np.float32))
     gated = dataclasses.replace(head, token_scale=np.zeros(len(tok), np.float32),
                                 config=head.config.model_copy(update={"exempt_gate": 0.5}))
@@ -216,20 +213,15 @@ def test_a_gate_aligned_with_another_scorer_warns():
         assert engine_for(shipped_scorer_label()).gate is not None
 
 
-def test_the_shipped_default_is_gated_by_this_detox_scorer():
+def test_the_shipped_default_is_gated_by_this_detox_scorer(shipped_smollm2):
     """The shipped artifact (3.2.0) keeps group words on prompts the shipped scorer scores below 0.05, and its gate
     names the scorer this detox ships: a new default scorer must come with a re-aligned artifact, or every user would
     get the stale-gate warning (and prompts exempted by a scorer nobody measured)."""
     import warnings
 
-    from detox.artifacts.shipped import find_shipped_for
-    from detox.fingerprint import fingerprint_gguf
     from detox.scorer_base import shipped_scorer_label
-    from detox.targets import packaged_smollm2_gguf
 
-    gguf = packaged_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cal = Calibrator.load(find_shipped_for(fingerprint_gguf(gguf)))
+    tok, cal = shipped_smollm2
     alignment = cal.manifest.alignment
     assert alignment.exempt_gate == 0.05 and alignment.settings["exempt_identity"] == "built-in"
     assert alignment.settings["exempt_gate_scorer"] == shipped_scorer_label()

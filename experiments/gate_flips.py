@@ -4,8 +4,10 @@ split by whether the prompt is toxic (the dev set's ``toxic_prompt``), whether t
 mentions an identity group (shipped word list) and whether a second judge also flags it. Issue 21 used it to see what
 the prompt gate costs under ``minilm-head``.
 
-    python experiments/gate_flips.py --prompts /tmp/h21s/dev502.jsonl --judge minilm-head \\
-        --second minilm-ft@2.0+1d36c2b8bea0 v310=/tmp/a/v310,/tmp/b/v310 gate05=/tmp/a/gate05,/tmp/b/gate05
+    python experiments/gate_flips.py --judge minilm-head --second minilm-ft@2.0+1d36c2b8bea0 \\
+        v310=/tmp/a/v310,/tmp/b/v310 gate05=/tmp/a/gate05,/tmp/b/gate05
+
+The prompts file (with the dev set's ``toxic_prompt``) is the one the runs' settings.json names.
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ from pool_runs import load_pooled
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=Path, required=True, help="the runs' prompts file (JSONL with toxic_prompt)")
     ap.add_argument("--judge", default="minilm-head", help="judges.jsonl column that decides the flag")
     ap.add_argument("--second", default=None, help="another judges.jsonl column, reported on the flipped worst text")
     ap.add_argument("--examples", type=int, default=10, help="benign prompts flagged by the second arm only to print")
     ap.add_argument("arms", nargs=2, metavar="NAME=DIR[,DIR...]")
     args = ap.parse_args()
-    (name_a, a), (name_b, b) = [(s.split("=", 1)[0], load_pooled([Path(d) for d in s.split("=", 1)[1].split(",")])[0])
-                                for s in args.arms]
+    (name_a, (a, prompts_file)), (name_b, (b, _)) = [
+        (arm.split("=", 1)[0], load_pooled([Path(d) for d in arm.split("=", 1)[1].split(",")])) for arm in args.arms]
     # ids as detox eval gives them: the row's "id", else its 0-based line number
-    prompts = {str(row.get("id", lineno - 1)): row for lineno, row in iter_jsonl(args.prompts)}
+    prompts = {str(row.get("id", lineno - 1)): row for lineno, row in iter_jsonl(prompts_file)}
     terms = IdentityTerms.load()
     counts: Counter = Counter()
     examples = []
